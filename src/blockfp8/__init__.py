@@ -1,0 +1,29 @@
+"""blockfp8: block-scaled FP8 linear layers (128x128 weight blocks, 1x128 activation groups) for PyTorch."""
+
+from .dispatch import explain
+from .nn import ConversionReport, Fp8BlockLinear, convert_model
+from .ops import gemm, linear
+from .quant import (
+    dequantize_activation,
+    dequantize_weight,
+    quantize_activation,
+    quantize_weight,
+)
+from .reference import reference_gemm, rel_error
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConversionReport",
+    "Fp8BlockLinear",
+    "convert_model",
+    "dequantize_activation",
+    "dequantize_weight",
+    "explain",
+    "gemm",
+    "linear",
+    "quantize_activation",
+    "quantize_weight",
+    "reference_gemm",
+    "rel_error",
+]

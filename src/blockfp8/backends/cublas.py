@@ -1,0 +1,93 @@
+"""cuBLAS blockwise FP8 GEMM through ``torch.nn.functional.scaled_mm`` (1x128 x 128x128 scaling).
+
+Measured on H100 with torch 2.11 (benchmarks/probe_peers.py, benchmarks/probe_h100.json): cuBLAS refuses
+M % 4 != 0 (CUBLAS_STATUS_NOT_SUPPORTED), N % 16 != 0 and K % 16 != 0 (torch shape checks); activation
+scales must be (M, Kb) column-major; weight scales must be padded to a multiple of 4 K-blocks, given as
+the (round_up(Kb, 4), Nb) transpose of a (Nb, round_up(Kb, 4)) row-major tensor. This backend pads M to a
+multiple of 4 itself (so any M runs) and pads weight scales once per weight (cached), never per call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..act_quant import empty_scales
+from ..quant import cdiv
+from .base import Backend, Limits
+
+
+def _padded_weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    nb, kb = weight_scale_inv.shape
+    kb4 = cdiv(kb, 4) * 4
+    padded = torch.ones(nb, kb4, dtype=torch.float32, device=weight_scale_inv.device)
+    padded[:, :kb] = weight_scale_inv
+    return padded.t()
+
+
+class _ScaleCache:
+    """Padded weight scales per source tensor, keyed by storage pointer, shape and version counter."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self.entries: dict[tuple, torch.Tensor] = {}
+
+    def get(self, s: torch.Tensor) -> torch.Tensor:
+        key = (s.device, s.data_ptr(), tuple(s.shape), tuple(s.stride()), s._version)
+        hit = self.entries.get(key)
+        if hit is None:
+            if len(self.entries) >= self.size:
+                self.entries.clear()
+            hit = self.entries[key] = _padded_weight_scales(s)
+        return hit
+
+
+class CublasBackend(Backend):
+    _scales = _ScaleCache()
+
+    def _available(self) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        from torch.nn import functional as F
+
+        if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
+            return False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with blockwise scaling"
+        return True, ""
+
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
+        from torch.nn.functional import ScalingType, scaled_mm
+
+        m, k = x_fp8.shape
+        m4 = cdiv(m, 4) * 4
+        if m4 != m or x_scale.stride() != (1, m4):
+            # Pad M to a multiple of 4 (cuBLAS refuses others) and lay the scales out column-major.
+            a = x_fp8.new_zeros(m4, k) if m4 != m else x_fp8
+            if m4 != m:
+                a[:m] = x_fp8
+            s = empty_scales(m4, x_scale.shape[1], "col", x_fp8.device)
+            s[:m] = x_scale
+            if m4 != m:
+                s[m:] = 1.0
+            x_fp8, x_scale = a, s
+        out = scaled_mm(
+            x_fp8, w_fp8.t(), x_scale, ScalingType.BlockWise1x128,
+            self._scales.get(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype,
+        )
+        out = out[:m]
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        return out
+
+
+BACKEND = CublasBackend(
+    name="cublas",
+    limits=Limits(
+        device_types=("cuda",),
+        min_arch=(9, 0),
+        max_arch=(9, 0),
+        n_multiple=16,
+        k_multiple=16,
+        out_dtypes=(torch.bfloat16,),
+        evidence="benchmarks/probe_h100.json (H100, torch 2.11+cu130): N%16, K%16 required; M padded to 4 here",
+    ),
+    scale_layout="col",
+)

@@ -1,0 +1,50 @@
+"""DeepGEMM's SM90 block-FP8 GEMM (``deep_gemm.fp8_gemm_nt``), from the optional ``deepinfer-gemm`` package.
+
+Measured on H100 with DeepGEMM 2.8.2 (benchmarks/probe_peers.py, benchmarks/probe_h100.json, 350 cells):
+correct for every M tried (1..300), for N in {8, 16, 32, 64, 96, 200, 576, 2112, 7168} and K in
+{128, 256, 1008, 1024, 1088, 7168}; it refuses (assertion ``num_gmem_outer_stride_bytes % 16 == 0``) every
+K % 16 != 0 (the fp8 row stride) and N=130 (the bf16 output row stride, so N % 8 != 0). So the real rule is
+N % 8 == 0 and K % 16 == 0 -- looser than the N % 64 / K % 128 rule engines use, and it never returned a
+wrong result. Activation scales in the TMA-aligned column-major layout skip its per-call transpose kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import Backend, Limits
+
+
+class DeepGemmBackend(Backend):
+    def _available(self) -> tuple[bool, str]:
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        try:
+            import deep_gemm  # noqa: F401
+        except ImportError:
+            return False, "deep_gemm not installed (pip install 'blockfp8[deepgemm]')"
+        return True, ""
+
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
+        import deep_gemm
+
+        out = torch.empty(x_fp8.shape[0], w_fp8.shape[0], dtype=out_dtype, device=x_fp8.device)
+        deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), out, disable_ue8m0_cast=True)
+        if bias is not None:
+            out = out + bias.to(out_dtype)
+        return out
+
+
+BACKEND = DeepGemmBackend(
+    name="deepgemm",
+    limits=Limits(
+        device_types=("cuda",),
+        min_arch=(9, 0),
+        max_arch=(9, 0),
+        n_multiple=8,
+        k_multiple=16,
+        out_dtypes=(torch.bfloat16,),
+        evidence="benchmarks/probe_h100.json (H100, DeepGEMM 2.8.2): K%16 and N%8 required, all M correct",
+    ),
+    scale_layout="col",
+)

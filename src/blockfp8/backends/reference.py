@@ -1,0 +1,19 @@
+"""The torch reference as a backend: any device, any shape; the CPU path and the ground truth."""
+
+from __future__ import annotations
+
+import torch
+
+from ..reference import reference_gemm
+from .base import Backend, Limits
+
+
+class ReferenceBackend(Backend):
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
+        return reference_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+
+
+BACKEND = ReferenceBackend(
+    name="reference",
+    limits=Limits(device_types=("cpu", "cuda"), evidence="dequantize + fp32 matmul; defines correctness"),
+)

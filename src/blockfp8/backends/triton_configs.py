@@ -1,0 +1,122 @@
+"""Launch configurations for the Triton GEMM: a tuned table (data) with a heuristic default.
+
+The table lives in ``data/triton_configs.json``, keyed by device name, then ``"N,K"``, then the M it was
+tuned at. A query uses the entry tuned at the smallest M >= its own M (else the largest), so each tuned M
+stands for the bucket below it. ``blockfp8 tune`` writes new entries; ``BLOCKFP8_TRITON_CONFIGS`` may point
+at another JSON file with the same layout (it is merged over the shipped one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+from ..quant import cdiv
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    block_m: int
+    block_n: int
+    split_k: int = 1
+    group_m: int = 8
+    swap_ab: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> TritonConfig:
+        return TritonConfig(**d)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def heuristic_config(m: int, n: int, k: int, num_sms: int = 132) -> TritonConfig:
+    """Untuned default: swap-AB split-K for decode, 128x128 tiles for prefill."""
+    groups = cdiv(k, 128)
+    if m <= 64:
+        bm = max(16, _next_pow2(m))
+        bn = 64
+        tiles = cdiv(n, bn) * cdiv(m, bm)
+        # Enough programs to put ~2 on every SM, each still owning at least 2 K groups.
+        split = max(1, min(cdiv(2 * num_sms, tiles), groups // 2 or 1))
+        return TritonConfig(bm, bn, split, group_m=1, swap_ab=True, num_warps=4, num_stages=4)
+    bm = 128 if m > 64 else 64
+    bn = 128
+    tiles = cdiv(m, bm) * cdiv(n, bn)
+    split = 1 if tiles >= num_sms else max(1, min(cdiv(num_sms, tiles), groups // 4 or 1))
+    return TritonConfig(bm, bn, split, group_m=8, swap_ab=False, num_warps=8, num_stages=3)
+
+
+def candidate_configs(m: int, n: int, k: int) -> list[TritonConfig]:
+    """Search space for ``blockfp8 tune`` at one (M, N, K)."""
+    groups = cdiv(k, 128)
+    out: list[TritonConfig] = []
+    if m <= 64:
+        bm = max(16, _next_pow2(m))
+        for bn in (64, 128):
+            tiles = cdiv(n, bn) * cdiv(m, bm)
+            for split in sorted({1, 2, 4, 8, 16, cdiv(132, tiles), cdiv(264, tiles)}):
+                if split > groups or tiles * split > 4096:
+                    continue
+                for stages in (3, 5):
+                    out.append(TritonConfig(bm, bn, split, 1, True, 4, stages))
+    else:
+        for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8)):
+            if bm > 64 and m <= 64:
+                continue
+            tiles = cdiv(m, bm) * cdiv(n, bn)
+            splits = {1} if tiles >= 132 else {1, 2, cdiv(132, tiles)}
+            for split in sorted(s for s in splits if s <= groups):
+                for stages in (3, 4):
+                    out.append(TritonConfig(bm, bn, split, 8, False, warps, stages))
+    return out
+
+
+def _load_json(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=None)
+def config_table() -> dict:
+    """device name -> "N,K" -> {tuned M (str): config dict}."""
+    table = _load_json(resources.files("blockfp8") / "data" / "triton_configs.json")
+    extra = os.environ.get("BLOCKFP8_TRITON_CONFIGS")
+    if extra:
+        for dev, shapes in _load_json(extra).items():
+            for nk, by_m in shapes.items():
+                table.setdefault(dev, {}).setdefault(nk, {}).update(by_m)
+    return table
+
+
+def lookup(device_name: str, m: int, n: int, k: int) -> TritonConfig | None:
+    by_m = config_table().get(device_name, {}).get(f"{n},{k}")
+    if not by_m:
+        return None
+    tuned = sorted(int(x) for x in by_m)
+    pick = next((t for t in tuned if t >= m), tuned[-1])
+    return TritonConfig.from_json(by_m[str(pick)])
+
+
+@lru_cache(maxsize=4096)
+def _cached_config(device_name: str, num_sms: int, m: int, n: int, k: int) -> TritonConfig:
+    return lookup(device_name, m, n, k) or heuristic_config(m, n, k, num_sms)
+
+
+def get_config(m: int, n: int, k: int, device: torch.device) -> TritonConfig:
+    """Tuned config for this device and shape if there is one, else the heuristic."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return _cached_config(props.name, props.multi_processor_count, m, n, k)
+    return _cached_config("cpu", 132, m, n, k)

@@ -1,0 +1,143 @@
+"""The one place that decides which backend runs a block-FP8 GEMM.
+
+Rule: the fastest backend that ``supports`` the problem. "Fastest" comes from a measured ranking table
+(``data/dispatch_table.json``, keyed by device name, then "N,K", then the M it was measured at; written by
+``blockfp8 bench --save-table`` on the device). A query uses the row measured at the smallest M >= its own
+(else the largest). With no row for the shape, the static order below applies. Any backend that does not
+support the problem is skipped, so a table can never route a shape to a kernel that cannot run it.
+
+Overrides: ``backend=`` on the call, else the ``BLOCKFP8_BACKEND`` environment variable. An override that
+cannot run the problem raises ``ValueError`` with the backend's reason -- never a silent fallback.
+
+Choices are cached per (problem, override); the cost on the hot path is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+
+import torch
+
+from .backends import Problem, Support, backend_names, get_backend
+
+ENV_VAR = "BLOCKFP8_BACKEND"
+ENV_TABLE = "BLOCKFP8_DISPATCH_TABLE"
+
+# Used when the table has no row for a shape. Decode (M <= 64) is a weight-streaming problem where the
+# split-K Triton kernel keeps every SM loading weights; at larger M the peers' wgmma pipelines lead
+# (docs/benchmarks.md). The reference is last everywhere on CUDA and the only fast choice on CPU.
+STATIC_ORDER = {
+    ("cuda", "decode"): ("triton", "deepgemm", "cublas", "reference"),
+    ("cuda", "prefill"): ("deepgemm", "cublas", "triton", "reference"),
+    ("cpu", "decode"): ("reference", "triton"),
+    ("cpu", "prefill"): ("reference", "triton"),
+}
+DECODE_MAX_M = 64
+
+
+@lru_cache(maxsize=None)
+def dispatch_table() -> dict:
+    """device name -> "N,K" -> {measured M (str): [backend names, fastest first]}."""
+    table = json.loads((resources.files("blockfp8") / "data" / "dispatch_table.json").read_text())
+    extra = os.environ.get(ENV_TABLE)
+    if extra:
+        with open(extra) as f:
+            for dev, shapes in json.load(f).items():
+                for nk, by_m in shapes.items():
+                    table.setdefault(dev, {}).setdefault(nk, {}).update(by_m)
+    return table
+
+
+def _device_name(p: Problem, device_index: int | None) -> str:
+    if p.device_type != "cuda":
+        return p.device_type
+    return torch.cuda.get_device_name(device_index)
+
+
+def ranking(p: Problem, device_index: int | None = None) -> tuple[tuple[str, ...], str]:
+    """Backends in preference order for ``p`` and where that order came from."""
+    by_m = dispatch_table().get(_device_name(p, device_index), {}).get(f"{p.n},{p.k}")
+    if by_m:
+        measured = sorted(int(x) for x in by_m)
+        pick = next((t for t in measured if t >= p.m), measured[-1])
+        ranked = tuple(by_m[str(pick)])
+        rest = tuple(b for b in backend_names() if b not in ranked)
+        return ranked + rest, f"measured table ({_device_name(p, device_index)}, M={pick})"
+    phase = "decode" if p.m <= DECODE_MAX_M else "prefill"
+    order = STATIC_ORDER.get((p.device_type, phase), ("reference",))
+    return order + tuple(b for b in backend_names() if b not in order), f"static order ({phase})"
+
+
+def _override(backend: str | None) -> str | None:
+    name = backend if backend is not None else os.environ.get(ENV_VAR) or None
+    if name is not None and name not in backend_names():
+        src = "backend=" if backend is not None else f"{ENV_VAR}="
+        raise ValueError(f"{src}{name!r} is not a backend; known backends: {', '.join(backend_names())}")
+    return name
+
+
+@lru_cache(maxsize=8192)
+def _choose(p: Problem, override: str | None, device_index: int | None) -> str:
+    if override is not None:
+        verdict = get_backend(override).supports(p)
+        if not verdict:
+            raise ValueError(
+                f"backend {override!r} was requested but cannot run M={p.m}, N={p.n}, K={p.k} on "
+                f"{p.device_type} ({p.out_dtype}): {verdict.reason}"
+            )
+        return override
+    order, _ = ranking(p, device_index)
+    for name in order:
+        if get_backend(name).supports(p):
+            return name
+    raise ValueError(f"no backend can run M={p.m}, N={p.n}, K={p.k} on {p.device_type}")
+
+
+def choose(p: Problem, backend: str | None = None, device_index: int | None = None) -> str:
+    """Name of the backend that runs ``p`` (``backend``/``BLOCKFP8_BACKEND`` force one)."""
+    return _choose(p, _override(backend), device_index)
+
+
+@dataclass
+class Explanation:
+    problem: Problem
+    choice: str | None
+    source: str
+    order: tuple[str, ...]
+    verdicts: dict[str, Support] = field(default_factory=dict)
+    error: str = ""
+
+    def __str__(self) -> str:
+        p = self.problem
+        lines = [f"M={p.m} N={p.n} K={p.k} on {p.device_type} -> {self.choice or 'error: ' + self.error}",
+                 f"  ranking: {self.source}: {' > '.join(self.order)}"]
+        for name in self.order:
+            v = self.verdicts[name]
+            lines.append(f"  {name:10s} {'supported' if v else 'refused: ' + v.reason}")
+        return "\n".join(lines)
+
+
+def explain(m: int, n: int, k: int, device: torch.device | str | None = None,
+            out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> Explanation:
+    """The dispatcher's choice for (M, N, K) on ``device`` and every backend's verdict with its reason."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    p = Problem.of(m, n, k, device, out_dtype)
+    idx = device.index if device.type == "cuda" else None
+    order, source = ranking(p, idx)
+    verdicts = {name: get_backend(name).supports(p) for name in order}
+    try:
+        return Explanation(p, choose(p, backend, idx), source, order, verdicts)
+    except ValueError as e:
+        return Explanation(p, None, source, order, verdicts, str(e))
+
+
+def clear_caches() -> None:
+    """Forget cached choices and tables (after installing a peer or writing a new table)."""
+    _choose.cache_clear()
+    dispatch_table.cache_clear()

@@ -1,0 +1,116 @@
+"""``Fp8BlockLinear`` and whole-model conversion."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .ops import linear
+from .quant import DEFAULT_BLOCK, FP8_DTYPE, check_block_size, quantize_weight, weight_scale_shape
+from .validate import check_bias, check_scale_values, check_weight
+
+
+class Fp8BlockLinear(nn.Module):
+    """A linear layer with a block-FP8 weight (128x128 scales) and per-token 1x128 activation quantization.
+
+    Buffers ``weight`` (float8_e4m3fn, (N, K)) and ``weight_scale_inv`` (fp32, ceil-div block shape) use the
+    Hugging Face / DeepSeek names, so a state dict loads straight from an FP8 checkpoint. ``backend`` forces a
+    GEMM backend for this layer (None: the dispatcher chooses).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.bfloat16,
+                 backend: str | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.backend = backend
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=FP8_DTYPE, device=device))
+        self.register_buffer(
+            "weight_scale_inv", torch.ones(weight_scale_shape(out_features, in_features), device=device)
+        )
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_fp8(cls, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+                 backend: str | None = None) -> Fp8BlockLinear:
+        """Wrap existing fp8 weight + scales (checked: dtypes, ceil-div shape, finite positive scales)."""
+        n, k = check_weight(weight, weight_scale_inv)
+        check_bias(bias, n, weight.device)
+        check_scale_values(weight_scale_inv)
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features, layer.backend = k, n, backend
+        layer.register_buffer("weight", weight)
+        layer.register_buffer("weight_scale_inv", weight_scale_inv)
+        layer.register_buffer("bias", bias)
+        return layer
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, block_size: tuple[int, int] = DEFAULT_BLOCK, ue8m0: bool = False,
+                    backend: str | None = None) -> Fp8BlockLinear:
+        """Quantize an ``nn.Linear`` (its bias is kept in the linear's dtype)."""
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"lin must be an nn.Linear, got {type(lin).__name__}")
+        if tuple(check_block_size(block_size)) != DEFAULT_BLOCK:
+            raise ValueError(f"Fp8BlockLinear runs 128x128 weight blocks, got block_size={block_size}")
+        with torch.no_grad():
+            w, s = quantize_weight(lin.weight.detach(), block_size, ue8m0)
+            bias = lin.bias.detach().clone() if lin.bias is not None else None
+        return cls.from_fp8(w, s, bias, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.weight_scale_inv, self.bias, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert_model`` did: converted layer names and skipped ones with the reason."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} linear layer(s), skipped {len(self.skipped)}"]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Iterable[str]) -> str | None:
+    for pat in patterns:
+        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pat) or pat == name:
+            return pat
+    return None
+
+
+def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = False,
+                  backend: str | None = None) -> ConversionReport:
+    """Replace every ``nn.Linear`` in ``model`` (in place) by an ``Fp8BlockLinear``.
+
+    ``skip`` holds glob patterns matched against each layer's qualified name or its last component
+    (e.g. ``"lm_head"``, ``"*.gate"``, ``"layers.0.*"``). Returns a ``ConversionReport``.
+    """
+    if isinstance(skip, str):
+        skip = (skip,)
+    skip = tuple(skip)
+    report = ConversionReport()
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is not nn.Linear:
+                continue
+            pat = _matches(full, skip)
+            if pat is not None:
+                report.skipped[full] = f"matches skip pattern {pat!r}"
+                continue
+            setattr(module, child_name, Fp8BlockLinear.from_linear(child, ue8m0=ue8m0, backend=backend))
+            report.converted.append(full)
+    return report
