@@ -52,21 +52,16 @@ def dispatch_table() -> dict:
     return table
 
 
-def _device_name(p: Problem, device_index: int | None) -> str:
-    if p.device_type != "cuda":
-        return p.device_type
-    return torch.cuda.get_device_name(device_index)
-
-
-def ranking(p: Problem, device_index: int | None = None) -> tuple[tuple[str, ...], str]:
+def ranking(p: Problem) -> tuple[tuple[str, ...], str]:
     """Backends in preference order for ``p`` and where that order came from."""
-    by_m = dispatch_table().get(_device_name(p, device_index), {}).get(f"{p.n},{p.k}")
+    device_name = p.device_name or p.device_type
+    by_m = dispatch_table().get(device_name, {}).get(f"{p.n},{p.k}")
     if by_m:
         measured = sorted(int(x) for x in by_m)
         pick = next((t for t in measured if t >= p.m), measured[-1])
         ranked = tuple(by_m[str(pick)])
         rest = tuple(b for b in backend_names() if b not in ranked)
-        return ranked + rest, f"measured table ({_device_name(p, device_index)}, M={pick})"
+        return ranked + rest, f"measured table ({device_name}, M={pick})"
     phase = "decode" if p.m <= DECODE_MAX_M else "prefill"
     order = STATIC_ORDER.get((p.device_type, phase), ("reference",))
     return order + tuple(b for b in backend_names() if b not in order), f"static order ({phase})"
@@ -81,7 +76,7 @@ def _override(backend: str | None) -> str | None:
 
 
 @lru_cache(maxsize=8192)
-def _choose(p: Problem, override: str | None, device_index: int | None) -> str:
+def _choose(p: Problem, override: str | None) -> str:
     if override is not None:
         verdict = get_backend(override).supports(p)
         if not verdict:
@@ -90,16 +85,16 @@ def _choose(p: Problem, override: str | None, device_index: int | None) -> str:
                 f"{p.device_type} ({p.out_dtype}): {verdict.reason}"
             )
         return override
-    order, _ = ranking(p, device_index)
+    order, _ = ranking(p)
     for name in order:
         if get_backend(name).supports(p):
             return name
     raise ValueError(f"no backend can run M={p.m}, N={p.n}, K={p.k} on {p.device_type}")
 
 
-def choose(p: Problem, backend: str | None = None, device_index: int | None = None) -> str:
+def choose(p: Problem, backend: str | None = None) -> str:
     """Name of the backend that runs ``p`` (``backend``/``BLOCKFP8_BACKEND`` force one)."""
-    return _choose(p, _override(backend), device_index)
+    return _choose(p, _override(backend))
 
 
 @dataclass
@@ -127,12 +122,15 @@ def explain(m: int, n: int, k: int, device: torch.device | str | None = None,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    p = Problem.of(m, n, k, device, out_dtype)
-    idx = device.index if device.type == "cuda" else None
-    order, source = ranking(p, idx)
+    return explain_problem(Problem.of(m, n, k, device, out_dtype), backend)
+
+
+def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
+    """``explain`` for a ready-made ``Problem`` (also a fake device's, as the tests use)."""
+    order, source = ranking(p)
     verdicts = {name: get_backend(name).supports(p) for name in order}
     try:
-        return Explanation(p, choose(p, backend, idx), source, order, verdicts)
+        return Explanation(p, choose(p, backend), source, order, verdicts)
     except ValueError as e:
         return Explanation(p, None, source, order, verdicts, str(e))
 

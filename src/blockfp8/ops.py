@@ -22,13 +22,9 @@ def _rows(shape: torch.Size) -> int:
     return math.prod(shape[:-1])
 
 
-def _device_index(t: torch.Tensor) -> int | None:
-    return t.device.index if t.is_cuda else None
-
-
 def _pick(m: int, n: int, k: int, t: torch.Tensor, out_dtype: torch.dtype, backend: str):
     p = Problem.of(m, n, k, t.device, out_dtype)
-    return get_backend(choose(p, backend or None, _device_index(t)))
+    return get_backend(choose(p, backend or None))
 
 
 def _quantize_for(x2: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,18 +27,22 @@ class Problem:
     ue8m0: bool = False  # all scales are powers of two
     block: tuple[int, int] = (128, 128)
     group: int = 128
+    device_name: str = ""  # keys the measured tables ("NVIDIA H100 80GB HBM3"); device_type when empty
 
     @staticmethod
     def of(m: int, n: int, k: int, device: torch.device | str, out_dtype: torch.dtype = torch.bfloat16,
            ue8m0: bool = False) -> Problem:
         device = torch.device(device)
-        arch = _capability(device.index) if device.type == "cuda" else None
-        return Problem(m, n, k, device.type, arch, out_dtype, ue8m0)
+        if device.type == "cuda":
+            arch, name = _cuda_identity(device.index)
+        else:
+            arch, name = None, device.type
+        return Problem(m, n, k, device.type, arch, out_dtype, ue8m0, device_name=name)
 
 
 @lru_cache(maxsize=None)
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+def _cuda_identity(index: int | None) -> tuple[tuple[int, int], str]:
+    return torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index)
 
 
 @dataclass(frozen=True)
