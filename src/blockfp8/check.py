@@ -1,0 +1,211 @@
+"""``blockfp8 check`` and ``blockfp8 explain``: which backend is correct on which shapes, on this device.
+
+``check`` runs every available backend over a shape x M matrix against the reference and classifies each
+cell: correct (error), wrong (error > tolerance), refused (the backend's declared limits, with the reason)
+or crashed (the exception). A backend that *claims* a shape and is wrong or crashes has a bug in its
+declared limits -- the command exits non-zero. ``--probe`` also runs the refused cells (limits aside) to
+show whether a limit is stricter than it needs to be: that evidence is how the limits were set.
+
+Each cell is tested two ways: ``gemm`` with row-major activation scales from the torch quantizer (what a
+caller passes), and ``linear`` (bf16 in, the production path: fused quantizer writing the backend's scale
+layout). The dispatched op (``backend=None``) is a column of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .backends import Problem, backend_names, get_backend
+from .dispatch import choose, explain
+from .ops import gemm, linear
+from .quant import cdiv, quantize_activation, quantize_weight
+from .reference import TOLERANCE, reference_gemm, rel_error
+from .shapes import Shape, parse_ints, parse_shapes
+
+DISPATCHED = "dispatched"
+GPU_M = "1,2,7,16,77,128,1000"
+CPU_SHAPES, CPU_M = "64:128,8:256,130:1000,200:300", "1,7,77"
+
+
+@dataclass
+class Cell:
+    backend: str
+    m: int
+    n: int
+    k: int
+    status: str  # correct | wrong | refused | crashed
+    error: float | None = None
+    reason: str = ""
+    probe: str = ""  # with --probe: what a refused cell does when run anyway
+
+    @property
+    def bad(self) -> bool:
+        return self.status in ("wrong", "crashed")
+
+
+@dataclass
+class CheckResult:
+    device: str
+    tolerance: float
+    cells: list[Cell] = field(default_factory=list)
+
+    def bad_cells(self) -> list[Cell]:
+        return [c for c in self.cells if c.bad]
+
+    def to_json(self) -> dict:
+        return {"device": self.device, "tolerance": self.tolerance, "torch": torch.__version__,
+                "cells": [asdict(c) for c in self.cells]}
+
+
+def _operands(m: int, n: int, k: int, device: torch.device, seed: int):
+    """Weights whose 128x128 blocks differ in magnitude by orders of ten, so a scale applied to the wrong
+    block or group cannot hide inside the tolerance; activations with per-token magnitudes."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    block = torch.exp(torch.randn(cdiv(n, 128), cdiv(k, 128), generator=g) * 2.0)
+    w = torch.randn(n, k, generator=g) * block.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, 1, generator=g))
+    wq, ws = quantize_weight(w.to(device))
+    return x.to(device=device, dtype=torch.bfloat16), wq, ws
+
+
+def _worst(errors: list[float]) -> float:
+    return max(errors, key=lambda e: (math.isnan(e), e))
+
+
+def _run_cell(fn_gemm, fn_linear, refs) -> tuple[str, float | None, str]:
+    try:
+        errors = [rel_error(fn_gemm(), refs[0]), rel_error(fn_linear(), refs[1])]
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - classifying every failure is the point of this command
+        return "crashed", None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    err = _worst(errors)
+    return ("correct" if err <= TOLERANCE else "wrong"), err, ""
+
+
+def check_shape(shape: Shape, m: int, backends: list[str], device: torch.device, probe: bool,
+                seed: int = 0) -> list[Cell]:
+    """All cells of one (M, N, K) row."""
+    n, k = shape.n, shape.k
+    x, wq, ws = _operands(m, n, k, device, seed)
+    xq, xs = quantize_activation(x)
+    # The linear path quantizes bf16 x bit-identically (tested), so one reference serves both paths.
+    ref = reference_gemm(xq, xs, wq, ws)
+    refs = (ref, ref)
+    p = Problem.of(m, n, k, device)
+    cells = []
+    for name in backends:
+        be = get_backend(name)
+        verdict = be.supports(p)
+        if verdict:
+            status, err, why = _run_cell(lambda: gemm(xq, xs, wq, ws, backend=name),
+                                         lambda: linear(x, wq, ws, backend=name), refs)
+            cells.append(Cell(name, m, n, k, status, err, why))
+            continue
+        cell = Cell(name, m, n, k, "refused", reason=verdict.reason)
+        if probe and be.is_available():
+            status, err, why = _run_cell(lambda: be.run(xq, xs, wq, ws, None, torch.bfloat16),
+                                         lambda: be.run(xq, xs, wq, ws, None, torch.bfloat16), refs)
+            cell.probe = f"{status} {err:.1e}" if err is not None else f"{status}: {why}"
+        cells.append(cell)
+    status, err, why = _run_cell(lambda: gemm(xq, xs, wq, ws), lambda: linear(x, wq, ws), refs)
+    cells.append(Cell(DISPATCHED, m, n, k, status, err, why or f"-> {choose(p)}" if status != "crashed" else why))
+    return cells
+
+
+def check_matrix(shapes: list[Shape], ms: list[int], backends: list[str] | None = None,
+              device: torch.device | str | None = None, probe: bool = False, progress: bool = True) -> CheckResult:
+    """Run the conformance matrix and return every cell."""
+    from rich.progress import Progress
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = backends or [b for b in backend_names() if get_backend(b).is_available()]
+    result = CheckResult(torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", TOLERANCE)
+    rows = [(s, m) for s in shapes for m in ms if m > 0]
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task("check", total=len(rows))
+        for shape, m in rows:
+            bar.update(task, description=f"M={m} N={shape.n} K={shape.k}")
+            result.cells += check_shape(shape, m, names, device, probe)
+            bar.advance(task)
+    return result
+
+
+def _cell_text(c: Cell) -> str:
+    if c.status == "correct":
+        return f"[green]ok {c.error:.1e}[/]"
+    if c.status == "wrong":
+        return f"[bold red]WRONG {c.error:.1e}[/]"
+    if c.status == "crashed":
+        return "[bold red]CRASH[/]"
+    return f"[dim]refused[/]{' (' + c.probe + ')' if c.probe else ''}"
+
+
+def render(result: CheckResult) -> None:
+    """Print the matrix, the refusal reasons and any failures."""
+    from rich.console import Console
+    from rich.table import Table
+
+    names = list(dict.fromkeys(c.backend for c in result.cells))
+    table = Table(title=f"blockfp8 check on {result.device} (correct = rel. error <= {result.tolerance:g})")
+    for col in ("M", "N", "K", *names):
+        table.add_column(col, justify="right" if col in "MNK" else "left")
+    rows: dict[tuple[int, int, int], dict[str, Cell]] = {}
+    for c in result.cells:
+        rows.setdefault((c.m, c.n, c.k), {})[c.backend] = c
+    for (m, n, k), by_name in sorted(rows.items(), key=lambda r: (r[0][1], r[0][2], r[0][0])):
+        texts = [_cell_text(by_name[b]) + (f" [dim]{by_name[b].reason}[/]" if b == DISPATCHED and
+                 by_name[b].status == "correct" else "") for b in names]
+        table.add_row(str(m), str(n), str(k), *texts)
+    console = Console()
+    console.print(table)
+    reasons = sorted({(c.backend, c.reason) for c in result.cells if c.status == "refused"})
+    if reasons:
+        console.print("[bold]Refusal reasons[/]")
+        for name, why in reasons:
+            console.print(f"  {name}: {why}")
+    for c in result.bad_cells():
+        console.print(f"[bold red]{c.status.upper()}[/] {c.backend} M={c.m} N={c.n} K={c.k}: "
+                      f"{c.error if c.error is not None else c.reason}")
+    counts = {s: sum(c.status == s for c in result.cells) for s in ("correct", "wrong", "refused", "crashed")}
+    console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    gpu = torch.cuda.is_available()
+    p.add_argument("--shapes", default="edge,deepseek-v3" if gpu else CPU_SHAPES,
+                   help="shape sets and/or N:K pairs (default: edge,deepseek-v3 on a GPU; small shapes on CPU, "
+                        "where Triton runs in its interpreter)")
+    p.add_argument("--m", default=GPU_M if gpu else CPU_M, help="comma-separated M values")
+    p.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
+    p.add_argument("--probe", action="store_true", help="also run refused cells to test the declared limits")
+    p.add_argument("--json", default=None, help="write every cell to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = check_matrix(parse_shapes(args.shapes), parse_ints(args.m),
+                       args.backends.split(",") if args.backends else None, probe=args.probe)
+    render(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    return 1 if result.bad_cells() else 0
+
+
+def add_explain_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("m", type=int)
+    p.add_argument("n", type=int)
+    p.add_argument("k", type=int)
+    p.add_argument("--device", default=None)
+    p.add_argument("--backend", default=None, help="show what forcing this backend would do")
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    ex = explain(args.m, args.n, args.k, device=args.device, backend=args.backend)
+    print(ex)
+    return 0 if ex.choice else 1

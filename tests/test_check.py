@@ -1,0 +1,66 @@
+"""``blockfp8 check`` / ``explain`` on CPU (reference + Triton interpreter) and its failure classification."""
+
+import json
+
+import pytest
+import torch
+
+from blockfp8.backends import get_backend
+from blockfp8.check import check_matrix
+from blockfp8.cli import main
+from blockfp8.shapes import Shape, parse_ints, parse_shapes
+
+
+def test_cpu_matrix_all_correct():
+    result = check_matrix([Shape(130, 1000), Shape(8, 256)], [1, 7], ["reference", "triton"], "cpu", progress=False)
+    assert len(result.cells) == 2 * 2 * 3
+    assert all(c.status == "correct" for c in result.cells), result.cells
+
+
+def test_wrong_and_crashed_backends_are_caught(monkeypatch):
+    be = get_backend("triton")
+    monkeypatch.setattr(type(be), "run", lambda self, x, xs, w, ws, b, dt: torch.zeros(x.shape[0], w.shape[0], dtype=dt))
+    result = check_matrix([Shape(64, 256)], [3], ["triton"], "cpu", progress=False)
+    assert [c.status for c in result.cells if c.backend == "triton"] == ["wrong"]
+
+    def boom(self, *args):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(type(be), "run", boom)
+    cells = check_matrix([Shape(64, 256)], [3], ["triton"], "cpu", progress=False).cells
+    assert cells[0].status == "crashed" and "kernel exploded" in cells[0].reason
+
+
+def test_refused_cells_carry_reasons_and_probe():
+    cells = check_matrix([Shape(64, 256)], [2], ["reference", "cublas"], "cpu", probe=True, progress=False).cells
+    cublas = next(c for c in cells if c.backend == "cublas")
+    assert cublas.status == "refused" and cublas.reason
+    assert cublas.probe == ""  # unavailable backends are not probed
+
+
+def test_cli_check_writes_json(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    rc = main(["check", "--shapes", "64:128,200:300", "--m", "1,5", "--json", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and {c["status"] for c in data["cells"]} == {"correct"}
+    assert "blockfp8 check on cpu" in capsys.readouterr().out
+
+
+def test_cli_explain(capsys):
+    assert main(["explain", "1", "2112", "7168"]) == 0
+    out = capsys.readouterr().out
+    assert "M=1 N=2112 K=7168" in out and "cublas" in out
+
+
+def test_shape_parsing():
+    assert parse_shapes("2112:7168,64:128")[0] == Shape(2112, 7168)
+    ds = parse_shapes("deepseek-v3")
+    assert Shape(2112, 7168, "fused_qkv_a_proj") in ds and len(ds) == 8
+    assert parse_ints("1, 16,64") == [1, 16, 64]
+    with pytest.raises(ValueError, match="unknown shape set"):
+        parse_shapes("llama-9000")
+    with pytest.raises(ValueError, match="N:K"):
+        parse_shapes("12:x")
+    with pytest.raises(ValueError, match="integers"):
+        parse_ints("1,a")
