@@ -20,7 +20,8 @@ def test_cpu_matrix_all_correct():
 
 def test_wrong_and_crashed_backends_are_caught(monkeypatch):
     be = get_backend("triton")
-    monkeypatch.setattr(type(be), "run", lambda self, x, xs, w, ws, b, dt: torch.zeros(x.shape[0], w.shape[0], dtype=dt))
+    monkeypatch.setattr(type(be), "run", lambda self, x, xs, w, ws, b, dt: torch.zeros(x.shape[0], w.shape[0],
+                                                                                     dtype=dt, device=x.device))
     result = check_matrix([Shape(64, 256)], [3], ["triton"], DEVICE, progress=False)
     assert [c.status for c in result.cells if c.backend == "triton"] == ["wrong"]
 

@@ -22,7 +22,8 @@ def test_from_linear_close_to_float(dtype, n, k):
     y = layer(x)
     assert y.shape == (2, 3, n) and y.dtype == dtype
     assert rel_error(y, lin(x)) < FLOAT_TOLERANCE
-    assert layer.weight.dtype == torch.float8_e4m3fn and layer.weight_scale_inv.shape == ((n + 127) // 128, (k + 127) // 128)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.weight_scale_inv.shape == ((n + 127) // 128, (k + 127) // 128)
 
 
 def test_from_fp8_and_state_dict_names():

@@ -43,7 +43,7 @@ BF16 = "bf16"
 AUTO = "auto"
 
 
-# ---------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ measurement
 
 
 def environment(device: torch.device) -> dict:
@@ -212,6 +212,7 @@ def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[
                 compile_error = {}
                 if mode == "compiled":
                     for key, fn in compiled.items():
+                        log(f"  M={m:<3d} compiling the {key} model")
                         t0 = time.perf_counter()
                         try:
                             with forced_backend(None):
@@ -229,7 +230,7 @@ def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[
                     else:
                         try:
                             with forced_backend(backend):
-                                setup, median, out = _run_cell(lambda model=model: model(x), mode, s)
+                                setup, median, out = _run_cell(lambda model=model, x=x: model(x), mode, s)
                             row.setup_s, row.tpot_ms = setup, median * 1e3
                             row.rel_err = rel_error(out.float(), reference_out)
                             row.weight_gbps = bytes_of[key] / median / 1e9
@@ -257,8 +258,10 @@ COLUMNS = ("variant", "mode", "M", "TPOT ms", "vs bf16", "weights GB/s", "rel er
 
 
 def _cells(r: Row) -> list[str]:
-    return [r.variant, r.mode, str(r.batch), _fmt(r.tpot_ms, ".3f"), _fmt(r.speedup, ".2f") + ("x" if r.speedup else ""),
-            _fmt(r.weight_gbps, ".0f"), _fmt(r.rel_err, ".2e"), _fmt(r.setup_s, ".2f"), r.note]
+    gbps = _fmt(r.weight_gbps, ".0f" if (r.weight_gbps or 0) >= 10 else ".3f")
+    speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+    return [r.variant, r.mode, str(r.batch), _fmt(r.tpot_ms, ".3f"), speedup, gbps, _fmt(r.rel_err, ".2e"),
+            _fmt(r.setup_s, ".2f"), r.note]
 
 
 def to_markdown(rows: list[Row], compile_s: dict[str, float], header: list[str]) -> str:
@@ -329,6 +332,13 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--layers and --steps must be >= 1, got {args.layers} and {args.steps}")
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option spelled out)."""
+    return (f"blockfp8 bench-e2e --preset {args.preset} --layers {args.layers} "
+            f"--batch {','.join(map(str, args.batch))} --steps {args.steps} --backends {','.join(args.backends)} "
+            f"--modes {','.join(args.modes)}" + (f" --warmup {args.warmup}" if args.warmup is not None else ""))
+
+
 def run(args: argparse.Namespace) -> int:
     _check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -367,8 +377,7 @@ def run(args: argparse.Namespace) -> int:
              f"({', '.join(modes)}; graph = manual CUDA graph capture)")
     print_table(rows, compile_s, title)
 
-    header = [f"# bench-e2e: {title}", "", f"- environment: {environment_line(env)}",
-              f"- command: blockfp8 bench-e2e {' '.join(sys.argv[2:]) if sys.argv[1:2] == ['bench-e2e'] else ''}".rstrip()]
+    header = [f"# bench-e2e: {title}", "", f"- environment: {environment_line(env)}", f"- command: `{_command(args)}`"]
     header += [f"- skipped {b}: {why}" for b, why in skipped.items()]
     if args.markdown:
         with open(args.markdown, "w") as f:

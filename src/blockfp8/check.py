@@ -103,14 +103,14 @@ def check_shape(shape: Shape, m: int, backends: list[str], device: torch.device,
         be = get_backend(name)
         verdict = be.supports(p)
         if verdict:
-            status, err, why = _run_cell(lambda: gemm(xq, xs, wq, ws, backend=name),
-                                         lambda: linear(x, wq, ws, backend=name), refs)
+            status, err, why = _run_cell(lambda name=name: gemm(xq, xs, wq, ws, backend=name),
+                                         lambda name=name: linear(x, wq, ws, backend=name), refs)
             cells.append(Cell(name, m, n, k, status, err, why))
             continue
         cell = Cell(name, m, n, k, "refused", reason=verdict.reason)
         if probe and be.is_available():
-            status, err, why = _run_cell(lambda: be.run(xq, xs, wq, ws, None, torch.bfloat16),
-                                         lambda: be.run(xq, xs, wq, ws, None, torch.bfloat16), refs)
+            run_raw = lambda be=be: be.run(xq, xs, wq, ws, None, torch.bfloat16)  # noqa: E731
+            status, err, why = _run_cell(run_raw, run_raw, refs)
             cell.probe = f"{status} {err:.1e}" if err is not None else f"{status}: {why}"
         cells.append(cell)
     status, err, why = _run_cell(lambda: gemm(xq, xs, wq, ws), lambda: linear(x, wq, ws), refs)

@@ -142,7 +142,7 @@ def make_sentences(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     # Each topic's sentences in a seeded order without repeats: sort all combinations by a random key.
     orders = []
-    for (subjects, actions, details), count in zip(topics, per_topic):
+    for (subjects, actions, details), count in zip(topics, per_topic, strict=True):
         combos = list(product(TEMPLATES, subjects, actions, details))
         keys = [rng.random() for _ in range(count)]
         orders.append([combos[i] for i in sorted(range(count), key=keys.__getitem__)])
@@ -157,7 +157,7 @@ def make_sentences(n: int, seed: int = 0) -> list[str]:
 class FidelityResult:
     """Block-FP8 model vs the original on ``n_sentences`` sentences (metrics described in docs/fidelity.md)."""
 
-    model: str
+    model: str  # the Hub name when loaded here, else the given model's class name
     n_sentences: int
     ue8m0: bool
     dtype: str
@@ -170,7 +170,7 @@ class FidelityResult:
     top1_agreement: float
     top5_overlap: float
     spearman: float
-    top1_flip_max_margin: float  # largest original gap (1st vs 2nd neighbour similarity) among top-1 changes
+    top1_flip_max_margin: float  # largest original-model gap (old vs new nearest neighbour) among top-1 changes
     weight_error_mean: float
     weight_error_worst: float
     weight_error_worst_layer: str
@@ -228,6 +228,8 @@ def _ranks(v: torch.Tensor) -> torch.Tensor:
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two 1-D tensors of equal length."""
+    if a.dim() != 1 or a.shape != b.shape:
+        raise ValueError(f"a and b must be 1-D of one length, got shapes {tuple(a.shape)} and {tuple(b.shape)}")
     ra, rb = _ranks(a.double()), _ranks(b.double())
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra @ rb) / (ra.norm() * rb.norm()))
@@ -282,19 +284,28 @@ def _backends_used(model: nn.Module, tokens: int, dtype: torch.dtype, backend: s
 
 def measure_fidelity(n_sentences: int = 300, backend: str | None = None, ue8m0: bool = False,
                      device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                     batch_size: int = 64) -> FidelityResult:
+                     batch_size: int = 64, model: nn.Module | None = None, tokenizer=None) -> FidelityResult:
     """Embed ``n_sentences`` generated sentences with all-MiniLM-L6-v2 and with a block-FP8 copy of it
     (every ``nn.Linear`` converted), and compare. The original runs in ``dtype`` too, so the difference is FP8's.
+
+    ``model``/``tokenizer``: an encoder already loaded (e.g. by ``load_model``), used on its own device and in
+    its own dtype and left unchanged; ``device``/``dtype`` then do not apply.
     """
     if isinstance(n_sentences, bool) or not isinstance(n_sentences, int) or n_sentences < MIN_SENTENCES:
         raise ValueError(f"n_sentences must be an int >= {MIN_SENTENCES}, got {n_sentences!r}")
-    if dtype not in DTYPES.values():
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if (model is None) != (tokenizer is None):
+        raise ValueError("model and tokenizer must be given together (or neither, to load all-MiniLM-L6-v2)")
+    name = MODEL_NAME if model is None else type(model).__name__
+    if model is None:
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype}")
+        model, tokenizer = load_model(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")), dtype)
+    first = next(model.parameters())
     sentences = make_sentences(n_sentences)
-    model, tokenizer = load_model(device, dtype)
     fp8_model = copy.deepcopy(model)
     report = convert_model(fp8_model, ue8m0=ue8m0, backend=backend)
+    if not report.converted:
+        raise ValueError(f"model has no nn.Linear layer to convert ({type(model).__name__})")
     ref = embed(model, tokenizer, sentences, batch_size)
     test = embed(fp8_model, tokenizer, sentences, batch_size)
     errors = weight_errors(model, fp8_model, report.converted)
@@ -302,8 +313,8 @@ def measure_fidelity(n_sentences: int = 300, backend: str | None = None, ue8m0: 
     first_batch = tokenizer(sentences[:batch_size], padding=True, truncation=True, max_length=MAX_SEQ_LENGTH)
     tokens = sum(len(ids) for ids in first_batch["input_ids"])
     return FidelityResult(
-        model=MODEL_NAME, n_sentences=n_sentences, ue8m0=ue8m0, dtype=str(dtype).replace("torch.", ""),
-        device=str(device), backends=_backends_used(fp8_model, tokens, dtype, backend),
+        model=name, n_sentences=n_sentences, ue8m0=ue8m0, dtype=str(first.dtype).replace("torch.", ""),
+        device=str(first.device), backends=_backends_used(fp8_model, tokens, first.dtype, backend),
         converted=len(report.converted), skipped=len(report.skipped),
         **compare_embeddings(ref, test),
         weight_error_mean=sum(errors.values()) / len(errors), weight_error_worst=errors[worst],
@@ -346,12 +357,24 @@ def _table(result: FidelityResult):
     return table
 
 
+def _quiet_loading() -> None:
+    # transformers draws its own progress bar while loading weights, which would tear the rich status line.
+    try:
+        from transformers.utils import logging
+    except ImportError:
+        return
+    logging.disable_progress_bar()
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    result = measure_fidelity(args.sentences, backend=args.backend, ue8m0=args.ue8m0, device=args.device,
-                              dtype=DTYPES[args.dtype])
-    Console().print(_table(result))
+    console = Console()
+    _quiet_loading()
+    with console.status(f"embedding {args.sentences} sentences with the original and the block-FP8 model"):
+        result = measure_fidelity(args.sentences, backend=args.backend, ue8m0=args.ue8m0, device=args.device,
+                                  dtype=DTYPES[args.dtype])
+    console.print(_table(result))
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result.to_dict(), f, indent=2)

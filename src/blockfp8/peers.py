@@ -19,11 +19,11 @@ torchao peers:
   tensors are given padded buffers.
 * ``torchao-inference``: torchao's inference GEMM ``blockwise_fp8_gemm`` (the DeepSeek-V3 reference kernel;
   ``torchao.kernel.blockwise_quantization`` in 0.15-0.18, ``torchao.quantization...float8.kernels`` later).
-  It autotunes 48 configs, recompiled for every (N, K, log2 M bucket): about half a minute per cell on first
-  use, so it is not in the default peer set.
+  It autotunes 48 configs and compiles each anew for every (N, K, log2 M bucket), so its first call per cell
+  is slow; it is not in the default peer set.
 
 In linear mode both use torchao's activation quantizer ``fp8_blockwise_act_quant`` (one simple Triton kernel;
-the training kernel's own autotuned quantizer would add ~45 compilations per K). For ``torchao`` its row-major
+the training kernel's own quantizer autotunes 45 configs, compiled anew for every K). For ``torchao`` its row-major
 scales are then transposed into the column-major layout the GEMM asserts, inside the timed call.
 """
 

@@ -35,7 +35,8 @@ HOT_REPS_MIN = 5
 @dataclass(frozen=True)
 class Timing:
     """Per-call time of one op. ``method`` is "graph" (CUDA-graph replay), "events" (eager launches between
-    CUDA events, capture failed) or "wall" (CPU wall clock)."""
+    CUDA events, capture failed) or "wall" (CPU wall clock); ``copies`` is the number of calls per replay
+    (the weight copies when L2-cold); ``jit_s`` the wall time of the first call."""
 
     median_us: float
     p10_us: float
@@ -113,18 +114,20 @@ def time_fn(
     l2_cold: bool = True,
     reps: int = 20,
     warmup: int = 1,
+    hot: bool = True,
 ) -> Timing:
     """Per-call time of ``fn(*args)`` with ``args`` rotating over ``rotate`` (a list of argument tuples, or a
     callable ``i -> args`` with ``copies`` given). See the module docstring for the method.
 
-    ``l2_cold=False`` times repeated calls on the first argument set only (its L2-hot time).
+    ``l2_cold=False`` times repeated calls on the first argument set only (its L2-hot time). ``hot=False``
+    skips the secondary L2-hot measurement (``l2_hot_us`` is then None).
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")
     sets = _arg_sets(rotate, copies)
     if _device_of(sets).type != "cuda":
         return _time_wall(fn, sets, reps, warmup)
-    return _time_cuda(fn, sets, l2_cold, reps, warmup)
+    return _time_cuda(fn, sets, l2_cold, reps, warmup, hot)
 
 
 def _time_wall(fn: Callable, sets: list[tuple], reps: int, warmup: int) -> Timing:
@@ -143,7 +146,7 @@ def _time_wall(fn: Callable, sets: list[tuple], reps: int, warmup: int) -> Timin
     return _summary(samples, None, jit_s, "wall", len(sets))
 
 
-def _time_cuda(fn: Callable, sets: list[tuple], l2_cold: bool, reps: int, warmup: int) -> Timing:
+def _time_cuda(fn: Callable, sets: list[tuple], l2_cold: bool, reps: int, warmup: int, hot: bool) -> Timing:
     # Warm-up and capture share one side stream: libraries that create per-stream state (cuBLAS workspaces)
     # then create it before capture, not inside the graph.
     stream = torch.cuda.Stream()
@@ -164,22 +167,30 @@ def _time_cuda(fn: Callable, sets: list[tuple], l2_cold: bool, reps: int, warmup
     hot_reps = max(HOT_REPS_MIN, reps // 4)
     try:
         samples = _graph_samples(fn, cold_sets, reps, stream)
-        hot = _graph_samples(fn, hot_sets, hot_reps, stream) if l2_cold else samples
+        hot_samples = _graph_samples(fn, hot_sets, hot_reps, stream) if l2_cold and hot else samples
         method = "graph"
     except Exception:  # noqa: BLE001 - any capture failure falls back to eager timing, flagged in the result
         torch.cuda.synchronize()
         samples = _event_samples(fn, cold_sets, reps)
-        hot = _event_samples(fn, hot_sets, hot_reps) if l2_cold else samples
+        hot_samples = _event_samples(fn, hot_sets, hot_reps) if l2_cold and hot else samples
         method = "events"
-    return _summary(samples, statistics.median(hot), jit_s, method, len(cold_sets))
+    hot_us = statistics.median(hot_samples) if hot or not l2_cold else None
+    return _summary(samples, hot_us, jit_s, method, len(cold_sets))
 
 
 def _graph_samples(fn: Callable, sets: list[tuple], reps: int, stream: torch.cuda.Stream) -> list[float]:
+    # capture_begin/capture_end rather than the torch.cuda.graph context manager, which runs gc.collect() and
+    # empty_cache() on every entry: hundreds of captures per benchmark would spend most of their time there.
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph, stream=stream):
+    torch.cuda.synchronize()
+    with torch.cuda.stream(stream):
+        graph.capture_begin()
+        try:
             for args in sets:
                 fn(*args)  # the output is dropped at once, so its memory is reused by the next call
+        finally:
+            graph.capture_end()
+    try:
         graph.replay()  # the first replay uploads the graph; not timed
         return _timed(graph.replay, reps, len(sets))
     finally:
@@ -219,15 +230,15 @@ def measure_ceilings(device: torch.device | str | None = None, reps: int = 20) -
         return Ceilings(None, None, None, "no CUDA device: no ceilings")
     src = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), rotate=[()], l2_cold=False, reps=reps)
+    t = time_fn(lambda d, s: d.copy_(s), rotate=[(dst, src)], l2_cold=False, reps=reps)
     copy_gbps = 2 * COPY_BYTES / (t.median_us * 1e3)
     del src, dst
     s = FP8_SIZE
     a = torch.randn(s, s, device=device).to(torch.float8_e4m3fn)
     b = torch.randn(s, s, device=device).to(torch.float8_e4m3fn).t()  # column-major, as cuBLAS wants
     one = torch.ones((), device=device)
-    t = time_fn(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), rotate=[()], l2_cold=False,
-                reps=reps)
+    t = time_fn(lambda a, b: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), rotate=[(a, b)],
+                l2_cold=False, reps=reps)
     fp8_tflops = 2 * s**3 / (t.median_us * 1e6)
     del a, b
     torch.cuda.empty_cache()

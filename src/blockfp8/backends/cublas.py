@@ -9,6 +9,8 @@ multiple of 4 itself (so any M runs) and pads weight scales once per weight (cac
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ..act_quant import empty_scales
@@ -25,20 +27,26 @@ def _padded_weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
 
 
 class _ScaleCache:
-    """Padded weight scales per source tensor, keyed by storage pointer, shape and version counter."""
+    """Padded weight scales per source tensor, computed once per weight, not per call.
+
+    Keyed by ``id`` and checked through a weak reference, so a new tensor that reuses a freed one's memory
+    can never receive stale scales; the version counter catches in-place updates (inference tensors have
+    none and cannot be updated in place)."""
 
     def __init__(self, size: int = 4096) -> None:
         self.size = size
-        self.entries: dict[tuple, torch.Tensor] = {}
+        self.entries: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def get(self, s: torch.Tensor) -> torch.Tensor:
-        key = (s.device, s.data_ptr(), tuple(s.shape), tuple(s.stride()), s._version)
-        hit = self.entries.get(key)
-        if hit is None:
-            if len(self.entries) >= self.size:
-                self.entries.clear()
-            hit = self.entries[key] = _padded_weight_scales(s)
-        return hit
+        version = 0 if s.is_inference() else s._version
+        hit = self.entries.get(id(s))
+        if hit is not None and hit[0]() is s and hit[1] == version:
+            return hit[2]
+        if len(self.entries) >= self.size:
+            self.entries = {key: e for key, e in self.entries.items() if e[0]() is not None}
+        padded = _padded_weight_scales(s)
+        self.entries[id(s)] = (weakref.ref(s), version, padded)
+        return padded
 
 
 class CublasBackend(Backend):
