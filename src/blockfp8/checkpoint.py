@@ -28,7 +28,7 @@ from .nn import Fp8BlockLinear
 from .nn import _matches as matches_pattern
 from .quant import DEFAULT_BLOCK, FLOAT_INPUTS, FP8_DTYPE, check_block_size, dequantize_weight, quantize_weight
 from .reference import rel_error
-from .validate import check_scale_values
+from .validate import check_fp8_linear, check_scale_values
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -400,16 +400,10 @@ def _fp8_prefixes(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 
 def _check_state_pair(state: Mapping[str, torch.Tensor], prefix: str) -> None:
-    from .validate import check_weight
-
     w, s = state.get(prefix + WEIGHT_SUFFIX), state[prefix + SCALE_SUFFIX]
     if w is None:
         raise ValueError(f"state dict has {prefix + SCALE_SUFFIX!r} but no {prefix + WEIGHT_SUFFIX!r}")
-    try:
-        check_weight(w, s)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"layer {prefix!r}: {e}") from e
-    check_scale_values(s, name=prefix + SCALE_SUFFIX)
+    check_fp8_linear(w, s, state.get(prefix + ".bias"), name=prefix + WEIGHT_SUFFIX)
 
 
 def _unconverted_linears(model: nn.Module) -> list[str]:
@@ -437,8 +431,11 @@ def save_fp8_checkpoint(
     if isinstance(model_or_state_dict, nn.Module):
         model = model_or_state_dict
         state = model.state_dict()
-        if config is None and hasattr(getattr(model, "config", None), "to_dict"):
-            config = model.config.to_dict()
+        if config is None and hasattr(getattr(model, "config", None), "to_diff_dict"):
+            # What transformers' save_pretrained writes: the fields that differ from the defaults.
+            config = model.config.to_diff_dict()
+            if not config.get("architectures"):
+                config["architectures"] = [type(model).__name__]
         if modules_to_not_convert is None:
             modules_to_not_convert = _unconverted_linears(model)
     elif isinstance(model_or_state_dict, Mapping):
@@ -529,7 +526,8 @@ def load_fp8_model(
     dtype). Everything checkable from the headers and config.json is checked before the model is touched;
     scale values (NaN, Inf, <= 0) are checked as they stream in. ``strict`` raises on tensors missing from
     the checkpoint or unknown to the model; otherwise they are listed in the report. Works with models on the
-    meta device (their tensors are replaced by the loaded ones).
+    meta device (their tensors are replaced by the loaded ones), except for non-persistent buffers such as
+    rotary tables, which no checkpoint holds: the model's own code must create those.
     """
     root = Path(checkpoint_dir)
     qc = read_quantization_config(root)
@@ -679,6 +677,10 @@ def convert_checkpoint(
                              f"bf16, fp16 or fp32 checkpoints")
     config_path = src / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method")
+        raise ValueError(f"{config_path} already has a quantization_config (quant_method {method!r}); convert "
+                         f"reads bf16, fp16 or fp32 checkpoints")
     summary = ConvertSummary(out_dir=dst)
     with _atomic_output_dir(dst, overwrite) as tmp:
         writer = _ShardWriter(tmp, max_bytes)

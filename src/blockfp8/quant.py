@@ -71,15 +71,25 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
     return (exponent << 23).view(torch.float32)
 
 
+def _div_fp32(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
+    """a / b correctly rounded to fp32 on every device.
+
+    torch's CUDA kernels divide by a Python scalar as a multiplication by its rounded reciprocal, which can
+    differ from a true division in the last bit; an fp32 quotient computed in fp64 and rounded once is the
+    IEEE fp32 quotient (53 >= 2 * 24 + 2 bits), so CPU, GPU and the fused Triton quantizer agree exactly.
+    """
+    return (a.double() / (b.double() if isinstance(b, torch.Tensor) else b)).float()
+
+
 def scales_from_amax(amax: torch.Tensor, ue8m0: bool = False) -> torch.Tensor:
     """fp32 scale per group from its absolute maximum (see module docstring for the rule)."""
-    scale = amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    scale = _div_fp32(amax.float().clamp(min=AMAX_FLOOR), FP8_MAX)
     return round_scale_ue8m0(scale) if ue8m0 else scale
 
 
 def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # The clamp only matters for rounding right at the edge (x/scale = 448.00003); fp8 e4m3fn has no inf.
-    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return _div_fp32(x, scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def _check_float(t: torch.Tensor, name: str) -> None:

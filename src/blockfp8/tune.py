@@ -61,7 +61,7 @@ def select_candidates(m: int, n: int, k: int, max_configs: int, num_sms: int = 1
     from .backends.triton_configs import candidate_configs, heuristic_config
 
     base = heuristic_config(m, n, k, num_sms)
-    rest = list(dict.fromkeys(c for c in candidate_configs(m, n, k) if c != base))
+    rest = list(dict.fromkeys(c for c in candidate_configs(m, n, k, num_sms) if c != base))
     room = len(rest) if max_configs <= 0 else max(0, max_configs - 1)
     if room < len(rest):
         if room == 0:

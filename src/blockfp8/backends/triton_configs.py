@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import torch
@@ -58,29 +58,30 @@ def heuristic_config(m: int, n: int, k: int, num_sms: int = 132) -> TritonConfig
     return TritonConfig(bm, bn, split, group_m=8, swap_ab=False, num_warps=8, num_stages=3)
 
 
-def candidate_configs(m: int, n: int, k: int) -> list[TritonConfig]:
-    """Search space for ``blockfp8 tune`` at one (M, N, K)."""
+def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[TritonConfig]:
+    """Search space for ``blockfp8 tune`` at one (M, N, K), most promising first.
+
+    Decode: swap-AB tiles with split-K counts that put 1-2 programs on every SM (the H100 probe in
+    docs/performance.md found the best decode configs there); prefill: the usual wgmma tile shapes.
+    """
     groups = cdiv(k, 128)
     out: list[TritonConfig] = []
     if m <= 64:
         bm = max(16, _next_pow2(m))
         for bn in (64, 128):
             tiles = cdiv(n, bn) * cdiv(m, bm)
-            for split in sorted({1, 2, 4, 8, 16, cdiv(132, tiles), cdiv(264, tiles)}):
-                if split > groups or tiles * split > 4096:
-                    continue
-                for stages in (3, 5):
-                    out.append(TritonConfig(bm, bn, split, 1, True, 4, stages))
+            splits = {1, cdiv(num_sms, tiles), cdiv(2 * num_sms, tiles), 2, 4, 8}
+            for split in sorted(s for s in splits if s <= groups and tiles * s <= 8 * num_sms):
+                for warps, stages in ((4, 3), (4, 5), (8, 4)):
+                    out.append(TritonConfig(bm, bn, split, 1, True, warps, stages))
     else:
-        for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8)):
-            if bm > 64 and m <= 64:
-                continue
+        for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8), (64, 256, 8)):
             tiles = cdiv(m, bm) * cdiv(n, bn)
-            splits = {1} if tiles >= 132 else {1, 2, cdiv(132, tiles)}
+            splits = {1} if tiles >= num_sms else {1, 2, cdiv(num_sms, tiles)}
             for split in sorted(s for s in splits if s <= groups):
                 for stages in (3, 4):
                     out.append(TritonConfig(bm, bn, split, 8, False, warps, stages))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _load_json(path) -> dict:
@@ -88,7 +89,7 @@ def _load_json(path) -> dict:
         return json.load(f)
 
 
-@lru_cache(maxsize=None)
+@cache
 def config_table() -> dict:
     """device name -> "N,K" -> {tuned M (str): config dict}."""
     table = _load_json(resources.files("blockfp8") / "data" / "triton_configs.json")

@@ -1,0 +1,408 @@
+"""Block-FP8 checkpoints: format, round trips, sharding, and a clear error for every kind of broken input."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from blockfp8 import Fp8BlockLinear, convert_model
+from blockfp8 import checkpoint as ckpt
+from blockfp8.checkpoint import (
+    DEFAULT_SKIP,
+    INDEX_NAME,
+    SINGLE_NAME,
+    convert_checkpoint,
+    iter_checkpoint,
+    load_fp8_model,
+    parse_size,
+    read_quantization_config,
+    read_tensor_infos,
+    save_fp8_checkpoint,
+    weight_map,
+)
+
+
+class Tiny(nn.Module):
+    """Embedding, norm, two linears with partial 128-blocks, lm_head: every kind of tensor a decoder has."""
+
+    def __init__(self, vocab: int = 50, dim: int = 160, hidden: int = 300) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, hidden)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.embed(ids))
+        h = h + self.down(torch.relu(self.up(h)))
+        return self.lm_head(h)
+
+
+def tiny(seed: int = 0) -> Tiny:
+    torch.manual_seed(seed)
+    return Tiny().to(torch.bfloat16).eval()
+
+
+def save_float(model: nn.Module, root, shards: int = 1) -> None:
+    """A float checkpoint as Hugging Face writes it: one file, or ``shards`` files plus the index."""
+    root.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    (root / "config.json").write_text(json.dumps({"model_type": "tiny", "torch_dtype": "bfloat16"}))
+    (root / "tokenizer.json").write_text("{}")
+    if shards == 1:
+        save_file(state, root / SINGLE_NAME, metadata={"format": "pt"})
+        return
+    names = list(state)
+    per = math.ceil(len(names) / shards)
+    wmap = {}
+    for i in range(shards):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n] for n in names[i * per:(i + 1) * per]}
+        save_file(part, root / fname, metadata={"format": "pt"})
+        wmap.update({n: fname for n in part})
+    (root / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": wmap}))
+
+
+def in_memory(model: nn.Module) -> nn.Module:
+    ref = copy.deepcopy(model)
+    convert_model(ref, skip=DEFAULT_SKIP)
+    return ref
+
+
+IDS = torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def fp8_dir(tmp_path):
+    model = tiny()
+    save_float(model, tmp_path / "float")
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    return tmp_path / "fp8"
+
+
+def test_convert_then_load_matches_in_memory_conversion(tmp_path):
+    model = tiny()
+    save_float(model, tmp_path / "float")
+    summary = convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    assert summary.converted == ["down", "up"]
+    assert summary.skipped == {"embed": "default skip '*embed*'", "lm_head": "default skip 'lm_head'",
+                               "norm": "1-D, not a linear layer"}
+    assert summary.copied == 2  # norm.bias and up.bias
+    assert summary.bytes_after < summary.bytes_before
+    assert 0 < summary.worst[1] < 0.045 and summary.worst[0] in ("up", "down")
+    assert summary.files_copied == ["tokenizer.json"]
+
+    fresh = tiny(seed=123)
+    report = load_fp8_model(fresh, tmp_path / "fp8", progress=False)
+    assert sorted(report.replaced) == ["down", "up"] and not report.missing and not report.unexpected
+    assert isinstance(fresh.up, Fp8BlockLinear) and isinstance(fresh.lm_head, nn.Linear)
+    ref = in_memory(model)
+    for name, t in ref.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], t), name
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), ref(IDS))
+
+
+def test_checkpoint_format(fp8_dir):
+    infos = read_tensor_infos(fp8_dir)
+    assert (infos["up.weight"].dtype, infos["up.weight"].shape) == ("F8_E4M3", (300, 160))
+    assert (infos["up.weight_scale_inv"].dtype, infos["up.weight_scale_inv"].shape) == ("F32", (3, 2))
+    assert infos["down.weight_scale_inv"].shape == (2, 3)
+    assert infos["up.bias"].dtype == infos["lm_head.weight"].dtype == "BF16"
+    config = json.loads((fp8_dir / "config.json").read_text())
+    assert config["model_type"] == "tiny"
+    assert config["quantization_config"] == {
+        "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128],
+        "modules_to_not_convert": ["embed", "lm_head"]}
+    qc = read_quantization_config(fp8_dir)
+    assert qc.block_size == (128, 128) and qc.modules_to_not_convert == ("embed", "lm_head")
+    assert sorted(p.name for p in fp8_dir.iterdir()) == ["config.json", SINGLE_NAME, "tokenizer.json"]
+    assert not list(fp8_dir.parent.glob(".*partial*"))
+
+
+def test_iter_checkpoint_streams(fp8_dir):
+    it = iter_checkpoint(fp8_dir, progress=False)
+    name, tensor = next(it)  # a generator: the first tensor arrives before the rest is read
+    assert isinstance(tensor, torch.Tensor)
+    rest = dict(it)
+    assert len(rest) + 1 == len(read_tensor_infos(fp8_dir)) and name not in rest
+
+
+@pytest.mark.parametrize("input_shards", [1, 3])
+def test_sharded_output_and_input(tmp_path, input_shards):
+    model = tiny()
+    save_float(model, tmp_path / "float", shards=input_shards)
+    summary = convert_checkpoint(tmp_path / "float", tmp_path / "fp8", max_shard_bytes="40kB", progress=False)
+    out = tmp_path / "fp8"
+    files = sorted(out.glob("*.safetensors"))
+    assert summary.shards == len(files) > 2
+    assert [f.name for f in files] == [f"model-{i:05d}-of-{len(files):05d}.safetensors"
+                                       for i in range(1, len(files) + 1)]
+    index = json.loads((out / INDEX_NAME).read_text())
+    infos = read_tensor_infos(out)
+    assert index["metadata"]["total_size"] == sum(i.nbytes for i in infos.values()) == summary.bytes_after
+    assert set(index["weight_map"]) == set(infos)
+    wm = weight_map(out)
+    assert wm["up.weight"] == wm["up.weight_scale_inv"]  # a weight and its scales share a file
+    fresh = tiny(seed=5)
+    load_fp8_model(fresh, out, progress=False)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), in_memory(model)(IDS))
+
+
+def test_save_converted_model_round_trip(tmp_path):
+    model = in_memory(tiny())
+    save_fp8_checkpoint(model, tmp_path / "fp8", config={"model_type": "tiny"}, max_shard_bytes=30_000)
+    assert (tmp_path / "fp8" / INDEX_NAME).is_file()
+    assert read_quantization_config(tmp_path / "fp8").modules_to_not_convert == ("lm_head",)
+    fresh = tiny(seed=9)
+    load_fp8_model(fresh, tmp_path / "fp8", progress=False)
+    with torch.no_grad():
+        assert torch.equal(fresh(IDS), model(IDS))
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_fp8_checkpoint(model, tmp_path / "fp8")
+    save_fp8_checkpoint(model.state_dict(), tmp_path / "fp8", overwrite=True)
+    assert (tmp_path / "fp8" / SINGLE_NAME).is_file() and not (tmp_path / "fp8" / INDEX_NAME).exists()
+    assert read_quantization_config(tmp_path / "fp8").modules_to_not_convert == ()
+
+
+def test_save_rejects_bad_state_dict(tmp_path):
+    w, s = torch.zeros(4, 4, dtype=torch.float8_e4m3fn), torch.ones(1, 1)
+    with pytest.raises(ValueError, match="'a.weight' has no 'a.weight_scale_inv'"):
+        save_fp8_checkpoint({"a.weight": w}, tmp_path / "x")
+    with pytest.raises(ValueError, match="a.weight_scale_inv.*NaN"):
+        save_fp8_checkpoint({"a.weight": w, "a.weight_scale_inv": torch.full((1, 1), math.nan)}, tmp_path / "x")
+    with pytest.raises(ValueError, match="a.weight_scale_inv must have shape"):
+        save_fp8_checkpoint({"a.weight": w, "a.weight_scale_inv": torch.ones(2, 1)}, tmp_path / "x")
+    with pytest.raises(TypeError, match="model_or_state_dict"):
+        save_fp8_checkpoint([w, s], tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_load_into_meta_model(fp8_dir):
+    with torch.device("meta"):
+        fresh = Tiny().to(torch.bfloat16)
+    load_fp8_model(fresh, fp8_dir, progress=False)
+    assert not any(t.is_meta for t in fresh.state_dict().values())
+    model = tiny()
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(IDS), in_memory(model)(IDS))
+
+
+def test_strict_and_non_strict(fp8_dir):
+    fresh = tiny()
+    fresh.extra = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"missing \['extra.bias', 'extra.weight'\]"):
+        load_fp8_model(fresh, fp8_dir, progress=False)
+    assert isinstance(fresh.up, nn.Linear)  # nothing touched before the check
+    report = load_fp8_model(fresh, fp8_dir, strict=False, progress=False)
+    assert report.missing == ["extra.bias", "extra.weight"] and isinstance(fresh.up, Fp8BlockLinear)
+    smaller = tiny()
+    del smaller.lm_head
+    with pytest.raises(ValueError, match=r"unexpected \['lm_head.weight'\]"):
+        load_fp8_model(smaller, fp8_dir, progress=False)
+
+
+def test_load_rejects_mismatched_model(fp8_dir):
+    wrong = Tiny(hidden=256).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"'down.weight' in .*model.safetensors has shape \(160, 300\)"):
+        load_fp8_model(wrong, fp8_dir, progress=False)
+    odd = tiny()
+    odd.up = nn.Conv1d(1, 1, 1)
+    with pytest.raises(ValueError, match="'up' is a Conv1d, not an nn.Linear"):
+        load_fp8_model(odd, fp8_dir, progress=False)
+
+
+# ------------------------------------------------------------------------------ broken checkpoints
+
+
+def rewrite(root, change) -> None:
+    path = root / SINGLE_NAME
+    state = load_file(path)
+    change(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def set_block_size(root, block) -> None:
+    config = json.loads((root / "config.json").read_text())
+    config["quantization_config"]["weight_block_size"] = block
+    (root / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_scale(fp8_dir):
+    rewrite(fp8_dir, lambda s: s.pop("up.weight_scale_inv"))
+    with pytest.raises(ValueError, match=r"'up.weight' in .*model.safetensors has no 'up.weight_scale_inv'"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+def test_scale_without_weight(fp8_dir):
+    rewrite(fp8_dir, lambda s: s.pop("up.weight"))
+    with pytest.raises(ValueError, match="'up.weight_scale_inv' in .* has no weight 'up.weight'"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+def test_scale_shape_not_ceil_div(fp8_dir):
+    rewrite(fp8_dir, lambda s: s.update({"up.weight_scale_inv": torch.ones(2, 2)}))
+    with pytest.raises(ValueError, match=r"'up.weight_scale_inv' in .*model.safetensors has shape \(2, 2\); "
+                                         r"expected \(3, 2\)"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+def test_config_block_size_disagrees_with_tensors(fp8_dir):
+    set_block_size(fp8_dir, [64, 64])
+    with pytest.raises(ValueError, match=r"weight_block_size \[64, 64\] disagrees with the tensors: "
+                                         r"'.*weight_scale_inv' in .*model.safetensors"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+def test_unsupported_block_size(tmp_path):
+    # Consistent 64x64 tensors are a valid checkpoint, but not one Fp8BlockLinear can run.
+    w = torch.zeros(64, 64, dtype=torch.float8_e4m3fn)
+    save_fp8_checkpoint({"a.weight": w, "a.weight_scale_inv": torch.ones(1, 1)}, tmp_path / "c")
+    set_block_size(tmp_path / "c", [64, 64])
+    with pytest.raises(ValueError, match=r"128x128.*\[64, 64\]"):
+        load_fp8_model(nn.Module(), tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -1.0])
+def test_invalid_scale_values(fp8_dir, bad):
+    def poison(state):
+        state["down.weight_scale_inv"][1, 2] = bad
+
+    rewrite(fp8_dir, poison)
+    with pytest.raises(ValueError, match=r"'down.weight_scale_inv' in .*model.safetensors holds 1 invalid"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+@pytest.mark.parametrize("cut", ["tail", "header"])
+def test_truncated_or_corrupt_file(fp8_dir, cut):
+    path = fp8_dir / SINGLE_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[:-100] if cut == "tail" else b"\xff" * 16 + data[16:])
+    with pytest.raises(ValueError, match=r"cannot read safetensors file .*model.safetensors.*truncated or corrupt"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        list(iter_checkpoint(fp8_dir, progress=False))
+
+
+def test_index_names_missing_file(tmp_path):
+    save_float(tiny(), tmp_path / "float")
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", max_shard_bytes="40kB", progress=False)
+    gone = sorted((tmp_path / "fp8").glob("model-*.safetensors"))[1]
+    gone.unlink()
+    with pytest.raises(ValueError, match=rf"maps tensor '.*' to file {gone.name}, which does not exist"):
+        load_fp8_model(tiny(), tmp_path / "fp8", progress=False)
+
+
+def test_index_names_tensor_missing_from_file(fp8_dir):
+    wm = {name: SINGLE_NAME for name in weight_map(fp8_dir)}
+    wm["ghost.weight"] = SINGLE_NAME
+    (fp8_dir / INDEX_NAME).write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(ValueError, match="'ghost.weight' is listed in .* for file model.safetensors"):
+        read_tensor_infos(fp8_dir)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"quant_method": "gptq"}, "quant_method in .*config.json is 'gptq'; expected 'fp8'"),
+    ({"activation_scheme": "static"}, "activation_scheme .* is 'static'; expected 'dynamic'"),
+    ({"fmt": "e5m2"}, "fmt .* is 'e5m2'"),
+    ({"weight_block_size": [128]}, "weight_block_size must be a pair"),
+    ({"weight_block_size": [0, 128]}, "weight_block_size must hold two positive ints"),
+    ({"scale_fmt": "ue8m0"}, "scale_fmt"),
+])
+def test_invalid_quantization_config(fp8_dir, change, match):
+    config = json.loads((fp8_dir / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (fp8_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        read_quantization_config(fp8_dir)
+
+
+def test_missing_or_plain_config(fp8_dir):
+    (fp8_dir / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no quantization_config"):
+        read_quantization_config(fp8_dir)
+    (fp8_dir / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+# ------------------------------------------------------------------------------------ conversion
+
+
+def test_interrupted_conversion_leaves_no_out_dir(tmp_path, monkeypatch):
+    save_float(tiny(), tmp_path / "float")
+    real = ckpt.quantize_weight
+    calls = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "quantize_weight", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+
+    # With overwrite, an interrupted run leaves the previous checkpoint as it was.
+    monkeypatch.setattr(ckpt, "quantize_weight", real)
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    before = (tmp_path / "fp8" / SINGLE_NAME).read_bytes()
+    calls.clear()
+    monkeypatch.setattr(ckpt, "quantize_weight", fail_second)
+    with pytest.raises(KeyboardInterrupt):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False, overwrite=True)
+    assert (tmp_path / "fp8" / SINGLE_NAME).read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float", "fp8"]
+
+
+def test_convert_skip_patterns_and_ue8m0(tmp_path):
+    model = tiny()
+    save_float(model, tmp_path / "float")
+    summary = convert_checkpoint(tmp_path / "float", tmp_path / "fp8", skip=["do*"], ue8m0=True, progress=False)
+    assert summary.converted == ["up"] and summary.skipped["down"] == "--skip 'do*'"
+    assert read_quantization_config(tmp_path / "fp8").modules_to_not_convert == ("down", "embed", "lm_head")
+    state = load_file(tmp_path / "fp8" / SINGLE_NAME)
+    assert state["down.weight"].dtype == torch.bfloat16
+    s = state["up.weight_scale_inv"]
+    assert torch.equal(s, torch.exp2(torch.log2(s).round()))  # powers of two, stored as fp32
+    fresh = tiny(seed=3)
+    load_fp8_model(fresh, tmp_path / "fp8", progress=False)
+    assert isinstance(fresh.down, nn.Linear) and isinstance(fresh.up, Fp8BlockLinear)
+
+
+def test_convert_refuses(tmp_path, fp8_dir):
+    with pytest.raises(ValueError, match="already holds fp8 tensors"):
+        convert_checkpoint(fp8_dir, tmp_path / "again", progress=False)
+    with pytest.raises(ValueError, match="out_dir must differ from in_dir"):
+        convert_checkpoint(fp8_dir, fp8_dir, progress=False)
+    save_float(tiny(), tmp_path / "float")
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_checkpoint(tmp_path / "float", fp8_dir, progress=False)
+    config_path = tmp_path / "float" / "config.json"
+    config_path.write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(ValueError, match="already has a quantization_config \\(quant_method 'awq'\\)"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "out", progress=False)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors.index.json and no"):
+        convert_checkpoint(tmp_path, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    (1000, 1000), ("1000", 1000), ("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("2GiB", 2 * 2**30),
+    ("40kB", 40_000), ("1.5 MiB", 3 * 2**19),
+])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "5XB", "-1", 0, "GB"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ValueError, match="size must"):
+        parse_size(text)
