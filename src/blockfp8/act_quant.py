@@ -31,9 +31,10 @@ def _round_to_e4m3(q):
     bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
     normal = bits.to(tl.float32, bitcast=True)
     # Subnormal e4m3 (|q| < 2^-6): a multiple of 2^-9; adding 1.5 * 2^14 makes fp32 round there. The
-    # sign is put back from the input's sign bit so that -0.0 and tiny negatives round to -0.0 as torch does.
+    # sign comes back from the input's sign bit so that -0.0 and tiny negatives round to -0.0 as torch does.
+    # The sign is OR-ed back in as a bit (a float negation may compile to 0 - x, which turns -0.0 into +0.0).
     sub = (tl.abs(q) + 24576.0) - 24576.0
-    sub = tl.where(q.to(tl.int32, bitcast=True) < 0, -sub, sub)
+    sub = (sub.to(tl.int32, bitcast=True) | (q.to(tl.int32, bitcast=True) & -0x80000000)).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(q) < 0.015625, sub, normal)
 
 

@@ -39,7 +39,9 @@ class Cell:
     n: int
     k: int
     status: str  # correct | wrong | refused | crashed
-    error: float | None = None
+    error: float | None = None  # the worse of the two paths
+    error_gemm: float | None = None  # fp8 in, row-major scales from the torch quantizer
+    error_linear: float | None = None  # bf16 in, fused quantizer, the backend's scale layout
     reason: str = ""
     probe: str = ""  # with --probe: what a refused cell does when run anyway
 
@@ -77,15 +79,19 @@ def _worst(errors: list[float]) -> float:
     return max(errors, key=lambda e: (math.isnan(e), e))
 
 
-def _run_cell(fn_gemm, fn_linear, refs) -> tuple[str, float | None, str]:
+def _run_cell(fn_gemm, fn_linear, ref) -> tuple[str, list[float], str]:
     try:
-        errors = [rel_error(fn_gemm(), refs[0]), rel_error(fn_linear(), refs[1])]
+        errors = [rel_error(fn_gemm(), ref), rel_error(fn_linear(), ref)]
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - classifying every failure is the point of this command
-        return "crashed", None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    err = _worst(errors)
-    return ("correct" if err <= TOLERANCE else "wrong"), err, ""
+        return "crashed", [], f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return ("correct" if _worst(errors) <= TOLERANCE else "wrong"), errors, ""
+
+
+def _cell(name: str, m: int, n: int, k: int, status: str, errors: list[float], reason: str) -> Cell:
+    worst = _worst(errors) if errors else None
+    return Cell(name, m, n, k, status, worst, *(errors or [None, None]), reason=reason)
 
 
 def check_shape(shape: Shape, m: int, backends: list[str], device: torch.device, probe: bool,
@@ -96,25 +102,24 @@ def check_shape(shape: Shape, m: int, backends: list[str], device: torch.device,
     xq, xs = quantize_activation(x)
     # The linear path quantizes bf16 x bit-identically (tested), so one reference serves both paths.
     ref = reference_gemm(xq, xs, wq, ws)
-    refs = (ref, ref)
     p = Problem.of(m, n, k, device)
     cells = []
     for name in backends:
         be = get_backend(name)
         verdict = be.supports(p)
         if verdict:
-            status, err, why = _run_cell(lambda name=name: gemm(xq, xs, wq, ws, backend=name),
-                                         lambda name=name: linear(x, wq, ws, backend=name), refs)
-            cells.append(Cell(name, m, n, k, status, err, why))
+            status, errors, why = _run_cell(lambda name=name: gemm(xq, xs, wq, ws, backend=name),
+                                            lambda name=name: linear(x, wq, ws, backend=name), ref)
+            cells.append(_cell(name, m, n, k, status, errors, why))
             continue
         cell = Cell(name, m, n, k, "refused", reason=verdict.reason)
         if probe and be.is_available():
             run_raw = lambda be=be: be.run(xq, xs, wq, ws, None, torch.bfloat16)  # noqa: E731
-            status, err, why = _run_cell(run_raw, run_raw, refs)
-            cell.probe = f"{status} {err:.1e}" if err is not None else f"{status}: {why}"
+            status, errors, why = _run_cell(run_raw, run_raw, ref)
+            cell.probe = f"{status} {_worst(errors):.1e}" if errors else f"{status}: {why}"
         cells.append(cell)
-    status, err, why = _run_cell(lambda: gemm(xq, xs, wq, ws), lambda: linear(x, wq, ws), refs)
-    cells.append(Cell(DISPATCHED, m, n, k, status, err, why or f"-> {choose(p)}" if status != "crashed" else why))
+    status, errors, why = _run_cell(lambda: gemm(xq, xs, wq, ws), lambda: linear(x, wq, ws), ref)
+    cells.append(_cell(DISPATCHED, m, n, k, status, errors, why if status == "crashed" else f"-> {choose(p)}"))
     return cells
 
 

@@ -16,8 +16,9 @@ COMMANDS = {
     "bench": ("blockfp8.bench", "per-shape GEMM speed against peers and the hardware ceilings"),
     "bench-e2e": ("blockfp8.bench_e2e", "decode-step time (TPOT) of a DeepSeek-V3-shaped decoder stack"),
     "tune": ("blockfp8.tune", "search Triton launch configs on this GPU and write a config table"),
-    "convert": ("blockfp8.convert", "bf16/fp16 safetensors checkpoint -> block-FP8 checkpoint"),
+    "convert": ("blockfp8.convert", "bf16/fp16/fp32 safetensors checkpoint -> block-FP8 checkpoint"),
     "fidelity": ("blockfp8.fidelity", "block-FP8 vs original on a real pretrained model (offline)"),
+    "tp-demo": ("blockfp8.tp_demo", "tensor-parallel decode demo (run under torchrun for several GPUs)"),
 }
 
 

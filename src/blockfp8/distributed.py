@@ -21,7 +21,9 @@ zero, so the value adds nothing to the product but makes the group's scale the u
 Collectives (only with ``group=``): column-parallel with ``gather_output=True`` all-gathers the outputs;
 row-parallel all-reduces (SUM) the partial products. Without a group the modules return their local result:
 the column shard's own output columns, or the row shard's partial product (rank 0's includes the bias, so the
-partials of all ranks sum to the full output).
+partials of all ranks sum to the full output). Column shards are bit-identical to the unsharded layer. Row
+partials are rounded to ``reduce_dtype`` (default: the input's dtype, as serving engines reduce) before the
+sum; with ``reduce_dtype=torch.float32`` the sum matches the unsharded layer to fp32 rounding.
 """
 
 from __future__ import annotations
@@ -46,12 +48,16 @@ from .validate import check_scale_values
 
 # Weight blocks are 128x128 and activation groups 1x128, so one K block column is one activation group.
 BLOCK = DEFAULT_BLOCK[0]
-# Column shards round their local row count up to this multiple: cuBLAS blockwise needs N % 16 (measured on
-# H100), the strictest N limit among the backends. The extra rows are zeros and never cross a 128 block.
-LOCAL_N_MULTIPLE = 16
+# Local N (column shards) and K (row shards) are rounded up to this multiple: cuBLAS blockwise needs N % 16
+# and K % 16 (measured on H100), the strictest limits among the backends. The extra rows/columns are zeros
+# and never reach past the blocks the shard overlaps.
+LOCAL_MULTIPLE = 16
 STYLES = ("column", "row")
 
 Group = dist.ProcessGroup | None
+
+__all__ = ["ColumnParallelFp8Linear", "RowParallelFp8Linear", "Segment", "cut_group_amax", "load_shard", "shard",
+           "shard_range", "slice_input", "split_sizes"]
 
 
 def split_sizes(total: int, world_size: int) -> list[int]:
@@ -121,8 +127,18 @@ def _local_offsets(segments: Sequence[Segment]) -> list[int]:
 
 def _column_local_rows(segments: Sequence[Segment]) -> int:
     last = segments[-1]
-    rows = _local_offsets(segments)[-1] + last.pad + last.width
-    return cdiv(rows, LOCAL_N_MULTIPLE) * LOCAL_N_MULTIPLE
+    return _round_up(_local_offsets(segments)[-1] + last.pad + last.width)
+
+
+def _row_local_width(seg: Segment) -> int:
+    """Local K of a row shard: pad + shard + one spare zero column (the slot for a cut tail group's amax),
+    rounded up, and never more than the whole blocks the shard overlaps."""
+    first, stop = seg.blocks
+    return min((stop - first) * BLOCK, _round_up(seg.pad + seg.width + 1))
+
+
+def _round_up(size: int) -> int:
+    return cdiv(size, LOCAL_MULTIPLE) * LOCAL_MULTIPLE
 
 
 def _valid_columns(segments: Sequence[Segment]) -> list[int]:
@@ -155,7 +171,6 @@ def _check_group(group: Group, rank: int, world_size: int) -> None:
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(list(values), dtype=torch.long, device=device)
-
 
 
 def _padded_width(parts: Sequence[int], world_size: int) -> int:
@@ -241,17 +256,19 @@ def _cut_groups(in_features: int, world_size: int) -> list[int]:
     return [g for g, n in enumerate(owners) if n > 1]
 
 
+def _group_amax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 absolute maximum of every 1x128 group of x [..., K] (the last group may be partial)."""
+    k = x.shape[-1]
+    return F.pad(x, (0, cdiv(k, BLOCK) * BLOCK - k)).unflatten(-1, (-1, BLOCK)).abs().amax(-1).float()
+
+
 def cut_group_amax(x: torch.Tensor, world_size: int) -> torch.Tensor:
     """Absolute maximum of each activation group that the ``world_size`` split cuts, from the full input.
 
     ``x`` is [..., K]; returns fp32 [..., number of cut groups]. This is what a row-parallel group exchanges;
     pass it as ``cut_amax=`` to run row shards without a process group and still match the unsharded layer.
     """
-    k = x.shape[-1]
-    cut = _cut_groups(k, world_size)
-    padded = F.pad(x, (0, cdiv(k, BLOCK) * BLOCK - k))
-    amax = padded.unflatten(-1, (-1, BLOCK)).abs().amax(-1).float()
-    return amax[..., _index(cut, x.device)]
+    return _group_amax(x)[..., _index(_cut_groups(x.shape[-1], world_size), x.device)]
 
 
 class RowParallelFp8Linear(nn.Module):
@@ -264,12 +281,13 @@ class RowParallelFp8Linear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, *,
                  in_features: int, rank: int, world_size: int, group: Group = None,
-                 backend: str | None = None) -> None:
+                 backend: str | None = None, reduce_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         _check_group(group, rank, world_size)
         self.in_features = in_features
         self.out_features = weight.shape[0]
         self.rank, self.world_size, self.group, self.backend = rank, world_size, group, backend
+        self.reduce_dtype = reduce_dtype
         self.segment = Segment(*shard_range(in_features, rank, world_size))
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale_inv", weight_scale_inv)
@@ -285,10 +303,10 @@ class RowParallelFp8Linear(nn.Module):
 
     def _free_position(self, local_group: int) -> int:
         # A cut group is only partly this rank's, so it has a zero-padded position: the first one when the
-        # shard starts inside the group, else the last one (the shard ends inside it).
+        # shard starts inside the group, else the spare column right after the shard (it ends inside it).
         if local_group == 0 and self.segment.pad > 0:
             return 0
-        return local_group * BLOCK + BLOCK - 1
+        return self.segment.pad + self.segment.width
 
     def forward(self, x: torch.Tensor, cut_amax: torch.Tensor | None = None) -> torch.Tensor:
         """``cut_amax`` ([..., num_cut_groups], from ``cut_group_amax``) replaces the exchange over the group."""
@@ -298,19 +316,20 @@ class RowParallelFp8Linear(nn.Module):
                              f"{seg.stop}) of in_features={self.in_features}), got shape {tuple(x.shape)}")
         buf = x.new_zeros(*x.shape[:-1], self.weight.shape[1])
         buf[..., seg.pad:seg.pad + seg.width] = x
-        if self._slots.numel():
-            if cut_amax is None and self.group is not None:
+        if self.num_cut_groups and (cut_amax is not None or self.group is not None):
+            if cut_amax is None:  # every rank joins the exchange, also one whose own blocks are all whole
                 cut_amax = self._exchange_amax(buf)
-            if cut_amax is not None:
-                # The weight column under each sentinel is zero: it changes the group's scale, not the product.
-                buf[..., self._sentinels] = cut_amax[..., self._slots].to(buf.dtype)
-        y = linear(buf, self.weight, self.weight_scale_inv, self.bias, backend=self.backend)
+            # The weight column under each sentinel is zero: it changes the group's scale, not the product.
+            buf[..., self._sentinels] = cut_amax[..., self._slots].to(buf.dtype)
+        # Partials in reduce_dtype: casting the bf16 input to fp32 is exact, so quantization is unchanged.
+        y = linear(buf.to(self.reduce_dtype or buf.dtype), self.weight, self.weight_scale_inv, self.bias,
+                   backend=self.backend)
         if self.group is not None:
             dist.all_reduce(y, group=self.group)
-        return y
+        return y.to(x.dtype)
 
     def _exchange_amax(self, buf: torch.Tensor) -> torch.Tensor:
-        local = buf.unflatten(-1, (-1, BLOCK)).abs().amax(-1)[..., self._local_groups].float()
+        local = _group_amax(buf)[..., self._local_groups]
         amax = local.new_zeros(*buf.shape[:-1], self.num_cut_groups)
         amax[..., self._slots] = local
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=self.group)
@@ -320,7 +339,8 @@ class RowParallelFp8Linear(nn.Module):
         seg = self.segment
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}/"
                 f"{self.world_size}, columns [{seg.start}, {seg.stop}) pad {seg.pad}, local weight "
-                f"{tuple(self.weight.shape)}, cut groups here={self._slots.numel()}, backend={self.backend or 'auto'}")
+                f"{tuple(self.weight.shape)}, cut groups here={self._slots.numel()}, reduce_dtype={self.reduce_dtype}, "
+                f"backend={self.backend or 'auto'}")
 
 
 def slice_input(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
@@ -329,67 +349,82 @@ def slice_input(x: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return x.narrow(-1, start, stop - start)
 
 
-Reader = Callable[[int, int], torch.Tensor]
+# The local weights are assembled as uint8 (fp8 zero is byte 0): zero-fill and strided copies of raw bytes
+# work on every device, while float8 kernels for them are not available everywhere. The sources are torch
+# tensors or lazy safetensors slices: both read ``t[a:b]`` and ``t[:, a:b]``.
 
 
-def _column_tensors(segments: Sequence[Segment], k: int, rows: Reader, scale_rows: Reader,
-                    bias: Reader | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _column_tensors(segments: Sequence[Segment], k: int, weight: Any, scale: Any,
+                    bias: Any | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Local (weight, scale, bias) of a column shard: each segment's rows behind ``pad`` zero rows."""
-    pieces = [(rows(s.start, s.stop), scale_rows(*s.blocks), bias(s.start, s.stop) if bias else None)
+    pieces = [(weight[s.start:s.stop], scale[slice(*s.blocks)], bias[s.start:s.stop] if bias is not None else None)
               for s in segments]
     w0, _, b0 = pieces[0]
     n_local = _column_local_rows(segments)
-    w = torch.zeros(n_local, k, dtype=FP8_DTYPE, device=w0.device)
+    w = torch.zeros(n_local, k, dtype=torch.uint8, device=w0.device)
     b = torch.zeros(n_local, dtype=b0.dtype, device=w0.device) if b0 is not None else None
     for seg, off, (wp, _, bp) in zip(segments, _local_offsets(segments), pieces, strict=True):
-        w[off + seg.pad:off + seg.pad + seg.width] = wp
+        w[off + seg.pad:off + seg.pad + seg.width] = wp.view(torch.uint8)
         if b is not None:
             b[off + seg.pad:off + seg.pad + seg.width] = bp
-    return w, torch.cat([sp for _, sp, _ in pieces]).contiguous(), b
+    return w.view(FP8_DTYPE), torch.cat([sp for _, sp, _ in pieces]).contiguous(), b
 
 
-def _row_tensors(segment: Segment, n: int, cols: Reader, scale_cols: Reader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local (weight, scale) of a row shard: ``pad`` zero columns, the shard, zeros up to a whole block."""
+def _row_tensors(segment: Segment, n: int, weight: Any, scale: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local (weight, scale) of a row shard: ``pad`` zero columns, the shard, zero columns up to its local K."""
     first, stop = segment.blocks
-    wp = cols(segment.start, segment.stop)
-    w = torch.zeros(n, (stop - first) * BLOCK, dtype=FP8_DTYPE, device=wp.device)
-    w[:, segment.pad:segment.pad + segment.width] = wp
-    return w, scale_cols(first, stop).contiguous()
+    wp = weight[:, segment.start:segment.stop]
+    w = torch.zeros(n, _row_local_width(segment), dtype=torch.uint8, device=wp.device)
+    w[:, segment.pad:segment.pad + segment.width] = wp.view(torch.uint8)
+    return w.view(FP8_DTYPE), scale[:, first:stop].contiguous()
 
 
-def _check_style(style: str, gather_output: bool, parts: Sequence[int] | None) -> None:
+def _check_style(style: str, gather_output: bool, parts: Sequence[int] | None,
+                 reduce_dtype: torch.dtype | None) -> None:
     if style not in STYLES:
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if style == "row" and gather_output:
         raise ValueError("gather_output=True applies to style='column' only; row shards all-reduce their output")
     if style == "row" and parts is not None:
         raise ValueError(f"parts= applies to style='column' only, got parts={parts!r} with style='row'")
+    if style == "column" and reduce_dtype is not None:
+        raise ValueError(f"reduce_dtype= applies to style='row' only, got reduce_dtype={reduce_dtype} with "
+                         f"style='column'")
+    if reduce_dtype not in (None, torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"reduce_dtype must be None, bfloat16, float16 or float32, got {reduce_dtype}")
+
+
+def _build(weight: Any, scale: Any, bias: Any | None, n: int, k: int, rank: int, world_size: int, style: str,
+           group: Group, gather_output: bool, parts: Sequence[int] | None, reduce_dtype: torch.dtype | None,
+           backend: str | None) -> nn.Module:
+    """The shard module, reading only its slices of ``weight``/``scale``/``bias`` (tensors or lazy slices)."""
+    _check_style(style, gather_output, parts, reduce_dtype)
+    if style == "column":
+        parts = _check_parts(parts, n)
+        tensors = _column_tensors(_column_segments(parts, rank, world_size), k, weight, scale, bias)
+        return ColumnParallelFp8Linear(*tensors, parts=parts, rank=rank, world_size=world_size, group=group,
+                                       gather_output=gather_output, backend=backend)
+    wl, sl = _row_tensors(Segment(*shard_range(k, rank, world_size)), n, weight, scale)
+    bl = bias[:] if bias is not None and rank == 0 else None
+    return RowParallelFp8Linear(wl, sl, bl, in_features=k, rank=rank, world_size=world_size, group=group,
+                                backend=backend, reduce_dtype=reduce_dtype)
 
 
 def shard(layer: Fp8BlockLinear, rank: int, world_size: int, style: str = "column", group: Group = None,
-          gather_output: bool = False, parts: Sequence[int] | None = None) -> nn.Module:
+          gather_output: bool = False, parts: Sequence[int] | None = None,
+          reduce_dtype: torch.dtype | None = None) -> nn.Module:
     """``rank``'s tensor-parallel shard of ``layer``: a ``ColumnParallelFp8Linear`` (``style="column"``, split N)
     or a ``RowParallelFp8Linear`` (``style="row"``, split K). Any ``world_size`` up to the split dimension works.
 
     ``group`` (a ``torch.distributed`` process group whose rank/size match) makes the forward run the
     collective; ``parts`` splits each part of a fused output (e.g. ``(18432, 18432)`` for gate_up) on its own.
+    ``reduce_dtype`` (row only) computes and all-reduces the partial products in that dtype (None: the input's
+    dtype, as serving engines do; ``torch.float32`` matches the unsharded layer to fp32 rounding).
     """
     if not isinstance(layer, Fp8BlockLinear):
         raise TypeError(f"layer must be an Fp8BlockLinear, got {type(layer).__name__}")
-    _check_style(style, gather_output, parts)
-    n, k = layer.out_features, layer.in_features
-    w, s, b = layer.weight, layer.weight_scale_inv, layer.bias
-    if style == "column":
-        parts = _check_parts(parts, n)
-        segments = _column_segments(parts, rank, world_size)
-        tensors = _column_tensors(segments, k, lambda a, z: w[a:z], lambda a, z: s[a:z],
-                                  (lambda a, z: b[a:z]) if b is not None else None)
-        return ColumnParallelFp8Linear(*tensors, parts=parts, rank=rank, world_size=world_size, group=group,
-                                       gather_output=gather_output, backend=layer.backend)
-    segment = Segment(*shard_range(k, rank, world_size))
-    wl, sl = _row_tensors(segment, n, lambda a, z: w[:, a:z], lambda a, z: s[:, a:z])
-    return RowParallelFp8Linear(wl, sl, b if rank == 0 else None, in_features=k, rank=rank,
-                                world_size=world_size, group=group, backend=layer.backend)
+    return _build(layer.weight, layer.weight_scale_inv, layer.bias, layer.out_features, layer.in_features, rank,
+                  world_size, style, group, gather_output, parts, reduce_dtype, layer.backend)
 
 
 def _slice_opener(files: dict[str, Path], stack: ExitStack) -> Callable[[str], Any]:
@@ -406,13 +441,14 @@ def _slice_opener(files: dict[str, Path], stack: ExitStack) -> Callable[[str], A
 
 def load_shard(checkpoint_dir: str | Path, name: str, rank: int, world_size: int, style: str = "column",
                group: Group = None, gather_output: bool = False, parts: Sequence[int] | None = None,
-               backend: str | None = None, device: torch.device | str | None = None) -> nn.Module:
+               reduce_dtype: torch.dtype | None = None, backend: str | None = None,
+               device: torch.device | str | None = None) -> nn.Module:
     """Build ``rank``'s shard of layer ``name`` straight from a block-FP8 safetensors checkpoint.
 
     Reads only the shard's slice of ``<name>.weight`` and ``<name>.weight_scale_inv`` (and of ``<name>.bias``
-    if present; a row shard's bias is read by rank 0 only). Same arguments and result as ``shard``.
+    if present; a row shard's bias is read by rank 0 only). Same arguments and result as ``shard``; the
+    module lands on ``device`` (default: CPU).
     """
-    _check_style(style, gather_output, parts)
     files = weight_map(checkpoint_dir)
     wname, sname, bname = f"{name}.weight", f"{name}.weight_scale_inv", f"{name}.bias"
     for needed in (wname, sname):
@@ -421,26 +457,11 @@ def load_shard(checkpoint_dir: str | Path, name: str, rank: int, world_size: int
     with ExitStack() as stack:
         open_slice = _slice_opener(files, stack)
         w, s = open_slice(wname), open_slice(sname)
-        b = open_slice(bname) if bname in files else None
         n, k = w.get_shape()
         if tuple(s.get_shape()) != (cdiv(n, BLOCK), cdiv(k, BLOCK)):
             raise ValueError(f"{sname} must have shape {(cdiv(n, BLOCK), cdiv(k, BLOCK))} for weight {(n, k)}, "
                              f"got {tuple(s.get_shape())}")
-        if style == "column":
-            parts = _check_parts(parts, n)
-            segments = _column_segments(parts, rank, world_size)
-            wl, sl, bl = _column_tensors(segments, k, lambda a, z: w[a:z], lambda a, z: s[a:z],
-                                         (lambda a, z: b[a:z]) if b is not None else None)
-        else:
-            segment = Segment(*shard_range(k, rank, world_size))
-            wl, sl = _row_tensors(segment, n, lambda a, z: w[:, a:z], lambda a, z: s[:, a:z])
-            bl = b[:] if b is not None and rank == 0 else None
-    check_scale_values(sl, sname)
-    if device is not None:
-        wl, sl = wl.to(device), sl.to(device)
-        bl = bl.to(device) if bl is not None else None
-    if style == "column":
-        return ColumnParallelFp8Linear(wl, sl, bl, parts=parts, rank=rank, world_size=world_size, group=group,
-                                       gather_output=gather_output, backend=backend)
-    return RowParallelFp8Linear(wl, sl, bl, in_features=k, rank=rank, world_size=world_size, group=group,
-                                backend=backend)
+        b = open_slice(bname) if bname in files else None
+        module = _build(w, s, b, n, k, rank, world_size, style, group, gather_output, parts, reduce_dtype, backend)
+    check_scale_values(module.weight_scale_inv, sname)
+    return module.to(device) if device is not None else module

@@ -51,11 +51,12 @@ def heuristic_config(m: int, n: int, k: int, num_sms: int = 132) -> TritonConfig
         # Enough programs to put ~2 on every SM, each still owning at least 2 K groups.
         split = max(1, min(cdiv(2 * num_sms, tiles), groups // 2 or 1))
         return TritonConfig(bm, bn, split, group_m=1, swap_ab=True, num_warps=4, num_stages=4)
-    bm = 128 if m > 64 else 64
-    bn = 128
+    # 64x128 tiles with 4 warps won every prefill cell of the H100 tuning run (docs/performance.md):
+    # 1.4-2.1x faster than 128x128 with 8 warps, whose per-group scaling of a larger accumulator stalls more.
+    bm, bn = 64, 128
     tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1 if tiles >= num_sms else max(1, min(cdiv(num_sms, tiles), groups // 4 or 1))
-    return TritonConfig(bm, bn, split, group_m=8, swap_ab=False, num_warps=8, num_stages=3)
+    return TritonConfig(bm, bn, split, group_m=8, swap_ab=False, num_warps=4, num_stages=3)
 
 
 def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[TritonConfig]:
