@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import DEVICE
 
 import blockfp8
-from conftest import DEVICE
 from blockfp8 import dispatch
 from blockfp8.backends import Problem, backend_names, get_backend
 

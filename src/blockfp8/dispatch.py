@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache, lru_cache
 from importlib import resources
 
 import torch
@@ -39,7 +39,7 @@ STATIC_ORDER = {
 DECODE_MAX_M = 64
 
 
-@lru_cache(maxsize=None)
+@cache
 def dispatch_table() -> dict:
     """device name -> "N,K" -> {measured M (str): [backend names, fastest first]}."""
     table = json.loads((resources.files("blockfp8") / "data" / "dispatch_table.json").read_text())

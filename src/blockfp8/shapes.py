@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 
@@ -18,7 +18,7 @@ class Shape:
         return f"{self.name} ({self.n}x{self.k})" if self.name else f"{self.n}x{self.k}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _data() -> dict:
     return json.loads((resources.files("blockfp8") / "data" / "shapes.json").read_text())
 

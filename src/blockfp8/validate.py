@@ -1,18 +1,36 @@
-"""Input checks shared by every public entry point.
+"""Input checks shared by every public entry point: the one place that says what a valid call looks like.
 
-Each check names the argument, what it got and what it expected, and raises ``TypeError`` (wrong type or
-dtype) or ``ValueError`` (wrong shape, device, value). Per-call checks look only at metadata (dtype, shape,
-device), so they are cheap and trace to nothing under ``torch.compile``; the value checks (NaN/Inf or
-non-positive scales) read the data and run once, when a weight is loaded or converted.
+Each check names the argument, what it got and what it expected, and raises ``TypeError`` (not a tensor, wrong
+dtype, wrong argument type) or ``ValueError`` (wrong rank, shape, device, layout, value, unknown name).
+
+Where they run:
+
+* ``blockfp8.gemm`` / ``blockfp8.linear`` call ``check_gemm_input`` / ``check_linear_input`` *before* entering
+  their custom op. These look at metadata only (type, dtype, shape, device, strides): a few microseconds a
+  call (measured in docs/reliability.md). Under ``torch.compile`` Dynamo evaluates them while tracing and the
+  graph holds only the op, so compiled calls skip them until a guard fails and the function is traced again.
+* Weights are checked once more, with their values, where they enter the project: ``Fp8BlockLinear.from_fp8``,
+  model conversion, checkpoint loading and sharding call ``check_fp8_linear`` / ``check_scale_values``, which
+  read the scales (NaN, Inf, zero or negative scales are refused there, never per call).
+
+Layout rules: the persistent tensors (``weight``, ``weight_scale_inv``, ``bias``) must be contiguous -- fixing
+them per call would copy the whole weight every step, so they are refused with a hint to call ``.contiguous()``
+once at load time. Activations may have any strides: the quantizers copy ``x`` and the ``gemm`` op copies
+``x_fp8`` (M*K bytes, the size of the data the kernel reads anyway) when a kernel needs them row-major.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, FLOAT_INPUTS, FP8_DTYPE, cdiv
+from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, FLOAT_INPUTS, FP8_DTYPE, cdiv, check_block_size
 
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FLOAT_NAMES = "bfloat16, float16 or float32"
+
+
+def _dtype_name(d: object) -> str:
+    return str(d).replace("torch.", "")
 
 
 def _require_tensor(t: object, name: str) -> torch.Tensor:
@@ -23,53 +41,88 @@ def _require_tensor(t: object, name: str) -> torch.Tensor:
 
 def _require_dtype(t: torch.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> None:
     if t.dtype not in allowed:
-        want = " or ".join(str(d).replace("torch.", "") for d in allowed)
-        raise TypeError(f"{name} must have dtype {want}, got {str(t.dtype).replace('torch.', '')}")
+        names = [_dtype_name(d) for d in allowed]
+        want = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise TypeError(f"{name} must have dtype {want}, got {_dtype_name(t.dtype)}")
+
+
+def _require_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; move both to one device")
+
+
+def _scale_shape_hint(got: tuple[int, ...], want: tuple[int, ...]) -> str:
+    """A guess at the usual mistakes, so the message says more than 'wrong shape'."""
+    if len(got) == len(want) == 2 and got == want[::-1]:
+        return " (transposed?)"
+    if len(got) == len(want) and got != want and all(g >= w for g, w in zip(got, want, strict=True)):
+        return " (padded? scales are stored unpadded, one per block including partial tail blocks)"
+    return ""
+
+
+def check_contiguous(t: torch.Tensor, name: str) -> None:
+    """Refuse a non-contiguous persistent tensor (weight, scales, bias): copying it per call costs a full read."""
+    if not t.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (row-major), got shape {tuple(t.shape)} with strides {t.stride()}; "
+            f"call .contiguous() once when loading it"
+        )
 
 
 def check_weight(
-    w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, block_size: tuple[int, int] = DEFAULT_BLOCK
+    w_fp8: torch.Tensor,
+    weight_scale_inv: torch.Tensor,
+    block_size: tuple[int, int] = DEFAULT_BLOCK,
+    *,
+    name: str = "weight",
+    scale_name: str = "weight_scale_inv",
 ) -> tuple[int, int]:
-    """Check an fp8 weight and its block scales; returns (N, K)."""
-    _require_tensor(w_fp8, "weight")
-    _require_tensor(weight_scale_inv, "weight_scale_inv")
-    _require_dtype(w_fp8, "weight", (FP8_DTYPE,))
-    _require_dtype(weight_scale_inv, "weight_scale_inv", (torch.float32,))
+    """Check an fp8 (N, K) weight and its (ceil(N/bn), ceil(K/bk)) fp32 block scales; returns (N, K).
+
+    Any strides are accepted here (dequantization reads any layout); the GEMM entry points add
+    ``check_contiguous``. ``name``/``scale_name`` are used in messages (e.g. checkpoint tensor names).
+    """
+    _require_tensor(w_fp8, name)
+    _require_tensor(weight_scale_inv, scale_name)
+    _require_dtype(w_fp8, name, (FP8_DTYPE,))
+    _require_dtype(weight_scale_inv, scale_name, (torch.float32,))
     if w_fp8.dim() != 2:
-        raise ValueError(f"weight must be 2-D (N, K), got shape {tuple(w_fp8.shape)}")
+        raise ValueError(f"{name} must be 2-D (N, K), got shape {tuple(w_fp8.shape)}")
     n, k = w_fp8.shape
     if n == 0 or k == 0:
-        raise ValueError(f"weight must have N > 0 and K > 0, got shape {(n, k)}")
-    want = (cdiv(n, block_size[0]), cdiv(k, block_size[1]))
-    if tuple(weight_scale_inv.shape) != want:
+        raise ValueError(f"{name} must have N > 0 and K > 0, got shape {(n, k)}")
+    bn, bk = check_block_size(block_size)
+    want = (cdiv(n, bn), cdiv(k, bk))
+    got = tuple(weight_scale_inv.shape)
+    if got != want:
         raise ValueError(
-            f"weight_scale_inv must have shape {want} (ceil-div of weight {(n, k)} by block {tuple(block_size)}), "
-            f"got {tuple(weight_scale_inv.shape)}"
+            f"{scale_name} must have shape {want} (ceil-div of {name} {(n, k)} by block {(bn, bk)}), "
+            f"got {got}{_scale_shape_hint(got, want)}"
         )
-    if weight_scale_inv.device != w_fp8.device:
-        raise ValueError(f"weight_scale_inv is on {weight_scale_inv.device} but weight is on {w_fp8.device}")
+    _require_same_device(weight_scale_inv, scale_name, w_fp8, name)
     return n, k
 
 
 def check_activation(x_fp8: torch.Tensor, x_scale: torch.Tensor, group_size: int = DEFAULT_GROUP) -> None:
-    """Check fp8 activations [..., K] and their per-group scales [..., ceil(K/group)]."""
+    """Check fp8 activations [..., K] and their fp32 per-group scales [..., ceil(K/group)] (any strides)."""
     _require_tensor(x_fp8, "x_fp8")
     _require_tensor(x_scale, "x_scale")
     _require_dtype(x_fp8, "x_fp8", (FP8_DTYPE,))
     _require_dtype(x_scale, "x_scale", (torch.float32,))
     if x_fp8.dim() < 1:
-        raise ValueError("x_fp8 must have at least one dimension (K)")
+        raise ValueError("x_fp8 must have at least one dimension (K), got a 0-d tensor")
     want = (*x_fp8.shape[:-1], cdiv(x_fp8.shape[-1], group_size))
-    if tuple(x_scale.shape) != want:
+    got = tuple(x_scale.shape)
+    if got != want:
         raise ValueError(
             f"x_scale must have shape {want} (ceil-div of x_fp8 {tuple(x_fp8.shape)} by group {group_size}), "
-            f"got {tuple(x_scale.shape)}"
+            f"got {got}{_scale_shape_hint(got, want)}"
         )
-    if x_scale.device != x_fp8.device:
-        raise ValueError(f"x_scale is on {x_scale.device} but x_fp8 is on {x_fp8.device}")
+    _require_same_device(x_scale, "x_scale", x_fp8, "x_fp8")
 
 
 def check_k_match(x: torch.Tensor, k: int, name: str = "x") -> None:
+    """x's last dimension must be the weight's K."""
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(
             f"{name} last dimension must equal the weight's in_features K={k}, got shape {tuple(x.shape)}"
@@ -77,53 +130,90 @@ def check_k_match(x: torch.Tensor, k: int, name: str = "x") -> None:
 
 
 def check_same_device(x: torch.Tensor, weight: torch.Tensor, name: str = "x") -> None:
-    if x.device != weight.device:
-        raise ValueError(f"{name} is on {x.device} but weight is on {weight.device}; move both to one device")
+    """``name`` and the weight must live on one device."""
+    _require_same_device(x, name, weight, "weight")
 
 
-def check_bias(bias: torch.Tensor | None, n: int, device: torch.device) -> None:
+def check_bias(bias: torch.Tensor | None, n: int, device: torch.device, name: str = "bias") -> None:
+    """None, or a contiguous float (N,) tensor on the weight's device (the Triton kernel reads it with unit stride)."""
     if bias is None:
         return
-    _require_tensor(bias, "bias")
-    _require_dtype(bias, "bias", FLOAT_INPUTS)
+    _require_tensor(bias, name)
+    _require_dtype(bias, name, FLOAT_INPUTS)
     if tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},) (the weight's out_features), got {tuple(bias.shape)}")
+        raise ValueError(f"{name} must have shape ({n},) (the weight's out_features), got {tuple(bias.shape)}")
     if bias.device != device:
-        raise ValueError(f"bias is on {bias.device} but weight is on {device}")
+        raise ValueError(f"{name} is on {bias.device} but weight is on {device}; move both to one device")
+    check_contiguous(bias, name)
 
 
-def check_out_dtype(out_dtype: torch.dtype) -> None:
+def check_out_dtype(out_dtype: object) -> None:
+    """The GEMM output dtype: a torch.dtype among bfloat16, float16, float32."""
+    if not isinstance(out_dtype, torch.dtype):
+        raise TypeError(f"out_dtype must be a torch.dtype ({FLOAT_NAMES}), got {type(out_dtype).__name__} "
+                        f"{out_dtype!r}")
     if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+        raise TypeError(f"out_dtype must be {FLOAT_NAMES}, got {_dtype_name(out_dtype)}")
+
+
+def check_backend(backend: object, name: str = "backend") -> None:
+    """None (the dispatcher chooses) or the name of a registered backend.
+
+    Checked on every call, M=0 included, so a typo fails at once rather than on the first non-empty batch.
+    Whether the named backend can run a given shape is decided later, by the dispatcher, per problem.
+    """
+    if backend is None:
+        return
+    from .backends import backend_names
+
+    if not isinstance(backend, str):
+        raise TypeError(f"{name} must be None or a backend name (str), got {type(backend).__name__} {backend!r}")
+    if backend not in backend_names():
+        raise ValueError(f"{name}={backend!r} is not a backend; expected None (automatic) or one of "
+                         f"{', '.join(backend_names())}")
+
+
+def _check_weight_for_gemm(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[int, int]:
+    n, k = check_weight(weight, weight_scale_inv)
+    check_contiguous(weight, "weight")
+    check_contiguous(weight_scale_inv, "weight_scale_inv")
+    return n, k
 
 
 def check_linear_input(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                       bias: torch.Tensor | None) -> tuple[int, int]:
-    """Checks for ``linear(x, weight, weight_scale_inv, bias)``; returns (N, K)."""
+                       bias: torch.Tensor | None, backend: object = None) -> tuple[int, int]:
+    """Checks for ``linear(x, weight, weight_scale_inv, bias, backend=...)``; returns (N, K). Metadata only."""
     _require_tensor(x, "x")
     _require_dtype(x, "x", FLOAT_INPUTS)
-    n, k = check_weight(weight, weight_scale_inv)
+    n, k = _check_weight_for_gemm(weight, weight_scale_inv)
     check_k_match(x, k)
     check_same_device(x, weight)
     check_bias(bias, n, weight.device)
+    check_backend(backend)
     return n, k
 
 
 def check_gemm_input(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
                      weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype) -> tuple[int, int]:
-    """Checks for ``gemm(x_fp8, x_scale, weight, weight_scale_inv, ...)``; returns (N, K)."""
+                     out_dtype: torch.dtype, backend: object = None) -> tuple[int, int]:
+    """Checks for ``gemm(x_fp8, x_scale, weight, weight_scale_inv, ...)``; returns (N, K). Metadata only."""
     check_activation(x_fp8, x_scale)
-    n, k = check_weight(weight, weight_scale_inv)
+    n, k = _check_weight_for_gemm(weight, weight_scale_inv)
     check_k_match(x_fp8, k, "x_fp8")
     check_same_device(x_fp8, weight, "x_fp8")
     check_bias(bias, n, weight.device)
     check_out_dtype(out_dtype)
+    check_backend(backend)
     return n, k
 
 
 def check_scale_values(scale: torch.Tensor, name: str = "weight_scale_inv") -> None:
-    """Reject NaN, Inf, zero or negative scales (reads the data: call at load/convert time, not per step)."""
+    """Reject NaN, Inf, zero or negative scales (reads the data: call at load/convert time, not per step).
+
+    Meta tensors hold no values and pass (models are often built on "meta" before loading).
+    """
+    if scale.device.type == "meta":
+        return
     bad = ~torch.isfinite(scale) | (scale <= 0)
     if bool(bad.any()):
         idx = tuple(int(i) for i in bad.nonzero()[0])
@@ -131,3 +221,23 @@ def check_scale_values(scale: torch.Tensor, name: str = "weight_scale_inv") -> N
             f"{name} holds {int(bad.sum())} invalid value(s) (NaN, Inf, zero or negative); first at index "
             f"{idx}: {scale[idx].item()!r}. Scales must be finite and > 0."
         )
+
+
+def check_fp8_linear(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
+                     *, name: str = "weight", scale_name: str | None = None,
+                     bias_name: str | None = None) -> tuple[int, int]:
+    """Everything a stored fp8 linear layer must satisfy, values included; returns (N, K).
+
+    For load and convert time (``Fp8BlockLinear.from_fp8``, checkpoint loaders, converters): dtypes, ceil-div
+    scale shape, one device, contiguity, bias, and finite positive scales. ``name`` is the weight's tensor
+    name (e.g. ``"model.layers.0.mlp.up_proj.weight"``); the scale and bias names default to its siblings.
+    """
+    prefix = name[: -len("weight")] if name.endswith("weight") else f"{name}."
+    scale_name = scale_name or f"{prefix}weight_scale_inv"
+    bias_name = bias_name or f"{prefix}bias"
+    n, k = check_weight(weight, weight_scale_inv, name=name, scale_name=scale_name)
+    check_contiguous(weight, name)
+    check_contiguous(weight_scale_inv, scale_name)
+    check_bias(bias, n, weight.device, bias_name)
+    check_scale_values(weight_scale_inv, scale_name)
+    return n, k

@@ -9,7 +9,7 @@ can test exactly what each backend claims.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -40,7 +40,7 @@ class Problem:
         return Problem(m, n, k, device.type, arch, out_dtype, ue8m0, device_name=name)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cuda_identity(index: int | None) -> tuple[tuple[int, int], str]:
     return torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index)
 
