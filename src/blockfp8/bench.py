@@ -213,17 +213,23 @@ def measure(method: Method, mode: str, ops: Operands, ref: torch.Tensor, shape: 
 
 
 def measure_all(shapes: list[Shape], ms: list[int], methods: list[Method], modes: list[str], *,
-                device: torch.device, reps: int, l2_cold: bool, ceilings: Ceilings,
+                device: torch.device, reps: int, l2_cold: bool, ceilings: Ceilings, rank_in_run: bool = False,
                 on_step: Callable[[str], None] = lambda s: None,
                 on_cell: Callable[[], None] = lambda: None) -> list[Record]:
-    """Measure every method in every mode over shapes x ms; records in that order."""
+    """Measure every method in every mode over shapes x ms; records in that order.
+
+    With ``rank_in_run`` each cell's backends are ranked (as ``--save-table`` would) before the dispatched op
+    is timed, so the dispatched column shows the choice the saved table will make."""
     records: list[Record] = []
     for shape in shapes:
         weights = make_weight_copies(shape.n, shape.k, device, None if l2_cold else 1)
         for m in ms:
             ops = make_operands(weights, m)
             ref = reference_output(ops)
+            cell: list[Record] = []
             for method in methods:
+                if method.kind == "dispatch" and rank_in_run:
+                    _rank_cell(cell, device)
                 first: Record | None = None
                 for mode in modes:
                     on_step(f"{shape.name} M={m} {method.name} {mode}")
@@ -235,6 +241,7 @@ def measure_all(shapes: list[Shape], ms: list[int], methods: list[Method], modes
                     if rec.timing is not None:
                         rec.metrics = derived_metrics(m, shape.n, shape.k, rec.timing.median_us, ceilings)
                     records.append(rec)
+                    cell.append(rec)
             del ops, ref
             on_cell()
         del weights
@@ -264,6 +271,16 @@ def row_summaries(records: list[Record]) -> list[dict]:
         if row["dispatch_status"] == "ok" and row["best_peer_us"]:
             row["speedup"] = row["best_peer_us"] / row["dispatch_us"]
     return list(rows.values())
+
+
+def _rank_cell(cell: list[Record], device: torch.device) -> None:
+    from .dispatch import record_ranking
+
+    for dev, shapes in dispatch_table(cell, device_name(device)).items():
+        for nk, by_m in shapes.items():
+            n, k = (int(v) for v in nk.split(","))
+            for m, order in by_m.items():
+                record_ranking(dev, n, k, int(m), order)
 
 
 def dispatch_table(records: list[Record], device_name: str) -> dict:
@@ -540,6 +557,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save", help="write every record, the ceilings and the environment to this JSON file")
     p.add_argument("--plot", help="write a PNG plot (time vs M per shape) to this file (needs matplotlib)")
     p.add_argument("--save-table", help="merge the measured backend ranking into this dispatch-table JSON file")
+    p.add_argument("--rank-in-run", action="store_true",
+                   help="rank each cell's backends before timing the dispatched op, so it runs on the ranking this "
+                        "run measures (what --save-table writes) instead of the installed table")
     p.add_argument("--markdown", help="write the tables as markdown to this file")
 
 
@@ -588,7 +608,8 @@ def run(args: argparse.Namespace) -> int:
                   console=err) as progress:
         task = progress.add_task("bench", total=len(shapes) * len(ms))
         records = measure_all(shapes, ms, methods, modes, device=device, reps=reps, l2_cold=args.l2_cold,
-                            ceilings=ceilings, on_step=lambda s: progress.update(task, description=s),
+                              ceilings=ceilings, rank_in_run=args.rank_in_run,
+                              on_step=lambda s: progress.update(task, description=s),
                             on_cell=lambda: progress.advance(task))
     wall_s = time.perf_counter() - t0
     rows = row_summaries(records)

@@ -135,6 +135,13 @@ def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
         return Explanation(p, None, source, order, verdicts, str(e))
 
 
+def record_ranking(device_name: str, n: int, k: int, m: int, order: list[str]) -> None:
+    """Add one measured row to the in-memory table (``blockfp8 bench`` ranks each cell before timing the
+    dispatched op, so the dispatched column uses the ranking measured in the same run)."""
+    dispatch_table().setdefault(device_name, {}).setdefault(f"{n},{k}", {})[str(m)] = list(order)
+    _choose.cache_clear()
+
+
 def clear_caches() -> None:
     """Forget cached choices and tables (after installing a peer or writing a new table)."""
     _choose.cache_clear()
