@@ -161,7 +161,7 @@ def test_save_converted_transformers_model(transformers, converted, tmp_path):
 
 
 def test_transformers_loads_checkpoint_on_cpu(transformers, tmp_path):
-    """transformers' own loader, which on CPU dequantizes to bf16, gets exactly our dequantized weights.
+    """transformers' own loader gets exactly our weights: dequantized to bf16 on CPU, kept FP8 on a GPU.
 
     Dimensions are multiples of 128 here: transformers 5.24 derives the block size on CPU as
     shape // scale grid, which is wrong for partial blocks (docs/checkpoints.md).
@@ -175,5 +175,12 @@ def test_transformers_loads_checkpoint_on_cpu(transformers, tmp_path):
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")
     state = dict(iter_checkpoint(tmp_path / "fp8", progress=False))
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):
+        got = loaded.get_submodule(name).weight.detach().cpu()
+        if got.dtype == torch.float8_e4m3fn:
+            # With a GPU, transformers keeps the layer in FP8: the bytes and scales must be ours.
+            scale = loaded.get_submodule(name).weight_scale_inv.detach().cpu()
+            assert torch.equal(got.view(torch.uint8), state[f"{name}.weight"].view(torch.uint8)), name
+            assert torch.equal(scale, state[f"{name}.weight_scale_inv"]), name
+            continue
         want = dequantize_weight(state[f"{name}.weight"], state[f"{name}.weight_scale_inv"], dtype=torch.bfloat16)
-        assert torch.equal(loaded.get_submodule(name).weight.to(torch.bfloat16), want), name
+        assert torch.equal(got.to(torch.bfloat16), want), name
