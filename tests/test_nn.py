@@ -103,3 +103,13 @@ def test_forced_backend_on_module():
     with pytest.raises(ValueError, match="cublas"):
         layer(torch.randn(2, 256))
     assert "backend=cublas" in repr(layer)
+
+
+def test_dtype_casts_keep_fp8_weight_and_fp32_scales():
+    layer = Fp8BlockLinear.from_linear(nn.Linear(256, 130))
+    w, s = layer.weight.clone(), layer.weight_scale_inv.clone()
+    layer.to(torch.bfloat16)
+    layer.half()
+    assert torch.equal(layer.weight.view(torch.uint8), w.view(torch.uint8)) and torch.equal(layer.weight_scale_inv, s)
+    assert layer.bias.dtype == torch.float16
+    assert layer(torch.randn(2, 256, dtype=torch.float16)).dtype == torch.float16

@@ -39,6 +39,11 @@ def _round_to_e4m3(q):
 
 
 @triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
@@ -49,14 +54,17 @@ def _act_quant_kernel(
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=1), AMAX_MIN)
+    # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
+    # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
     scale = tl.math.div_rn(amax, QMAX)
     if UE8M0:
         bits = scale.to(tl.int32, bitcast=True)
         exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        scale = (exponent << 23).to(tl.float32, bitcast=True)
+        # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
+        scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
     q = tl.math.div_rn(x, scale[:, None])
-    q = _round_to_e4m3(tl.minimum(tl.maximum(q, -QMAX), QMAX))
+    q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 

@@ -18,6 +18,7 @@ COMMANDS = {
     "tune": ("blockfp8.tune", "search Triton launch configs on this GPU and write a config table"),
     "convert": ("blockfp8.convert", "bf16/fp16/fp32 safetensors checkpoint -> block-FP8 checkpoint"),
     "fidelity": ("blockfp8.fidelity", "block-FP8 vs original on a real pretrained model (offline)"),
+    "reliability": ("blockfp8.reliability", "which bad inputs raise what (writes docs/reliability.md)"),
     "tp-demo": ("blockfp8.tp_demo", "tensor-parallel decode demo (run under torchrun for several GPUs)"),
 }
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from .ops import linear
 from .quant import DEFAULT_BLOCK, FP8_DTYPE, check_block_size, quantize_weight, weight_scale_shape
-from .validate import check_bias, check_scale_values, check_weight
+from .validate import check_backend, check_fp8_linear
 
 
 class Fp8BlockLinear(nn.Module):
@@ -26,6 +26,7 @@ class Fp8BlockLinear(nn.Module):
                  device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.bfloat16,
                  backend: str | None = None) -> None:
         super().__init__()
+        check_backend(backend)
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
@@ -37,11 +38,16 @@ class Fp8BlockLinear(nn.Module):
 
     @classmethod
     def from_fp8(cls, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
-                 backend: str | None = None) -> Fp8BlockLinear:
-        """Wrap existing fp8 weight + scales (checked: dtypes, ceil-div shape, finite positive scales)."""
-        n, k = check_weight(weight, weight_scale_inv)
-        check_bias(bias, n, weight.device)
-        check_scale_values(weight_scale_inv)
+                 backend: str | None = None, *, name: str = "weight") -> Fp8BlockLinear:
+        """Wrap existing fp8 weight + scales (checked: dtypes, ceil-div shape, finite positive scales).
+
+        Non-contiguous tensors are copied once here, so the per-call layout check never fires. ``name`` (the
+        weight's qualified tensor name) is used in error messages.
+        """
+        weight, weight_scale_inv, bias = (t.contiguous() if isinstance(t, torch.Tensor) else t
+                                          for t in (weight, weight_scale_inv, bias))
+        n, k = check_fp8_linear(weight, weight_scale_inv, bias, name=name)
+        check_backend(backend)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features, layer.backend = k, n, backend
@@ -52,7 +58,7 @@ class Fp8BlockLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, block_size: tuple[int, int] = DEFAULT_BLOCK, ue8m0: bool = False,
-                    backend: str | None = None) -> Fp8BlockLinear:
+                    backend: str | None = None, *, name: str = "weight") -> Fp8BlockLinear:
         """Quantize an ``nn.Linear`` (its bias is kept in the linear's dtype)."""
         if not isinstance(lin, nn.Linear):
             raise TypeError(f"lin must be an nn.Linear, got {type(lin).__name__}")
@@ -61,7 +67,18 @@ class Fp8BlockLinear(nn.Module):
         with torch.no_grad():
             w, s = quantize_weight(lin.weight.detach(), block_size, ue8m0)
             bias = lin.bias.detach().clone() if lin.bias is not None else None
-        return cls.from_fp8(w, s, bias, backend)
+        return cls.from_fp8(w, s, bias, backend, name=name)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(torch.bfloat16) / .half() cast every floating tensor, fp8 included; the fp8 weight and its
+        # fp32 scales keep their dtypes (only device moves apply), the bias follows the model's dtype.
+        keep = {name: self._buffers[name] for name in ("weight", "weight_scale_inv")}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.weight_scale_inv, self.bias, backend=self.backend)
@@ -111,6 +128,7 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
             if pat is not None:
                 report.skipped[full] = f"matches skip pattern {pat!r}"
                 continue
-            setattr(module, child_name, Fp8BlockLinear.from_linear(child, ue8m0=ue8m0, backend=backend))
+            layer = Fp8BlockLinear.from_linear(child, ue8m0=ue8m0, backend=backend, name=f"{full}.weight")
+            setattr(module, child_name, layer)
             report.converted.append(full)
     return report

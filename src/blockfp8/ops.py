@@ -62,7 +62,9 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     if m == 0:
         return x_fp8.new_empty(*lead, n, dtype=out_dtype)
     be = _pick(m, n, k, x_fp8, out_dtype, backend)
-    out = be.run(x_fp8.reshape(m, k), x_scale.reshape(m, -1), weight, weight_scale_inv, bias, out_dtype)
+    # cuBLAS and DeepGEMM need x row-major; a strided x_fp8 is copied here (M*K bytes, what they read anyway).
+    x2 = x_fp8.reshape(m, k).contiguous()
+    out = be.run(x2, x_scale.reshape(m, -1), weight, weight_scale_inv, bias, out_dtype)
     return out.reshape(*lead, n)
 
 
@@ -86,7 +88,7 @@ def gemm(
     ``x_fp8`` is [..., K] float8_e4m3fn with fp32 ``x_scale`` [..., ceil(K/128)]; ``w_fp8`` is (N, K) with
     fp32 ``weight_scale_inv`` (ceil(N/128), ceil(K/128)). ``backend=None`` lets the dispatcher choose.
     """
-    check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+    check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend)
     return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
 
 
@@ -102,5 +104,5 @@ def linear(
 
     The output has x's dtype (bf16, fp16 or fp32). ``backend=None`` lets the dispatcher choose.
     """
-    check_linear_input(x, weight, weight_scale_inv, bias)
+    check_linear_input(x, weight, weight_scale_inv, bias, backend)
     return _linear_op(x, weight, weight_scale_inv, bias, backend or "")

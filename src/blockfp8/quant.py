@@ -65,10 +65,12 @@ def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
     Works on the bit pattern rather than log2/exp2 so every platform (and the Triton kernel) gets the
     same answer: a scale whose mantissa is non-zero moves to the next exponent.
     """
-    bits = scale.float().contiguous().view(torch.int32)
+    scale = scale.float().contiguous()
+    bits = scale.view(torch.int32)
     exponent = (bits >> 23) & 0xFF
     exponent = exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-    return (exponent << 23).view(torch.float32)
+    # NaN's all-ones exponent would carry into the sign bit (-0.0, a finite scale); keep NaN as NaN.
+    return torch.where(torch.isnan(scale), scale, (exponent << 23).view(torch.float32))
 
 
 def _div_fp32(a: torch.Tensor, b: torch.Tensor | float) -> torch.Tensor:
