@@ -12,6 +12,7 @@ H100 = dict(device_type="cuda", arch=(9, 0), device_name="NVIDIA H100 80GB HBM3"
 UNKNOWN_GPU = dict(device_type="cuda", arch=(12, 0), device_name="Some Future GPU")
 ADA = dict(device_type="cuda", arch=(8, 9), device_name="NVIDIA L40S")
 CPU = dict(device_type="cpu", device_name="cpu")
+TABLE_GPU = dict(device_type="cuda", arch=(9, 0), device_name="Hopper GPU measured in this test")
 
 
 @pytest.fixture
@@ -107,15 +108,16 @@ def test_ada_gpu(fake_available):
 
 
 def test_measured_table_wins_and_skips_unsupported(fake_available, table):
+    """A device whose whole table comes from BLOCKFP8_DISPATCH_TABLE (no shipped rows to merge with)."""
     fake_available("triton", "cublas", "deepgemm")
-    table({H100["device_name"]: {"2112,7168": {"16": ["cublas", "triton"], "4096": ["triton", "deepgemm"]},
+    table({TABLE_GPU["device_name"]: {"2112,7168": {"16": ["cublas", "triton"], "4096": ["triton", "deepgemm"]},
                                  "130,1024": {"16": ["deepgemm", "cublas", "triton"]}}})
-    assert choose(1, 2112, 7168, H100) == "cublas"  # bucket M<=16
-    assert choose(2048, 2112, 7168, H100) == "triton"
-    assert choose(9999, 2112, 7168, H100) == "triton"  # beyond the largest measured M: largest bucket
+    assert choose(1, 2112, 7168, TABLE_GPU) == "cublas"  # bucket M<=16
+    assert choose(2048, 2112, 7168, TABLE_GPU) == "triton"
+    assert choose(9999, 2112, 7168, TABLE_GPU) == "triton"  # beyond the largest measured M: largest bucket
     # The table ranks deepgemm and cublas first for N=130, but neither can run it: never chosen.
-    assert choose(16, 130, 1024, H100) == "triton"
-    ex = dispatch.explain_problem(Problem(1, 2112, 7168, **H100))
+    assert choose(16, 130, 1024, TABLE_GPU) == "triton"
+    ex = dispatch.explain_problem(Problem(1, 2112, 7168, **TABLE_GPU))
     assert ex.source.startswith("measured table")
 
 
@@ -194,3 +196,14 @@ def test_choice_is_cached(fake_available):
     hits = dispatch._choose.cache_info().hits
     dispatch.choose(p)
     assert dispatch._choose.cache_info().hits == hits + 1
+
+
+def test_shipped_h100_table_routes_the_seed_shape(fake_available):
+    """The shipped H100 table (blockfp8 bench, docs/benchmarks.md): the seed shape N=2112, K=7168 runs the
+    split-K Triton kernel at M=1 and DeepGEMM from M=16 on, as measured."""
+    fake_available("triton", "cublas", "deepgemm")
+    assert choose(1, 2112, 7168, H100) == "triton"
+    assert choose(16, 2112, 7168, H100) == "deepgemm"
+    assert choose(4096, 2112, 7168, H100) == "deepgemm"
+    fake_available("triton", "cublas", missing=("deepgemm",))
+    assert choose(16, 2112, 7168, H100) in ("triton", "cublas")

@@ -11,8 +11,8 @@ Two launch shapes, picked per (M, N, K) from a tuned table or a heuristic (``tri
 * decode (small M): ``SWAP_AB`` puts the weight rows in the MMA's wide M slot and the few tokens in its
   narrow N slot, and ``SPLIT_K`` splits the K groups over extra programs so all SMs stream weights.
   The split-K reduction is done in the same launch: each program stores its fp32 partial tile, and the last
-  one to arrive at a per-tile counter sums the partials, writes the output and resets the counter
-  (so the kernel needs no zeroing launch and is CUDA-graph safe).
+  one to arrive at a per-tile counter sums the partials in a fixed order (deterministic output), writes the
+  output and resets the counter (so the kernel needs no zeroing launch and is CUDA-graph safe).
 * prefill (large M): 128x128 tiles in grouped launch order.
 """
 
@@ -131,10 +131,12 @@ def _fp8_block_gemm_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
+            # Sum every partial (this program's too) in split order, so the result does not depend on which
+            # program arrived last: outputs are bit-reproducible run to run and graph replay to replay.
+            acc = tl.zeros_like(acc)
             for s in range(SPLIT_K):
-                if s != pid_k:
-                    # .cg: read L2, never a stale L1 line -- the partials were written by other SMs.
-                    acc += tl.load(part_ptr + s * M * N + p_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+                # .cg: read L2, never a stale L1 line -- the partials were written by other SMs.
+                acc += tl.load(part_ptr + s * M * N + p_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
             _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
             tl.atomic_xchg(lock_ptr + pid, 0)
     else:
