@@ -181,6 +181,48 @@ def render(result: CheckResult) -> None:
     console.print(", ".join(f"{v} {k}" for k, v in counts.items()))
 
 
+def _md_cell(c: Cell) -> str:
+    if c.status == "correct":
+        return f"ok {c.error:.1e}" + (f" {c.reason}" if c.backend == DISPATCHED else "")
+    if c.status == "wrong":
+        return f"**WRONG {c.error:.1e}**"
+    if c.status == "crashed":
+        return f"**CRASH** {c.reason}"
+    return "refused" + (f" (run anyway: {c.probe.split(':')[0]})" if c.probe else "")
+
+
+def markdown(result: CheckResult) -> str:
+    """The matrix as a markdown table, then each backend's refusal reasons and what --probe found."""
+    names = list(dict.fromkeys(c.backend for c in result.cells))
+    rows: dict[tuple[int, int, int], dict[str, Cell]] = {}
+    for c in result.cells:
+        rows.setdefault((c.m, c.n, c.k), {})[c.backend] = c
+    lines = [f"| M | N | K | {' | '.join(names)} |", "|" + "---:|" * 3 + "---|" * len(names)]
+    for (m, n, k), by in sorted(rows.items(), key=lambda r: (r[0][1], r[0][2], r[0][0])):
+        lines.append(f"| {m} | {n} | {k} | " + " | ".join(_md_cell(by[b]) if b in by else "" for b in names) + " |")
+    counts = {s: sum(c.status == s for c in result.cells) for s in ("correct", "wrong", "refused", "crashed")}
+    lines += ["", "Totals: " + ", ".join(f"{v} {k}" for k, v in counts.items()) + ".", ""]
+    reasons: dict[tuple[str, str], list[str]] = {}
+    for c in result.cells:
+        if c.status == "refused":
+            reasons.setdefault((c.backend, c.reason), []).append(c.probe or "not probed")
+    if reasons:
+        lines += ["| backend | refusal reason | cells | when run anyway (--probe), e.g. |", "|---|---|---:|---|"]
+        for (name, why), probes in sorted(reasons.items()):
+            kinds = sorted({p.split(":")[0].split(" ")[0] for p in probes})
+            lines.append(f"| {name} | {why} | {len(probes)} | {'/'.join(kinds)}: {probes[0].split(': ', 1)[-1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def load(path: str) -> CheckResult:
+    """A result saved with ``--json``."""
+    with open(path) as f:
+        data = json.load(f)
+    fields = set(Cell.__dataclass_fields__)
+    cells = [Cell(**{k: v for k, v in c.items() if k in fields}) for c in data["cells"]]
+    return CheckResult(data["device"], data["tolerance"], cells)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     gpu = torch.cuda.is_available()
     p.add_argument("--shapes", default="edge,deepseek-v3" if gpu else CPU_SHAPES,
@@ -190,12 +232,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default=None, help="comma-separated backends (default: all available)")
     p.add_argument("--probe", action="store_true", help="also run refused cells to test the declared limits")
     p.add_argument("--json", default=None, help="write every cell to this JSON file")
+    p.add_argument("--markdown", default=None, help="write the matrix as a markdown table to this file")
+    p.add_argument("--from-json", default=None, help="render a saved --json result instead of running")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = check_matrix(parse_shapes(args.shapes), parse_ints(args.m),
-                       args.backends.split(",") if args.backends else None, probe=args.probe)
+    if args.from_json:
+        result = load(args.from_json)
+    else:
+        result = check_matrix(parse_shapes(args.shapes), parse_ints(args.m),
+                              args.backends.split(",") if args.backends else None, probe=args.probe)
     render(result)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result.to_json(), f, indent=1)
