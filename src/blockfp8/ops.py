@@ -14,7 +14,6 @@ import torch
 
 from .backends import Problem, get_backend
 from .dispatch import choose
-from .quant import quantize_activation
 from .validate import check_gemm_input, check_linear_input
 
 
@@ -27,14 +26,6 @@ def _pick(m: int, n: int, k: int, t: torch.Tensor, out_dtype: torch.dtype, backe
     return get_backend(choose(p, backend or None))
 
 
-def _quantize_for(x2: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if x2.is_cuda:
-        from .act_quant import quantize_activation_fused
-
-        return quantize_activation_fused(x2, layout=layout)
-    return quantize_activation(x2)
-
-
 @torch.library.custom_op("blockfp8::linear", mutates_args=())
 def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None, backend: str) -> torch.Tensor:
@@ -44,8 +35,7 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     be = _pick(m, n, k, x, x.dtype, backend)
-    xq, xs = _quantize_for(x2, be.scale_layout)
-    return be.run(xq, xs, weight, weight_scale_inv, bias, x.dtype).reshape(*x.shape[:-1], n)
+    return be.run_linear(x2, weight, weight_scale_inv, bias, x.dtype).reshape(*x.shape[:-1], n)
 
 
 @_linear_op.register_fake

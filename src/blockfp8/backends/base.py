@@ -135,3 +135,16 @@ class Backend:
             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """y[M, N] for 2-D x_fp8 (M, K) and x_scale (M, Kb) in any stride layout; M >= 1."""
         raise NotImplementedError
+
+    def run_linear(self, x: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        """y[M, N] for float x (M, K): quantize per 1x128 group, then ``run``. A backend that can fuse the
+        quantization into its GEMM overrides this; the result must stay bit-identical."""
+        from ..act_quant import quantize_activation_fused
+        from ..quant import quantize_activation
+
+        if x.is_cuda:
+            xq, xs = quantize_activation_fused(x, layout=self.scale_layout)
+        else:
+            xq, xs = quantize_activation(x)
+        return self.run(xq, xs, w_fp8, weight_scale_inv, bias, out_dtype)

@@ -1,0 +1,135 @@
+"""Merge ``blockfp8 bench --save`` JSON files into the markdown tables of docs/benchmarks.md and docs/performance.md.
+
+    python benchmarks/summarize_bench.py benchmarks/results/bench_A.json benchmarks/results/bench_B.json
+"""
+
+import json
+import math
+import sys
+
+ORDER = ["triton", "cublas", "deepgemm", "torchao", "bf16"]
+
+
+def load(paths):
+    records, envs = [], []
+    for p in paths:
+        d = json.load(open(p))
+        records += d["records"]
+        envs.append((d["environment"], d["ceilings"]))
+    return records, envs
+
+
+def cells(records):
+    out = {}
+    for r in records:
+        out.setdefault((r["n"], r["k"], r["m"], r["mode"]), {})[r["method"]] = r
+    return out
+
+
+def us(r):
+    return r["timing"]["median_us"] if r and r.get("timing") and r["status"] in ("ok", "wrong") else None
+
+
+def fmt(r):
+    t = us(r)
+    if t is None:
+        return "-" if r is None or r["status"] in ("unsupported", "unavailable") else r["status"]
+    return f"{t:.1f}" + (" (wrong)" if r["status"] == "wrong" else "")
+
+
+def best_peer(row):
+    peers = [(us(row.get(n)), n) for n in ("cublas", "deepgemm", "torchao", "bf16")
+             if row.get(n) and row[n]["status"] == "ok" and us(row[n])]
+    return min(peers) if peers else (None, None)
+
+
+def speed_table(records, mode, ceilings):
+    c = cells(records)
+    lines = ["| N x K | M | " + " | ".join(f"{n} us" for n in ORDER) + " | dispatched us (choice) | best peer | "
+             "speedup | %BW | TFLOP/s |", "|---|---:|" + "---:|" * (len(ORDER) + 5)]
+    for (n, k, m, md), row in sorted(c.items(), key=lambda x: (x[0][1] * x[0][0] * -1, x[0][2])):
+        if md != mode:
+            continue
+        d = row.get("blockfp8")
+        peer_us, peer = best_peer(row)
+        speed = f"{peer_us / us(d):.2f}x" if d and us(d) and peer_us else "-"
+        met = d["metrics"] if d and d.get("metrics") else {}
+        lines.append(f"| {n} x {k} | {m} | " + " | ".join(fmt(row.get(x)) for x in ORDER)
+                     + f" | {fmt(d)} ({d['label'].replace('blockfp8->', '') if d else '-'}) | {peer} | {speed} | "
+                     f"{met.get('pct_bw', 0):.0f}% | {met.get('tflops', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def triton_table(records, ceilings):
+    c = cells(records)
+    ms = sorted({k[2] for k in c})
+    shapes = sorted({(k[0], k[1]) for k in c}, key=lambda s: -s[0] * s[1])
+    lines = ["| N x K | " + " | ".join(f"M={m}" for m in ms) + " |", "|---|" + "---:|" * len(ms)]
+    for n, k in shapes:
+        parts = []
+        for m in ms:
+            r = c.get((n, k, m, "gemm"), {}).get("triton")
+            t = us(r)
+            parts.append(f"{t:.1f} us / {2 * m * n * k / t / 1e6:.0f}" if t else "-")
+        lines.append(f"| {n} x {k} | " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+def goals(records, ceilings):
+    """Issue goals per shape: decode %BW (weights) and speed vs best peer for the dispatched op and Triton."""
+    c = cells(records)
+    bw = ceilings["copy_gbps"] * 1e9
+    lines = ["| N x K | M | weight MB | dispatched us | % copy BW | Triton us | % copy BW | best peer (us) | "
+             "dispatched vs peer | Triton vs peer |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    logs_d, logs_t = [], []
+    for (n, k, m, md), row in sorted(c.items(), key=lambda x: (-x[0][0] * x[0][1], x[0][2])):
+        if md != "gemm" or m > 64:
+            continue
+        wbytes = n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128)
+        d, t = us(row.get("blockfp8")), us(row.get("triton"))
+        p, peer = best_peer(row)
+        logs_d.append(math.log(p / d))
+        logs_t.append(math.log(p / t))
+        lines.append(f"| {n} x {k} | {m} | {wbytes / 1e6:.1f} | {d:.1f} | {100 * wbytes / (d * 1e-6) / bw:.0f}% | "
+                     f"{t:.1f} | {100 * wbytes / (t * 1e-6) / bw:.0f}% | {peer} ({p:.1f}) | {p / d:.2f}x | {p / t:.2f}x |")
+    lines.append(f"\nGeomean over these decode cells: dispatched {math.exp(sum(logs_d) / len(logs_d)):.2f}x, "
+                 f"Triton {math.exp(sum(logs_t) / len(logs_t)):.2f}x the best peer.")
+    return "\n".join(lines)
+
+
+def prefill(records):
+    c = cells(records)
+    lines = ["| N x K | M | Triton us | DeepGEMM us | Triton / DeepGEMM speed | dispatched us (choice) | best peer | "
+             "dispatched vs best peer |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for (n, k, m, md), row in sorted(c.items(), key=lambda x: (-x[0][0] * x[0][1], x[0][2])):
+        if md != "gemm" or m < 128:
+            continue
+        t, g, d = us(row.get("triton")), us(row.get("deepgemm")), us(row.get("blockfp8"))
+        p, peer = best_peer(row)
+        lines.append(f"| {n} x {k} | {m} | {t:.1f} | {g:.1f} | {g / t:.2f}x | {d:.1f} "
+                     f"({row['blockfp8']['label'].replace('blockfp8->', '')}) | {peer} | {p / d:.2f}x |")
+    return "\n".join(lines)
+
+
+def linear_overhead(records):
+    c = cells(records)
+    lines = ["| N x K | M | dispatched GEMM us | dispatched linear us | linear / GEMM | linear - GEMM us |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for (n, k, m, md), row in sorted(c.items(), key=lambda x: (-x[0][0] * x[0][1], x[0][2])):
+        if md != "gemm":
+            continue
+        g = us(row.get("blockfp8"))
+        lin = us(c.get((n, k, m, "linear"), {}).get("blockfp8"))
+        if g and lin:
+            lines.append(f"| {n} x {k} | {m} | {g:.1f} | {lin:.1f} | {lin / g:.2f} | {lin - g:+.1f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    recs, envs = load(sys.argv[1:])
+    env, ceil = envs[0]
+    what = {"gemm": lambda: speed_table(recs, "gemm", ceil), "linear": lambda: speed_table(recs, "linear", ceil),
+            "triton": lambda: triton_table(recs, ceil), "goals": lambda: goals(recs, ceil),
+            "prefill": lambda: prefill(recs), "overhead": lambda: linear_overhead(recs)}
+    for name, fn in what.items():
+        print(f"\n<!-- {name} -->\n{fn()}")
