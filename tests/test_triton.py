@@ -105,31 +105,3 @@ def test_heuristic_and_candidates_are_valid(m, n, k):
     for cfg in [heuristic_config(m, n, k), *candidate_configs(m, n, k)]:
         assert 1 <= cfg.split_k <= groups
         assert cfg.block_m >= 16 and cfg.block_n >= 16
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("m,n,k", [(1, 200, 1000), (3, 130, 256), (16, 64, 1152), (77, 200, 300)])
-def test_fused_quant_linear_is_bit_identical(dtype, m, n, k):
-    """triton_linear quantizes inside the GEMM for decode configs: the output must equal quantize-then-GEMM
-    bit for bit (same fp8 values, same scales, same kernel arithmetic)."""
-    from blockfp8.act_quant import quantize_activation_fused
-    from blockfp8.backends.triton import triton_linear
-
-    x = (torch.randn(m, k, device=DEVICE) * torch.exp(torch.randn(m, 1, device=DEVICE))).to(dtype)
-    x[0, : min(k, 128)] = 0.0  # an all-zero group
-    wq, ws = quantize_weight(torch.randn(n, k, device=DEVICE))
-    for cfg in (TritonConfig(16, 64, split_k=3, group_m=1, swap_ab=True), TritonConfig(64, 64, split_k=2)):
-        got = triton_linear(x, wq, ws, config=cfg)
-        xq, xs = quantize_activation_fused(x, layout="col")
-        assert torch.equal(got, triton_gemm(xq, xs, wq, ws, out_dtype=dtype, config=cfg)), cfg
-    assert rel_error(got, reference_gemm(*quantize_activation(x), wq, ws, out_dtype=dtype)) <= TOLERANCE
-
-
-def test_fused_quant_propagates_nan():
-    from blockfp8.backends.triton import triton_linear
-
-    x = torch.randn(2, 256, device=DEVICE)
-    x[1, 5] = float("nan")
-    wq, ws = quantize_weight(torch.randn(64, 256, device=DEVICE))
-    out = triton_linear(x, wq, ws, config=TritonConfig(16, 64, split_k=2, group_m=1, swap_ab=True))
-    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).all()

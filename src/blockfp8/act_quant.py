@@ -44,28 +44,6 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def quantize_groups(x, AXIS: tl.constexpr, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr):
-    """Quantize a tile whose groups run along ``AXIS``: returns (fp32 values already on the e4m3 grid,
-    fp32 scale per group). The one definition of the numerics on the GPU, shared by the standalone quantizer
-    below and the Triton GEMM's fused decode path."""
-    x = x.to(tl.float32)
-    # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
-    # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
-    amax = tl.maximum(tl.reduce(tl.abs(x), AXIS, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
-    scale = tl.math.div_rn(amax, QMAX)
-    if UE8M0:
-        bits = scale.to(tl.int32, bitcast=True)
-        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
-        scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
-    if AXIS == 0:
-        q = tl.math.div_rn(x, scale[None, :])
-    else:
-        q = tl.math.div_rn(x, scale[:, None])
-    return _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)), scale
-
-
-@triton.jit
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
@@ -75,8 +53,18 @@ def _act_quant_kernel(
     offs_g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
-    q, scale = quantize_groups(x, 1, UE8M0, AMAX_MIN, QMAX)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
+    # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(amax, QMAX)
+    if UE8M0:
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
+        scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
+    q = tl.math.div_rn(x, scale[:, None])
+    q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 

@@ -138,8 +138,9 @@ class Backend:
 
     def run_linear(self, x: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
                    bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        """y[M, N] for float x (M, K): quantize per 1x128 group, then ``run``. A backend that can fuse the
-        quantization into its GEMM overrides this; the result must stay bit-identical."""
+        """y[M, N] for float x (M, K): quantize per 1x128 group straight into the scale layout this backend
+        reads (fused Triton quantizer on CUDA, the torch quantizer elsewhere), then ``run``. A backend that
+        fuses quantization into its GEMM may override this, keeping the result bit-identical."""
         from ..act_quant import quantize_activation_fused
         from ..quant import quantize_activation
 

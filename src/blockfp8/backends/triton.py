@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..act_quant import quantize_groups
-from ..quant import AMAX_FLOOR, FP8_MAX, cdiv
+from ..quant import cdiv
 from .base import Backend, Limits
 from .triton_configs import TritonConfig, get_config
 
@@ -56,8 +55,7 @@ def _fp8_block_gemm_kernel(
     stride_am, stride_asm, stride_ask, stride_wn, stride_wsn, stride_wsk, stride_cm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, FUSE_QUANT: tl.constexpr,
-    AMAX_MIN: tl.constexpr = AMAX_FLOOR, FP8_MAX_C: tl.constexpr = FP8_MAX,
+    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -108,13 +106,7 @@ def _fp8_block_gemm_kernel(
             else:
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        if FUSE_QUANT:
-            # a holds bf16/fp16/fp32 activations: quantize this 128-group here, bit-identical to the standalone
-            # quantizer (same function), instead of a separate launch that writes fp8 + scales and reads them back.
-            a, sa = quantize_groups(a, 0 if SWAP_AB else 1, False, AMAX_MIN, FP8_MAX_C)
-            a = a.to(w.dtype)
-        else:
-            sa = tl.load(as_ptrs)
+        sa = tl.load(as_ptrs)
         sw = tl.load(ws_ptrs)
         if SWAP_AB:
             acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
@@ -167,35 +159,6 @@ def _locks(device: torch.device, tiles: int) -> torch.Tensor:
     return buf
 
 
-def _launch(a: torch.Tensor, a_scale: torch.Tensor | None, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
-            bias: torch.Tensor | None, out_dtype: torch.dtype, cfg: TritonConfig) -> torch.Tensor:
-    """One kernel launch; ``a_scale=None`` means ``a`` is float and is quantized inside the kernel."""
-    m, k = a.shape
-    n = w_fp8.shape[0]
-    if a.stride(1) != 1:
-        a = a.contiguous()
-    if w_fp8.stride(1) != 1:
-        w_fp8 = w_fp8.contiguous()
-    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-    split = min(cfg.split_k, cdiv(k, 128))
-    part = torch.empty(split, m, n, dtype=torch.float32, device=a.device) if split > 1 else out
-    locks = _locks(a.device, tiles) if split > 1 else out
-    fused = a_scale is None
-    scales = a if fused else a_scale
-    _fp8_block_gemm_kernel[(tiles, split)](
-        a, scales, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
-        m, n, k,
-        a.stride(0), 0 if fused else scales.stride(0), 0 if fused else scales.stride(1), w_fp8.stride(0),
-        weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
-        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
-        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, FUSE_QUANT=fused,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out
-
-
 def triton_gemm(
     x_fp8: torch.Tensor,
     x_scale: torch.Tensor,
@@ -207,37 +170,33 @@ def triton_gemm(
 ) -> torch.Tensor:
     """Launch the kernel on 2-D operands (inputs already validated by the caller)."""
     m, k = x_fp8.shape
-    cfg = config or get_config(m, w_fp8.shape[0], k, x_fp8.device)
-    return _launch(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, cfg)
-
-
-def triton_linear(
-    x: torch.Tensor,
-    w_fp8: torch.Tensor,
-    weight_scale_inv: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-    config: TritonConfig | None = None,
-) -> torch.Tensor:
-    """Float x (M, K) -> quantize per 1x128 group + GEMM. Decode configs (swap-AB) quantize inside the GEMM
-    kernel -- one launch instead of two, same bits; other configs run the standalone quantizer first."""
-    m, k = x.shape
-    cfg = config or get_config(m, w_fp8.shape[0], k, x.device)
-    out_dtype = out_dtype or x.dtype
-    if cfg.swap_ab:
-        return _launch(x, None, w_fp8, weight_scale_inv, bias, out_dtype, cfg)
-    from ..act_quant import quantize_activation_fused
-
-    xq, xs = quantize_activation_fused(x, layout="col")
-    return _launch(xq, xs, w_fp8, weight_scale_inv, bias, out_dtype, cfg)
+    n = w_fp8.shape[0]
+    if x_fp8.stride(1) != 1:
+        x_fp8 = x_fp8.contiguous()
+    if w_fp8.stride(1) != 1:
+        w_fp8 = w_fp8.contiguous()
+    cfg = config or get_config(m, n, k, x_fp8.device)
+    out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    split = min(cfg.split_k, cdiv(k, 128))
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x_fp8.device) if split > 1 else out
+    locks = _locks(x_fp8.device, tiles) if split > 1 else out
+    _fp8_block_gemm_kernel[(tiles, split)](
+        x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
+        m, n, k,
+        x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1), w_fp8.stride(0),
+        weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
+        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
+        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out
 
 
 class TritonBackend(Backend):
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
         return triton_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
-
-    def run_linear(self, x, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
-        return triton_linear(x, w_fp8, weight_scale_inv, bias, out_dtype)
 
 
 BACKEND = TritonBackend(
