@@ -1,5 +1,6 @@
 """blockfp8: block-scaled FP8 linear layers (128x128 weight blocks, 1x128 activation groups) for PyTorch."""
 
+from .checkpoint import convert_checkpoint, load_fp8_model, save_fp8_checkpoint
 from .dispatch import explain
 from .nn import ConversionReport, Fp8BlockLinear, convert_model
 from .ops import gemm, linear
@@ -16,14 +17,17 @@ __version__ = "0.1.0"
 __all__ = [
     "ConversionReport",
     "Fp8BlockLinear",
+    "convert_checkpoint",
     "convert_model",
     "dequantize_activation",
     "dequantize_weight",
     "explain",
     "gemm",
     "linear",
+    "load_fp8_model",
     "quantize_activation",
     "quantize_weight",
     "reference_gemm",
     "rel_error",
+    "save_fp8_checkpoint",
 ]

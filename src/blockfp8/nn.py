@@ -101,7 +101,8 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _matches(name: str, patterns: Iterable[str]) -> str | None:
+def matches_pattern(name: str, patterns: Iterable[str]) -> str | None:
+    """The first glob pattern matching a qualified module name or its last component, else None."""
     for pat in patterns:
         if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pat) or pat == name:
             return pat
@@ -124,7 +125,7 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
             full = f"{name}.{child_name}" if name else child_name
             if type(child) is not nn.Linear:
                 continue
-            pat = _matches(full, skip)
+            pat = matches_pattern(full, skip)
             if pat is not None:
                 report.skipped[full] = f"matches skip pattern {pat!r}"
                 continue
