@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn import Fp8BlockLinear
-from .nn import matches_pattern
+from .nn import Fp8BlockLinear, matches_pattern
 from .quant import DEFAULT_BLOCK, FLOAT_INPUTS, FP8_DTYPE, check_block_size, dequantize_weight, quantize_weight
 from .reference import rel_error
 from .validate import check_fp8_linear, check_scale_values
