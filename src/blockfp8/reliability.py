@@ -12,7 +12,6 @@ every machine without a GPU; on a GPU host the forced-backend rows would give ot
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -475,12 +474,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Without a GPU the Triton rows run in the Triton interpreter; set before the kernel module is imported.
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    parser = argparse.ArgumentParser(prog="python -m blockfp8.reliability", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m`` entry point: the same as ``blockfp8 reliability``."""
+    from .cli import main as cli_main
+
+    return cli_main(["reliability", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

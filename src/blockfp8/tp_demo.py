@@ -296,12 +296,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if not torch.cuda.is_available():
-        # Kernel modules read this at import: without a GPU, Triton kernels run in its interpreter.
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    parser = argparse.ArgumentParser(prog="python -m blockfp8.tp_demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """``python -m`` entry point: the same as ``blockfp8 tp-demo``."""
+    from .cli import main as cli_main
+
+    return cli_main(["tp-demo", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
