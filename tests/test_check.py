@@ -67,3 +67,9 @@ def test_shape_parsing():
         parse_shapes("12:x")
     with pytest.raises(ValueError, match="integers"):
         parse_ints("1,a")
+
+
+def test_cli_check_bad_arguments(capsys):
+    assert main(["check", "--backends", "cutlass"]) == 2
+    assert "unknown backend 'cutlass'" in capsys.readouterr().err
+    assert main(["check", "--shapes", "llama-9000"]) == 2

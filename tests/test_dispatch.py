@@ -207,3 +207,21 @@ def test_shipped_h100_table_routes_the_seed_shape(fake_available):
     assert choose(4096, 2112, 7168, H100) == "deepgemm"
     fake_available("triton", "cublas", missing=("deepgemm",))
     assert choose(16, 2112, 7168, H100) in ("triton", "cublas")
+
+
+def test_cublas_scale_cache_follows_updates_and_frees():
+    from blockfp8.backends.cublas import _ScaleCache
+
+    cache = _ScaleCache()
+    s = torch.rand(3, 5) + 0.5
+    first = cache.get(s)
+    assert cache.get(s) is first and first.shape == (8, 3)
+    s.mul_(2.0)  # in-place update: the version counter moves, the padded copy is rebuilt
+    assert torch.equal(cache.get(s)[:5].t(), s)
+    with torch.inference_mode():
+        t = torch.rand(3, 5) + 0.5
+        padded = cache.get(t)
+        t.copy_(torch.full_like(t, 7.0))  # inference tensors cannot be tracked: never cached
+        assert torch.equal(cache.get(t)[:5].t(), t) and not torch.equal(padded, cache.get(t))
+    del s
+    assert cache.entries == {}

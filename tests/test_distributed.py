@@ -409,3 +409,22 @@ def test_tp_demo_torchrun_gloo_tp2(tmp_path):
     gemms = {(g["layer"], g["style"]): (g["local_N"], g["local_K"]) for g in batch["gemms"]}
     assert gemms[("fused_qkv_a_proj", "column")] == (80, 448)  # 66 rows -> padded to 16
     assert gemms[("dense_mlp.down_proj", "row")] == (448, 592)  # 576 columns + a spare, rounded up to 16
+
+
+@pytest.mark.parametrize("style", ["column", "row"])
+def test_shards_keep_fp8_buffers_on_dtype_casts(style):
+    layer = Fp8BlockLinear.from_linear(torch.nn.Linear(300, 200))
+    part = tp.shard(layer, 0, 2, style=style).to(torch.bfloat16)
+    assert part.weight.dtype == torch.float8_e4m3fn and part.weight_scale_inv.dtype == torch.float32
+    x = torch.randn(2, 300, dtype=torch.bfloat16)
+    part(x if style == "column" else tp.slice_input(x, 0, 2))
+
+
+def test_load_shard_rejects_wrong_dtypes(tmp_path):
+    w, s = quantize_weight(torch.randn(256, 256))
+    save_file({"l.weight": w.to(torch.bfloat16), "l.weight_scale_inv": s}, tmp_path / "model.safetensors")
+    with pytest.raises(TypeError, match=r"l\.weight .* must have dtype F8_E4M3, got BF16"):
+        tp.load_shard(tmp_path, "l", 0, 2)
+    save_file({"l.weight": w, "l.weight_scale_inv": s.to(torch.bfloat16)}, tmp_path / "model.safetensors")
+    with pytest.raises(TypeError, match=r"weight_scale_inv .* must have dtype F32"):
+        tp.load_shard(tmp_path, "l", 0, 2)

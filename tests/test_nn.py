@@ -113,3 +113,19 @@ def test_dtype_casts_keep_fp8_weight_and_fp32_scales():
     assert torch.equal(layer.weight.view(torch.uint8), w.view(torch.uint8)) and torch.equal(layer.weight_scale_inv, s)
     assert layer.bias.dtype == torch.float16
     assert layer(torch.randn(2, 256, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_shared_linear_stays_shared():
+    shared = nn.Linear(256, 256)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    report = convert_model(model)
+    assert sorted(report.converted) == ["a.0", "b.0"]
+    assert model["a"][0] is model["b"][0] and isinstance(model["a"][0], Fp8BlockLinear)
+
+
+def test_linear_subclasses_are_not_converted():
+    """nn.MultiheadAttention reads out_proj.weight itself: its NonDynamicallyQuantizableLinear stays float."""
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(128, 4, batch_first=True), "fc": nn.Linear(128, 128)})
+    assert convert_model(model).converted == ["fc"]
+    x = torch.randn(1, 3, 128)
+    model["attn"](x, x, x)

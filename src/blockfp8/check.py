@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -240,8 +241,15 @@ def run(args: argparse.Namespace) -> int:
     if args.from_json:
         result = load(args.from_json)
     else:
-        result = check_matrix(parse_shapes(args.shapes), parse_ints(args.m),
-                              args.backends.split(",") if args.backends else None, probe=args.probe)
+        try:
+            shapes, ms = parse_shapes(args.shapes), parse_ints(args.m)
+            names = args.backends.split(",") if args.backends else None
+            for name in names or ():
+                get_backend(name)  # ValueError naming the known backends
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        result = check_matrix(shapes, ms, names, probe=args.probe)
     render(result)
     if args.markdown:
         with open(args.markdown, "w") as f:

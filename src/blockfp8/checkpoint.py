@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .nn import Fp8BlockLinear, matches_pattern
+from .nn import Fp8BlockLinear, is_convertible_linear, matches_pattern
 from .quant import DEFAULT_BLOCK, FLOAT_INPUTS, FP8_DTYPE, check_block_size, dequantize_weight, quantize_weight
 from .reference import rel_error
 from .validate import check_fp8_linear, check_scale_values
@@ -406,7 +406,7 @@ def _check_state_pair(state: Mapping[str, torch.Tensor], prefix: str) -> None:
 
 
 def _unconverted_linears(model: nn.Module) -> list[str]:
-    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return [name for name, m in model.named_modules() if is_convertible_linear(m)]
 
 
 def save_fp8_checkpoint(
@@ -541,6 +541,10 @@ def load_fp8_model(
     for prefix in prefixes:
         mod = modules.get(prefix)
         w = infos[prefix + WEIGHT_SUFFIX]
+        if isinstance(mod, nn.Linear) and not is_convertible_linear(mod):
+            raise ValueError(f"checkpoint has block-FP8 weights for {prefix!r} (file {w.file}), but the model's "
+                             f"{prefix!r} is a {type(mod).__name__}, a Linear subclass whose parent may read its "
+                             "weight directly; convert the checkpoint with --skip for it")
         if isinstance(mod, nn.Linear):
             if (mod.out_features, mod.in_features) != w.shape:
                 raise ValueError(f"tensor {w.name!r} in {w.file} has shape {w.shape}; model layer {prefix!r} is "
@@ -573,6 +577,9 @@ def load_fp8_model(
         setattr(parent, child, layer)
         report.replaced.append(prefix)
         modules[prefix] = layer
+    # Drop every reference to the replaced float layers before streaming, so they are freed now and peak
+    # memory stays near the FP8 model's size.
+    state = to_replace = lin = bias = None
 
     wanted = {k: v for k, v in infos.items() if k in expected}
     for info, tensor in _iter_tensors(wanted, progress, f"loading {root.name}"):

@@ -9,7 +9,8 @@ support the problem is skipped, so a table can never route a shape to a kernel t
 Overrides: ``backend=`` on the call, else the ``BLOCKFP8_BACKEND`` environment variable. An override that
 cannot run the problem raises ``ValueError`` with the backend's reason -- never a silent fallback.
 
-Choices are cached per (problem, override); the cost on the hot path is one dict lookup.
+Choices are cached per (problem, override): on the hot path a call builds the small ``Problem`` record and
+hits the cache (a few microseconds of host time, none of it inside a captured CUDA graph).
 """
 
 from __future__ import annotations

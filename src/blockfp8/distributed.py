@@ -41,7 +41,7 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import weight_map
-from .nn import Fp8BlockLinear
+from .nn import Fp8BlockLinear, KeepFp8Buffers
 from .ops import linear
 from .quant import DEFAULT_BLOCK, FP8_DTYPE, cdiv
 from .validate import check_scale_values
@@ -191,7 +191,7 @@ def _gather_positions(parts: Sequence[int], world_size: int) -> list[int]:
     return out
 
 
-class ColumnParallelFp8Linear(nn.Module):
+class ColumnParallelFp8Linear(KeepFp8Buffers, nn.Module):
     """One rank's slice of the output features (N) of a block-FP8 linear layer.
 
     ``forward(x)`` takes the full input [..., K]. It returns this rank's output columns [..., local_out_features]
@@ -271,7 +271,7 @@ def cut_group_amax(x: torch.Tensor, world_size: int) -> torch.Tensor:
     return _group_amax(x)[..., _index(_cut_groups(x.shape[-1], world_size), x.device)]
 
 
-class RowParallelFp8Linear(nn.Module):
+class RowParallelFp8Linear(KeepFp8Buffers, nn.Module):
     """One rank's slice of the input features (K) of a block-FP8 linear layer.
 
     ``forward(x)`` takes this rank's slice of the input, ``x_full[..., start:stop]`` (see ``slice_input``), and
@@ -458,6 +458,9 @@ def load_shard(checkpoint_dir: str | Path, name: str, rank: int, world_size: int
         open_slice = _slice_opener(files, stack)
         w, s = open_slice(wname), open_slice(sname)
         n, k = w.get_shape()
+        for tname, t, want in ((wname, w, "F8_E4M3"), (sname, s, "F32")):
+            if t.get_dtype() != want:
+                raise TypeError(f"{tname} in {files[tname]} must have dtype {want}, got {t.get_dtype()}")
         if tuple(s.get_shape()) != (cdiv(n, BLOCK), cdiv(k, BLOCK)):
             raise ValueError(f"{sname} must have shape {(cdiv(n, BLOCK), cdiv(k, BLOCK))} for weight {(n, k)}, "
                              f"got {tuple(s.get_shape())}")

@@ -14,7 +14,30 @@ from .quant import DEFAULT_BLOCK, FP8_DTYPE, check_block_size, quantize_weight, 
 from .validate import check_backend, check_fp8_linear
 
 
-class Fp8BlockLinear(nn.Module):
+class KeepFp8Buffers:
+    """Mixin for modules holding an fp8 ``weight`` and fp32 ``weight_scale_inv`` buffer.
+
+    ``model.to(torch.bfloat16)`` / ``.half()`` cast every floating tensor, fp8 included; these two keep their
+    dtypes (only device moves apply), while a bias follows the model's dtype.
+    """
+
+    def _apply(self, fn, recurse: bool = True):
+        keep = {name: self._buffers[name] for name in ("weight", "weight_scale_inv")}
+        super()._apply(fn, recurse)
+        for name, old in keep.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+def is_convertible_linear(module: nn.Module) -> bool:
+    """Only plain ``nn.Linear`` layers are converted: subclasses (e.g. attention's ``out_proj``) are often
+    used by their parent through ``.weight`` directly, which an fp8 buffer would break."""
+    return type(module) is nn.Linear
+
+
+class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
     """A linear layer with a block-FP8 weight (128x128 scales) and per-token 1x128 activation quantization.
 
     Buffers ``weight`` (float8_e4m3fn, (N, K)) and ``weight_scale_inv`` (fp32, ceil-div block shape) use the
@@ -69,17 +92,6 @@ class Fp8BlockLinear(nn.Module):
             bias = lin.bias.detach().clone() if lin.bias is not None else None
         return cls.from_fp8(w, s, bias, backend, name=name)
 
-    def _apply(self, fn, recurse: bool = True):
-        # model.to(torch.bfloat16) / .half() cast every floating tensor, fp8 included; the fp8 weight and its
-        # fp32 scales keep their dtypes (only device moves apply), the bias follows the model's dtype.
-        keep = {name: self._buffers[name] for name in ("weight", "weight_scale_inv")}
-        super()._apply(fn, recurse)
-        for name, old in keep.items():
-            new = self._buffers[name]
-            if new.dtype != old.dtype:
-                self._buffers[name] = old.to(new.device)
-        return self
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.weight_scale_inv, self.bias, backend=self.backend)
 
@@ -120,10 +132,15 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
         skip = (skip,)
     skip = tuple(skip)
     report = ConversionReport()
+    done: dict[int, Fp8BlockLinear] = {}  # a Linear shared by several parents stays shared
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) is not nn.Linear:
+            if id(child) in done:
+                setattr(module, child_name, done[id(child)])
+                report.converted.append(full)
+                continue
+            if not is_convertible_linear(child):
                 continue
             pat = matches_pattern(full, skip)
             if pat is not None:
@@ -131,5 +148,6 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
                 continue
             layer = Fp8BlockLinear.from_linear(child, ue8m0=ue8m0, backend=backend, name=f"{full}.weight")
             setattr(module, child_name, layer)
+            done[id(child)] = layer
             report.converted.append(full)
     return report

@@ -129,9 +129,9 @@ def check_k_match(x: torch.Tensor, k: int, name: str = "x") -> None:
         )
 
 
-def check_same_device(x: torch.Tensor, weight: torch.Tensor, name: str = "x") -> None:
+def check_same_device(x: torch.Tensor, weight: torch.Tensor, name: str = "x", weight_name: str = "weight") -> None:
     """``name`` and the weight must live on one device."""
-    _require_same_device(x, name, weight, "weight")
+    _require_same_device(x, name, weight, weight_name)
 
 
 def check_bias(bias: torch.Tensor | None, n: int, device: torch.device, name: str = "bias") -> None:
@@ -173,9 +173,10 @@ def check_backend(backend: object, name: str = "backend") -> None:
                          f"{', '.join(backend_names())}")
 
 
-def _check_weight_for_gemm(weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> tuple[int, int]:
-    n, k = check_weight(weight, weight_scale_inv)
-    check_contiguous(weight, "weight")
+def _check_weight_for_gemm(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                           name: str = "weight") -> tuple[int, int]:
+    n, k = check_weight(weight, weight_scale_inv, name=name)
+    check_contiguous(weight, name)
     check_contiguous(weight_scale_inv, "weight_scale_inv")
     return n, k
 
@@ -198,9 +199,10 @@ def check_gemm_input(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
                      out_dtype: torch.dtype, backend: object = None) -> tuple[int, int]:
     """Checks for ``gemm(x_fp8, x_scale, weight, weight_scale_inv, ...)``; returns (N, K). Metadata only."""
     check_activation(x_fp8, x_scale)
-    n, k = _check_weight_for_gemm(weight, weight_scale_inv)
+    # Errors use the public parameter name of blockfp8.gemm for the weight: w_fp8.
+    n, k = _check_weight_for_gemm(weight, weight_scale_inv, "w_fp8")
     check_k_match(x_fp8, k, "x_fp8")
-    check_same_device(x_fp8, weight, "x_fp8")
+    check_same_device(x_fp8, weight, "x_fp8", "w_fp8")
     check_bias(bias, n, weight.device)
     check_out_dtype(out_dtype)
     check_backend(backend)

@@ -29,23 +29,25 @@ def _padded_weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
 class _ScaleCache:
     """Padded weight scales per source tensor, computed once per weight, not per call.
 
-    Keyed by ``id`` and checked through a weak reference, so a new tensor that reuses a freed one's memory
-    can never receive stale scales; the version counter catches in-place updates (inference tensors have
-    none and cannot be updated in place)."""
+    Keyed by ``id`` and checked through a weak reference (whose callback evicts the entry), so a new tensor
+    that reuses a freed one's id can never receive stale scales; the version counter catches in-place
+    updates."""
 
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
+    def __init__(self) -> None:
         self.entries: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
     def get(self, s: torch.Tensor) -> torch.Tensor:
-        version = 0 if s.is_inference() else s._version
+        if s.is_inference():
+            # Inference tensors have no version counter, so an in-place update could not be detected:
+            # never serve them from the cache.
+            return _padded_weight_scales(s)
         hit = self.entries.get(id(s))
-        if hit is not None and hit[0]() is s and hit[1] == version:
+        if hit is not None and hit[0]() is s and hit[1] == s._version:
             return hit[2]
-        if len(self.entries) >= self.size:
-            self.entries = {key: e for key, e in self.entries.items() if e[0]() is not None}
+        key = id(s)
         padded = _padded_weight_scales(s)
-        self.entries[id(s)] = (weakref.ref(s), version, padded)
+        # The callback drops the entry when the weight scales are freed.
+        self.entries[key] = (weakref.ref(s, lambda _, key=key: self.entries.pop(key, None)), s._version, padded)
         return padded
 
 
