@@ -207,6 +207,9 @@ class _Slice:
     def get_shape(self):
         return self.inner.get_shape()
 
+    def get_dtype(self):
+        return self.inner.get_dtype()
+
     def __getitem__(self, idx):
         t = self.inner[idx]
         self.log.append((self.name, t.numel() * t.element_size()))
