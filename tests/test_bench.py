@@ -14,7 +14,6 @@ from blockfp8.bench import (
     load_shapes,
     markdown_report,
     measure,
-    merge_table_file,
     parse_ms,
     problem_bytes,
     problem_flops,
@@ -31,6 +30,7 @@ from blockfp8.peers import (
     methods_for,
     reference_output,
 )
+from blockfp8.tables import merge_table_file
 from blockfp8.timing import Ceilings, Timing, cold_copies, measure_ceilings, time_fn
 
 CEIL = Ceilings(copy_gbps=2000.0, fp8_tflops=1000.0, l2_bytes=50 << 20)

@@ -41,6 +41,7 @@ from .peers import (
 from .quant import cdiv
 from .reference import TOLERANCE, rel_error
 from .shapes import Shape, default_m_values, parse_ints, parse_shapes
+from .tables import merge_table_file
 from .timing import Ceilings, Timing, measure_ceilings, time_fn
 
 DEFINITIONS = {
@@ -297,17 +298,6 @@ def dispatch_table(records: list[Record], device_name: str) -> dict:
         if ok:
             table.setdefault(device_name, {}).setdefault(f"{n},{k}", {})[str(m)] = [r.method for r in ok]
     return table
-
-
-def merge_table_file(path: str | Path, table: dict) -> dict:
-    """Merge a device -> "N,K" -> str(M) -> value table into the JSON file at ``path`` (created if absent)."""
-    path = Path(path)
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    for dev, shapes in table.items():
-        for nk, by_m in shapes.items():
-            merged.setdefault(dev, {}).setdefault(nk, {}).update(by_m)
-    path.write_text(json.dumps(merged, indent=1, sort_keys=True) + "\n")
-    return merged
 
 
 # ---------------------------------------------------------------------------------------------- environment

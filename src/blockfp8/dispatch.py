@@ -15,15 +15,14 @@ hits the cache (a few microseconds of host time, none of it inside a captured CU
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
-from importlib import resources
 
 import torch
 
 from .backends import Problem, Support, backend_names, get_backend
+from .tables import load_table, merge_tables, pick_row
 
 ENV_VAR = "BLOCKFP8_BACKEND"
 ENV_TABLE = "BLOCKFP8_DISPATCH_TABLE"
@@ -43,24 +42,16 @@ DECODE_MAX_M = 64
 @cache
 def dispatch_table() -> dict:
     """device name -> "N,K" -> {measured M (str): [backend names, fastest first]}."""
-    table = json.loads((resources.files("blockfp8") / "data" / "dispatch_table.json").read_text())
-    extra = os.environ.get(ENV_TABLE)
-    if extra:
-        with open(extra) as f:
-            for dev, shapes in json.load(f).items():
-                for nk, by_m in shapes.items():
-                    table.setdefault(dev, {}).setdefault(nk, {}).update(by_m)
-    return table
+    return load_table("dispatch_table.json", ENV_TABLE)
 
 
 def ranking(p: Problem) -> tuple[tuple[str, ...], str]:
     """Backends in preference order for ``p`` and where that order came from."""
     device_name = p.device_name or p.device_type
-    by_m = dispatch_table().get(device_name, {}).get(f"{p.n},{p.k}")
-    if by_m:
-        measured = sorted(int(x) for x in by_m)
-        pick = next((t for t in measured if t >= p.m), measured[-1])
-        ranked = tuple(by_m[str(pick)])
+    row = pick_row(dispatch_table(), device_name, p.n, p.k, p.m)
+    if row:
+        pick, ranked = row
+        ranked = tuple(ranked)
         rest = tuple(b for b in backend_names() if b not in ranked)
         return ranked + rest, f"measured table ({device_name}, M={pick})"
     phase = "decode" if p.m <= DECODE_MAX_M else "prefill"
@@ -139,7 +130,7 @@ def explain_problem(p: Problem, backend: str | None = None) -> Explanation:
 def record_ranking(device_name: str, n: int, k: int, m: int, order: list[str]) -> None:
     """Add one measured row to the in-memory table (``blockfp8 bench`` ranks each cell before timing the
     dispatched op, so the dispatched column uses the ranking measured in the same run)."""
-    dispatch_table().setdefault(device_name, {}).setdefault(f"{n},{k}", {})[str(m)] = list(order)
+    merge_tables(dispatch_table(), {device_name: {f"{n},{k}": {str(m): list(order)}}})
     _choose.cache_clear()
 
 

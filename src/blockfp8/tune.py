@@ -18,8 +18,9 @@ from importlib import resources
 
 import torch
 
-from .bench import device_name, load_shapes, merge_table_file, parse_ms
+from .bench import device_name, load_shapes, parse_ms
 from .reference import TOLERANCE, rel_error
+from .tables import merge_table_file
 
 NEEDS_CUDA = ("blockfp8 tune needs a CUDA device: Triton launch configs are tuned on the GPU that runs them, "
               "and none was found")

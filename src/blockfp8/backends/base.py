@@ -34,15 +34,17 @@ class Problem:
            ue8m0: bool = False) -> Problem:
         device = torch.device(device)
         if device.type == "cuda":
-            arch, name = _cuda_identity(device.index)
+            arch, name, _ = cuda_identity(device.index)
         else:
             arch, name = None, device.type
         return Problem(m, n, k, device.type, arch, out_dtype, ue8m0, device_name=name)
 
 
 @cache
-def _cuda_identity(index: int | None) -> tuple[tuple[int, int], str]:
-    return torch.cuda.get_device_capability(index), torch.cuda.get_device_name(index)
+def cuda_identity(index: int | None) -> tuple[tuple[int, int], str, int]:
+    """(compute capability, device name, SM count) of a CUDA device, read once."""
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.name, props.multi_processor_count
 
 
 @dataclass(frozen=True)

@@ -8,15 +8,14 @@ at another JSON file with the same layout (it is merged over the shipped one).
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import asdict, dataclass
 from functools import cache, lru_cache
-from importlib import resources
 
 import torch
 
 from ..quant import cdiv
+from ..tables import load_table, pick_row
+from .base import cuda_identity
 
 
 @dataclass(frozen=True)
@@ -85,30 +84,15 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[Triton
     return list(dict.fromkeys(out))
 
 
-def _load_json(path) -> dict:
-    with open(path) as f:
-        return json.load(f)
-
-
 @cache
 def config_table() -> dict:
     """device name -> "N,K" -> {tuned M (str): config dict}."""
-    table = _load_json(resources.files("blockfp8") / "data" / "triton_configs.json")
-    extra = os.environ.get("BLOCKFP8_TRITON_CONFIGS")
-    if extra:
-        for dev, shapes in _load_json(extra).items():
-            for nk, by_m in shapes.items():
-                table.setdefault(dev, {}).setdefault(nk, {}).update(by_m)
-    return table
+    return load_table("triton_configs.json", "BLOCKFP8_TRITON_CONFIGS")
 
 
 def lookup(device_name: str, m: int, n: int, k: int) -> TritonConfig | None:
-    by_m = config_table().get(device_name, {}).get(f"{n},{k}")
-    if not by_m:
-        return None
-    tuned = sorted(int(x) for x in by_m)
-    pick = next((t for t in tuned if t >= m), tuned[-1])
-    return TritonConfig.from_json(by_m[str(pick)])
+    row = pick_row(config_table(), device_name, n, k, m)
+    return TritonConfig.from_json(row[1]) if row else None
 
 
 @lru_cache(maxsize=4096)
@@ -119,6 +103,6 @@ def _cached_config(device_name: str, num_sms: int, m: int, n: int, k: int) -> Tr
 def get_config(m: int, n: int, k: int, device: torch.device) -> TritonConfig:
     """Tuned config for this device and shape if there is one, else the heuristic."""
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return _cached_config(props.name, props.multi_processor_count, m, n, k)
+        _, name, sms = cuda_identity(device.index)
+        return _cached_config(name, sms, m, n, k)
     return _cached_config("cpu", 132, m, n, k)
