@@ -64,11 +64,15 @@ CONFIGS = [
     TritonConfig(64, 128, split_k=1, group_m=8),
     TritonConfig(64, 64, split_k=5, group_m=2),
     TritonConfig(128, 128, split_k=2, group_m=8, num_warps=8),
+    TritonConfig(16, 64, split_k=3, group_m=1, swap_ab=True, tma=True),
+    TritonConfig(32, 128, split_k=1, group_m=1, swap_ab=True, tma=True),
+    TritonConfig(64, 128, split_k=2, group_m=8, tma=True),
+    TritonConfig(64, 256, split_k=1, group_m=8, num_warps=8, tma=True),
 ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=str)
-@pytest.mark.parametrize("m,n,k", [(3, 200, 1000), (77, 130, 1088)])
+@pytest.mark.parametrize("m,n,k", [(3, 200, 1000), (77, 130, 1088), (1, 72, 336)])
 def test_configs(config, m, n, k):
     """Every kernel path (swap-AB, split-K incl. uneven splits, grouped order) on tails in M, N and K."""
     _check(m, n, k, config)

@@ -25,10 +25,22 @@ import triton
 import triton.language as tl
 
 from ..quant import cdiv
-from .base import Backend, Limits
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from .base import Backend, Limits, cuda_identity
 from .triton_configs import TritonConfig, get_config
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 values rounded to the nearest bf16 (ties to even), still as fp32.
+
+    The interpreter's fp32 -> bf16 cast truncates; rounding first makes CPU tests see the GPU's rounding.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -41,21 +53,19 @@ def _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS: tl.constexpr
         else:
             acc += bias[None, :]
     if ROUND_BF16:
-        # The interpreter's fp32 -> bf16 cast truncates; round to nearest even first so CPU tests see the
-        # same output rounding as the GPU.
-        bits = acc.to(tl.int32, bitcast=True)
-        acc = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+        acc = _round_bf16(acc)
     tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
 @triton.jit
 def _fp8_block_gemm_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, part_ptr, lock_ptr,
+    a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, part_ptr, lock_ptr, a_desc, w_desc,
     M, N, K,
     stride_am, stride_asm, stride_ask, stride_wn, stride_wsn, stride_wsk, stride_cm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr,
+    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, MMA_BF16: tl.constexpr, SPLIT_BF16: tl.constexpr,
+    INTERPRETED: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -93,9 +103,20 @@ def _fp8_block_gemm_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     as_ptrs = as_ptr + rm * stride_asm + g_start * stride_ask
     ws_ptrs = ws_ptr + (rn // W_BLOCK_N) * stride_wsn + g_start * stride_wsk
+    w_block = (pid_n * BLOCK_N) // W_BLOCK_N
 
     for g in range(g_start, g_end):
-        if EVEN_K:
+        if USE_TMA:
+            # Tiles through the bulk tensor copy engine: zero fill past M, N and K replaces the masks, and
+            # the pipelined copies keep more weight bytes in flight per SM than per-thread loads
+            # (measured faster at decode, docs/performance.md).
+            if SWAP_AB:
+                w = w_desc.load([pid_n * BLOCK_N, g * BLOCK_K])
+                a = tl.trans(a_desc.load([pid_m * BLOCK_M, g * BLOCK_K]))
+            else:
+                a = a_desc.load([pid_m * BLOCK_M, g * BLOCK_K])
+                w = tl.trans(w_desc.load([pid_n * BLOCK_N, g * BLOCK_K]))
+        elif EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
@@ -107,11 +128,43 @@ def _fp8_block_gemm_kernel(
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         sa = tl.load(as_ptrs)
-        sw = tl.load(ws_ptrs)
-        if SWAP_AB:
-            acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
+        if MMA_BF16:
+            # The tile's rows share one weight block (BLOCK_N divides 128), so both scales fold into the
+            # activation tile; weights convert to bf16 exactly. The dot then chains into the accumulator
+            # with no per-group wait (the fp8 path must finish each group's dot before scaling it).
+            sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk)
+            if SWAP_AB:
+                a16 = a.to(tl.float32) * (sa * sw)[None, :]
+            else:
+                a16 = a.to(tl.float32) * (sa * sw)[:, None]
+            if INTERPRETED:
+                # The interpreter's bf16 dot is not usable; fp32 dot of bf16-rounded values gives the
+                # same result (bf16 x bf16 products are exact in fp32).
+                hi = _round_bf16(a16)
+                lo = _round_bf16(a16 - hi)
+                w16 = w.to(tl.float32)
+            else:
+                hi = a16.to(tl.bfloat16)
+                lo = (a16 - hi.to(tl.float32)).to(tl.bfloat16)
+                w16 = w.to(tl.bfloat16)
+            if SWAP_AB:
+                acc = tl.dot(w16, hi, acc, input_precision="ieee")
+                if SPLIT_BF16:
+                    acc = tl.dot(w16, lo, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(hi, w16, acc, input_precision="ieee")
+                if SPLIT_BF16:
+                    acc = tl.dot(lo, w16, acc, input_precision="ieee")
         else:
-            acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+            if W_BLOCK_N % BLOCK_N == 0:
+                # One weight block per tile: one scalar scale (out-of-range rows are never stored).
+                sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk) + tl.zeros((BLOCK_N,), tl.float32)
+            else:
+                sw = tl.load(ws_ptrs)
+            if SWAP_AB:
+                acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
+            else:
+                acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         as_ptrs += stride_ask
@@ -141,6 +194,17 @@ def _fp8_block_gemm_kernel(
             tl.atomic_xchg(lock_ptr + pid, 0)
     else:
         _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
+
+
+def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
+    """Whether both operands can be read through tensor descriptors: rows 16-byte aligned (K % 16 == 0 for
+    fp8, 16-byte aligned bases) and a device with the copy engine (sm_90+; the interpreter emulates it)."""
+    for t in (x_fp8, w_fp8):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    if x_fp8.device.type == "cuda":
+        return cuda_identity(x_fp8.device.index)[0] >= (9, 0)
+    return INTERPRET
 
 
 _LOCKS: dict[torch.device, torch.Tensor] = {}
@@ -176,19 +240,30 @@ def triton_gemm(
     if w_fp8.stride(1) != 1:
         w_fp8 = w_fp8.contiguous()
     cfg = config or get_config(m, n, k, x_fp8.device)
+    if cfg.mma != "fp8" and 128 % cfg.block_n:
+        raise ValueError(f"mma={cfg.mma!r} needs block_n dividing 128 (one weight scale per tile), got {cfg}")
     out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     split = min(cfg.split_k, cdiv(k, 128))
     part = torch.empty(split, m, n, dtype=torch.float32, device=x_fp8.device) if split > 1 else out
     locks = _locks(x_fp8.device, tiles) if split > 1 else out
+    use_tma = cfg.tma and tma_ok(x_fp8, w_fp8)
+    if use_tma:
+        a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128])
+        w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128])
+    else:
+        a_desc = w_desc = None
     _fp8_block_gemm_kernel[(tiles, split)](
         x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
+        a_desc, w_desc,
         m, n, k,
         x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1), w_fp8.stride(0),
         weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
         GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
-        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16,
+        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, MMA_BF16=cfg.mma != "fp8",
+        SPLIT_BF16=cfg.mma == "bf16x2",
+        INTERPRETED=INTERPRET, USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -27,6 +27,13 @@ class TritonConfig:
     swap_ab: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    # "fp8": FP8 tensor-core dot per 128-K group, scaled after it (DeepSeek numerics, full FP8 MMA rate).
+    # "bf16": weights upcast exactly to bf16, both scales folded into the activation tile (one bf16
+    # rounding), dots chained into one fp32 accumulator: no per-group wait, half the MMA rate -- for decode.
+    mma: str = "fp8"
+    # Read the A and W tiles through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte
+    # aligned rows); otherwise, and when False, per-thread pointer loads.
+    tma: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
