@@ -2,8 +2,9 @@
 
 Compares, per DeepSeek-V3 shape and M, L2-cold CUDA-graph times of
 * the shipped Triton config (FP8 dot per 128-K group, scaled after it),
-* the ``mma="bf16"`` / ``"bf16x2"`` paths (weights upcast to bf16, scales folded into the activations, dots
-  chained into one accumulator) over a small config grid,
+* (at commit 1817063 only, where the kernel had them) the ``mma="bf16"`` / ``"bf16x2"`` paths: weights upcast to
+  bf16, scales folded into the activations, dots chained into one accumulator; measured slower on every
+  decode cell (results/decode_mma_probe/) and removed,
 * an experimental CUDA-core GEMV for M=1 (no tensor cores, full K per program, no split-K reduction),
 * an experimental TMA-load variant of the FP8 kernel (``tma_decode.py``),
 * DeepGEMM when installed.
@@ -16,19 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+from tma_decode import tma_decode_gemm
 
 from blockfp8 import quantize_weight, reference_gemm, rel_error
 from blockfp8.act_quant import quantize_activation_fused
 from blockfp8.backends.triton import triton_gemm
-from blockfp8.backends.triton_configs import TritonConfig, get_config
+from blockfp8.backends.triton_configs import get_config
 from blockfp8.quant import cdiv
 from blockfp8.shapes import parse_ints, parse_shapes
-from tma_decode import tma_decode_gemm
 
 
 @triton.jit
@@ -83,21 +83,6 @@ def graph_time_us(fn, copies: int, reps: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def mma_configs(m: int, n: int, k: int, sms: int) -> list[TritonConfig]:
-    groups = cdiv(k, 128)
-    bm = max(16, 1 << max(0, (m - 1).bit_length()))
-    out = []
-    for mma in ("bf16", "bf16x2"):
-        for bn in (64, 128):
-            tiles = cdiv(n, bn) * cdiv(m, bm)
-            splits = sorted({s for s in (1, cdiv(sms, tiles), cdiv(2 * sms, tiles), cdiv(4 * sms, tiles))
-                             if s <= groups and tiles * s <= 8 * sms})
-            for split in splits:
-                for warps, stages in ((4, 4), (8, 4), (4, 6)):
-                    out.append(TritonConfig(bm, bn, split, 1, True, warps, stages, mma))
-    return out
-
-
 def tma_configs(m: int, n: int, k: int, sms: int) -> list[tuple]:
     groups = cdiv(k, 128)
     bm = max(16, 1 << max(0, (m - 1).bit_length()))
@@ -125,7 +110,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="deepseek-v3")
     ap.add_argument("--m", default="1,16,64")
     ap.add_argument("--compile-only", type=int, nargs=2, metavar=("PART", "PARTS"))
-    ap.add_argument("--families", default="fp8,bf16,bf16x2,gemv,tma,deepgemm")
+    ap.add_argument("--families", default="fp8,gemv,tma,deepgemm")
     args = ap.parse_args()
     dev = torch.device("cuda")
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -136,7 +121,6 @@ def main() -> None:
         fam = args.families.split(",")
         todo = [(n, k, m, c) for n, k, m in cells(args)
                 for c in (["gemv"] if "gemv" in fam else [])
-                + [c for c in mma_configs(m, n, k, sms) if c.mma in fam]
                 + (tma_configs(m, n, k, sms) if "tma" in fam else [])]
         for i, (n, k, m, c) in enumerate(todo):
             if i % parts != part:
@@ -201,22 +185,6 @@ def main() -> None:
                         best = (t, e, c)
                     rec["tma_worst_err"] = max(rec.get("tma_worst_err", 0.0), e)
                 rec["tma"] = [round(best[0], 2), best[1], best[2]]
-            for mma in [f for f in ("bf16", "bf16x2") if f in fam]:
-                best = None
-                for c in mma_configs(m, n, k, sms):
-                    if c.mma != mma:
-                        continue
-                    try:
-                        t, e = timed(lambda i, c=c: triton_gemm(xq, xs, wqs[i], wss[i], config=c))
-                    except Exception as ex:  # noqa: BLE001
-                        print(json.dumps({"cfg": str(c), "error": str(ex)[:300]}), flush=True)
-                        continue
-                    if best is None or t < best[0]:
-                        best = (t, e, c)
-                    rec.setdefault(f"{mma}_worst_err", 0.0)
-                    rec[f"{mma}_worst_err"] = max(rec[f"{mma}_worst_err"], e)
-                if best:
-                    rec[mma] = [round(best[0], 2), best[1], best[2].to_json()]
             if m == 1 and "gemv" in fam:
                 out = torch.empty(1, n, dtype=torch.bfloat16, device=dev)
                 best = None

@@ -200,10 +200,11 @@ def test_choice_is_cached(fake_available):
 
 def test_shipped_h100_table_routes_the_seed_shape(fake_available):
     """The shipped H100 table (blockfp8 bench, docs/benchmarks.md): the seed shape N=2112, K=7168 runs the
-    split-K Triton kernel at M=1 and DeepGEMM from M=16 on, as measured."""
+    split-K Triton kernel at M=1 and 16 and DeepGEMM from M=64 on, as measured."""
     fake_available("triton", "cublas", "deepgemm")
     assert choose(1, 2112, 7168, H100) == "triton"
-    assert choose(16, 2112, 7168, H100) == "deepgemm"
+    assert choose(16, 2112, 7168, H100) == "triton"
+    assert choose(64, 2112, 7168, H100) == "deepgemm"
     assert choose(4096, 2112, 7168, H100) == "deepgemm"
     fake_available("triton", "cublas", missing=("deepgemm",))
     assert choose(16, 2112, 7168, H100) in ("triton", "cublas")

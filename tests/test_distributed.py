@@ -402,7 +402,8 @@ def test_tp_demo_torchrun_gloo_tp2(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "blockfp8.tp_demo", "--small", "--layers", "1", "--steps", "2", "--batch", "2",
            "--gemm-reps", "1", "--json", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    # The CPU path (gloo, Triton interpreter) on any host: hide GPUs, or rank 1 asks for a second one.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=110)
     assert proc.returncode == 0, proc.stderr[:6000]
     report = json.loads(out.read_text())

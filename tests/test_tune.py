@@ -29,6 +29,14 @@ def test_select_candidates(m, n, k):
     assert set(select_candidates(m, n, k, 0)) == set(every) | {base}
 
 
+def test_select_candidates_keeps_the_incumbent():
+    """The config the shipped table holds for a cell is always re-timed, so a re-tune never ends slower."""
+    inc = TritonConfig(16, 32, split_k=3, group_m=1, swap_ab=True, num_warps=2, num_stages=2)
+    picked = select_candidates(1, 2112, 7168, 5, incumbent=inc)
+    assert picked[:2] == [heuristic_config(1, 2112, 7168, 132), inc] and len(picked) == 5
+    assert select_candidates(1, 2112, 7168, 1, incumbent=inc)[-1] == inc  # kept even past the limit
+
+
 def test_tune_cell_discards_wrong_and_failing_configs():
     configs = ["base", "fast_but_wrong", "raises", "slow", "fastest", "times_out"]
     errors = {"fast_but_wrong": 0.2}

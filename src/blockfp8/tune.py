@@ -55,15 +55,18 @@ class CellResult:
         return self.trials[0] if self.trials else None
 
 
-def select_candidates(m: int, n: int, k: int, max_configs: int, num_sms: int = 132) -> list:
-    """The heuristic config first, then up to ``max_configs - 1`` distinct candidates spread evenly over
-    ``candidate_configs(m, n, k)`` (its order sweeps tile shape, split and stages, so even spacing samples
-    every kind). ``max_configs <= 0`` keeps all candidates."""
+def select_candidates(m: int, n: int, k: int, max_configs: int, num_sms: int = 132,
+                      incumbent: object | None = None) -> list:
+    """The heuristic config first, then the ``incumbent`` (the config the shipped table holds for this cell,
+    if any, so a re-tune never ends slower than what ships), then up to ``max_configs`` minus those
+    distinct candidates spread evenly over ``candidate_configs(m, n, k)`` (its order sweeps tile shape,
+    split and stages, so even spacing samples every kind). ``max_configs <= 0`` keeps all candidates."""
     from .backends.triton_configs import candidate_configs, heuristic_config
 
     base = heuristic_config(m, n, k, num_sms)
-    rest = list(dict.fromkeys(c for c in candidate_configs(m, n, k, num_sms) if c != base))
-    room = len(rest) if max_configs <= 0 else max(0, max_configs - 1)
+    head = list(dict.fromkeys([base] + ([incumbent] if incumbent is not None else [])))
+    rest = list(dict.fromkeys(c for c in candidate_configs(m, n, k, num_sms) if c not in head))
+    room = len(rest) if max_configs <= 0 else max(0, max_configs - len(head))
     if room < len(rest):
         if room == 0:
             rest = []
@@ -72,7 +75,7 @@ def select_candidates(m: int, n: int, k: int, max_configs: int, num_sms: int = 1
         else:
             step = (len(rest) - 1) / (room - 1)
             rest = [rest[round(i * step)] for i in range(room)]
-    return [base, *rest]
+    return [*head, *rest]
 
 
 def tune_cell(configs: list, check: Callable[[object], float], measure: Callable[[object], float],
@@ -156,7 +159,7 @@ def _print_summary(console, results: list[CellResult]) -> None:
         gain = f"{base_us / best.us:.2f}x" if best and base_us else "-"
         c = best.config if best else None
         cfg = (f"{c.block_m}x{c.block_n} split{c.split_k} g{c.group_m}{' swap' if c.swap_ab else ''} "
-               f"w{c.num_warps} s{c.num_stages}") if c else "[bold red]none correct[/]"
+               f"w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}") if c else "[bold red]none correct[/]"
         t.add_row(r.name, str(r.n), str(r.k), str(r.m), "/".join(map(str, counts)),
                   f"{base_us:.1f}" if base_us else "[red]-[/]", f"{best.us:.1f}" if best else "-", gain, cfg)
     console.print(t)
@@ -181,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"[red]error:[/] {e}")
         return 2
 
+    from .backends.triton_configs import lookup
     from .peers import make_weight_copies
 
     device = torch.device("cuda", torch.cuda.current_device())
@@ -199,7 +203,8 @@ def run(args: argparse.Namespace) -> int:
             weights = make_weight_copies(shape.n, shape.k, device)
             for m in ms:
                 progress.update(task, description=f"{shape.name} M={m}")
-                configs = select_candidates(m, shape.n, shape.k, args.max_configs, num_sms)
+                configs = select_candidates(m, shape.n, shape.k, args.max_configs, num_sms,
+                                            lookup(name, m, shape.n, shape.k))
                 trials = _gpu_cell(weights, m, configs, args.reps, on_bad)
                 results.append(CellResult(shape.name, shape.n, shape.k, m, trials))
                 progress.advance(task)

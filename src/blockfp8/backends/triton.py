@@ -23,10 +23,9 @@ import os
 import torch
 import triton
 import triton.language as tl
-
-from ..quant import cdiv
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..quant import cdiv
 from .base import Backend, Limits, cuda_identity
 from .triton_configs import TritonConfig, get_config
 
@@ -64,8 +63,7 @@ def _fp8_block_gemm_kernel(
     stride_am, stride_asm, stride_ask, stride_wn, stride_wsn, stride_wsk, stride_cm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
-    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, MMA_BF16: tl.constexpr, SPLIT_BF16: tl.constexpr,
-    INTERPRETED: tl.constexpr, USE_TMA: tl.constexpr,
+    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -128,43 +126,15 @@ def _fp8_block_gemm_kernel(
                 a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
         sa = tl.load(as_ptrs)
-        if MMA_BF16:
-            # The tile's rows share one weight block (BLOCK_N divides 128), so both scales fold into the
-            # activation tile; weights convert to bf16 exactly. The dot then chains into the accumulator
-            # with no per-group wait (the fp8 path must finish each group's dot before scaling it).
-            sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk)
-            if SWAP_AB:
-                a16 = a.to(tl.float32) * (sa * sw)[None, :]
-            else:
-                a16 = a.to(tl.float32) * (sa * sw)[:, None]
-            if INTERPRETED:
-                # The interpreter's bf16 dot is not usable; fp32 dot of bf16-rounded values gives the
-                # same result (bf16 x bf16 products are exact in fp32).
-                hi = _round_bf16(a16)
-                lo = _round_bf16(a16 - hi)
-                w16 = w.to(tl.float32)
-            else:
-                hi = a16.to(tl.bfloat16)
-                lo = (a16 - hi.to(tl.float32)).to(tl.bfloat16)
-                w16 = w.to(tl.bfloat16)
-            if SWAP_AB:
-                acc = tl.dot(w16, hi, acc, input_precision="ieee")
-                if SPLIT_BF16:
-                    acc = tl.dot(w16, lo, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(hi, w16, acc, input_precision="ieee")
-                if SPLIT_BF16:
-                    acc = tl.dot(lo, w16, acc, input_precision="ieee")
+        if W_BLOCK_N % BLOCK_N == 0:
+            # One weight block per tile: one scalar scale (out-of-range rows are never stored).
+            sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk) + tl.zeros((BLOCK_N,), tl.float32)
         else:
-            if W_BLOCK_N % BLOCK_N == 0:
-                # One weight block per tile: one scalar scale (out-of-range rows are never stored).
-                sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk) + tl.zeros((BLOCK_N,), tl.float32)
-            else:
-                sw = tl.load(ws_ptrs)
-            if SWAP_AB:
-                acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
-            else:
-                acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+            sw = tl.load(ws_ptrs)
+        if SWAP_AB:
+            acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
+        else:
+            acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
         as_ptrs += stride_ask
@@ -240,8 +210,6 @@ def triton_gemm(
     if w_fp8.stride(1) != 1:
         w_fp8 = w_fp8.contiguous()
     cfg = config or get_config(m, n, k, x_fp8.device)
-    if cfg.mma != "fp8" and 128 % cfg.block_n:
-        raise ValueError(f"mma={cfg.mma!r} needs block_n dividing 128 (one weight scale per tile), got {cfg}")
     out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     split = min(cfg.split_k, cdiv(k, 128))
@@ -261,9 +229,7 @@ def triton_gemm(
         weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
         GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
-        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, MMA_BF16=cfg.mma != "fp8",
-        SPLIT_BF16=cfg.mma == "bf16x2",
-        INTERPRETED=INTERPRET, USE_TMA=use_tma,
+        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, USE_TMA=use_tma,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -27,10 +27,6 @@ class TritonConfig:
     swap_ab: bool = False
     num_warps: int = 4
     num_stages: int = 3
-    # "fp8": FP8 tensor-core dot per 128-K group, scaled after it (DeepSeek numerics, full FP8 MMA rate).
-    # "bf16": weights upcast exactly to bf16, both scales folded into the activation tile (one bf16
-    # rounding), dots chained into one fp32 accumulator: no per-group wait, half the MMA rate -- for decode.
-    mma: str = "fp8"
     # Read the A and W tiles through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte
     # aligned rows); otherwise, and when False, per-thread pointer loads.
     tma: bool = False
@@ -48,46 +44,55 @@ def _next_pow2(x: int) -> int:
 
 
 def heuristic_config(m: int, n: int, k: int, num_sms: int = 132) -> TritonConfig:
-    """Untuned default: swap-AB split-K for decode, 128x128 tiles for prefill."""
+    """Untuned default, fitted to the H100 tuning run (docs/performance.md): TMA tile loads everywhere
+    (the kernel falls back to pointer loads where the operands do not allow them); swap-AB split-K for
+    decode, 64x128 tiles for prefill, 128x128 for large prefill GEMMs."""
     groups = cdiv(k, 128)
     if m <= 64:
         bm = max(16, _next_pow2(m))
         bn = 64
         tiles = cdiv(n, bn) * cdiv(m, bm)
-        # Enough programs to put ~2 on every SM, each still owning at least 2 K groups.
-        split = max(1, min(cdiv(2 * num_sms, tiles), groups // 2 or 1))
-        return TritonConfig(bm, bn, split, group_m=1, swap_ab=True, num_warps=4, num_stages=4)
-    # 64x128 tiles with 4 warps won every prefill cell of the H100 tuning run (docs/performance.md):
-    # 1.4-2.1x faster than 128x128 with 8 warps, whose per-group scaling of a larger accumulator stalls more.
+        # About one program per SM, each still owning at least 2 K groups: with TMA's deep pipeline one
+        # program per SM streams as fast as two did with per-thread loads, and the split-K reduction shrinks.
+        split = max(1, min(cdiv(num_sms, tiles), groups // 2 or 1))
+        return TritonConfig(bm, bn, split, group_m=1, swap_ab=True, num_warps=4, num_stages=4, tma=True)
+    if m >= 2048 and n >= 4096 and k >= 4096:
+        return TritonConfig(128, 128, 1, group_m=8, swap_ab=False, num_warps=8, num_stages=4, tma=True)
+    # 64x128 tiles with 4 warps won most prefill cells: 128x128 with 8 warps scales a larger accumulator
+    # after every 128-K group and stalls more, except on the largest GEMMs.
     bm, bn = 64, 128
     tiles = cdiv(m, bm) * cdiv(n, bn)
     split = 1 if tiles >= num_sms else max(1, min(cdiv(num_sms, tiles), groups // 4 or 1))
-    return TritonConfig(bm, bn, split, group_m=8, swap_ab=False, num_warps=4, num_stages=3)
+    return TritonConfig(bm, bn, split, group_m=8, swap_ab=False, num_warps=4, num_stages=3, tma=True)
 
 
 def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[TritonConfig]:
     """Search space for ``blockfp8 tune`` at one (M, N, K), most promising first.
 
-    Decode: swap-AB tiles with split-K counts that put 1-2 programs on every SM (the H100 probe in
-    docs/performance.md found the best decode configs there); prefill: the usual wgmma tile shapes.
+    Decode: swap-AB tiles with split-K counts that put 1-2 programs on every SM, TMA tile loads with deep
+    pipelines first (the decode probe in docs/performance.md), then per-thread loads; prefill: the usual wgmma
+    tile shapes, with and without TMA.
     """
     groups = cdiv(k, 128)
     out: list[TritonConfig] = []
     if m <= 64:
         bm = max(16, _next_pow2(m))
-        for bn in (64, 128):
-            tiles = cdiv(n, bn) * cdiv(m, bm)
-            splits = {1, cdiv(num_sms, tiles), cdiv(2 * num_sms, tiles), 2, 4, 8}
-            for split in sorted(s for s in splits if s <= groups and tiles * s <= 8 * num_sms):
-                for warps, stages in ((4, 3), (4, 5), (8, 4)):
-                    out.append(TritonConfig(bm, bn, split, 1, True, warps, stages))
+        # Per-thread-load configs: a few (the tuned table's entries are re-timed by tune anyway).
+        for tma, shapes in ((True, ((4, 4), (4, 6), (8, 4), (4, 8))), (False, ((4, 3),))):
+            for bn in (64, 128):
+                tiles = cdiv(n, bn) * cdiv(m, bm)
+                splits = {1, cdiv(num_sms, tiles), cdiv(2 * num_sms, tiles)}
+                for split in sorted(s for s in splits if s <= groups and tiles * s <= 8 * num_sms):
+                    for warps, stages in shapes:
+                        out.append(TritonConfig(bm, bn, split, 1, True, warps, stages, tma))
     else:
-        for bm, bn, warps in ((128, 128, 8), (64, 128, 4), (128, 256, 8), (64, 256, 8)):
-            tiles = cdiv(m, bm) * cdiv(n, bn)
-            splits = {1} if tiles >= num_sms else {1, 2, cdiv(num_sms, tiles)}
-            for split in sorted(s for s in splits if s <= groups):
-                for stages in (3, 4):
-                    out.append(TritonConfig(bm, bn, split, 8, False, warps, stages))
+        for tma in (True, False):
+            for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8)):
+                tiles = cdiv(m, bm) * cdiv(n, bn)
+                splits = {1} if tiles >= num_sms else {1, 2, cdiv(num_sms, tiles)}
+                for split in sorted(s for s in splits if s <= groups):
+                    for stages in (3, 4):
+                        out.append(TritonConfig(bm, bn, split, 8, False, warps, stages, tma))
     return list(dict.fromkeys(out))
 
 
