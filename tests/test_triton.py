@@ -65,6 +65,8 @@ CONFIGS = [
     TritonConfig(64, 64, split_k=5, group_m=2),
     TritonConfig(128, 128, split_k=2, group_m=8, num_warps=8),
     TritonConfig(16, 64, split_k=3, group_m=1, swap_ab=True, tma=True),
+    TritonConfig(16, 64, split_k=3, group_m=1, swap_ab=True, tma=True, pair_k=True),
+    TritonConfig(32, 128, split_k=1, group_m=1, swap_ab=True, tma=True, pair_k=True),
     TritonConfig(32, 128, split_k=1, group_m=1, swap_ab=True, tma=True),
     TritonConfig(64, 128, split_k=2, group_m=8, tma=True),
     TritonConfig(64, 256, split_k=1, group_m=8, num_warps=8, tma=True),

@@ -158,8 +158,10 @@ def _print_summary(console, results: list[CellResult]) -> None:
         base_us = base.us if base is not None and base.status == "ok" else None
         gain = f"{base_us / best.us:.2f}x" if best and base_us else "-"
         c = best.config if best else None
-        cfg = (f"{c.block_m}x{c.block_n} split{c.split_k} g{c.group_m}{' swap' if c.swap_ab else ''} "
-               f"w{c.num_warps} s{c.num_stages}{' tma' if c.tma else ''}") if c else "[bold red]none correct[/]"
+        cfg = "[bold red]none correct[/]"
+        if c:
+            flags = "".join(f" {name}" for name, on in (("swap", c.swap_ab), ("tma", c.tma), ("pair", c.pair_k)) if on)
+            cfg = f"{c.block_m}x{c.block_n} split{c.split_k} g{c.group_m} w{c.num_warps} s{c.num_stages}{flags}"
         t.add_row(r.name, str(r.n), str(r.k), str(r.m), "/".join(map(str, counts)),
                   f"{base_us:.1f}" if base_us else "[red]-[/]", f"{best.us:.1f}" if best else "-", gain, cfg)
     console.print(t)

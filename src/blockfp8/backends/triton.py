@@ -65,6 +65,7 @@ def _fp8_block_gemm_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, USE_TMA: tl.constexpr,
+    PAIR_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,42 +105,61 @@ def _fp8_block_gemm_kernel(
     ws_ptrs = ws_ptr + (rn // W_BLOCK_N) * stride_wsn + g_start * stride_wsk
     w_block = (pid_n * BLOCK_N) // W_BLOCK_N
 
-    for g in range(g_start, g_end):
-        if USE_TMA:
-            # Tiles through the bulk tensor copy engine: zero fill past M, N and K replaces the masks, and
-            # the pipelined copies keep more weight bytes in flight per SM than per-thread loads
-            # (measured faster at decode, docs/performance.md).
-            if SWAP_AB:
-                w = w_desc.load([pid_n * BLOCK_N, g * BLOCK_K])
-                a = tl.trans(a_desc.load([pid_m * BLOCK_M, g * BLOCK_K]))
+    if PAIR_K:
+        # Two K groups per step (TMA + swap-AB decode only): both dots are issued before either is scaled,
+        # halving the serial wait-then-scale steps of a latency-bound loop. A lone last group's twin lies in
+        # the next split or past K (zero fill); its contribution is dropped.
+        for g in range(g_start, g_end, 2):
+            has2 = g + 1 < g_end
+            w0 = w_desc.load([pid_n * BLOCK_N, g * BLOCK_K])
+            a0 = tl.trans(a_desc.load([pid_m * BLOCK_M, g * BLOCK_K]))
+            w1 = w_desc.load([pid_n * BLOCK_N, (g + 1) * BLOCK_K])
+            a1 = tl.trans(a_desc.load([pid_m * BLOCK_M, (g + 1) * BLOCK_K]))
+            s0 = tl.load(as_ptr + rm * stride_asm + g * stride_ask) * tl.load(
+                ws_ptr + w_block * stride_wsn + g * stride_wsk)
+            g1 = tl.minimum(g + 1, g_end - 1)  # a valid scale index; a lone group's twin is dropped below
+            s1 = tl.load(as_ptr + rm * stride_asm + g1 * stride_ask) * tl.load(
+                ws_ptr + w_block * stride_wsn + g1 * stride_wsk)
+            d0 = tl.dot(w0, a0)
+            d1 = tl.dot(w1, a1)
+            acc += d0 * s0[None, :] + tl.where(has2, d1 * s1[None, :], 0.0)
+    else:
+        for g in range(g_start, g_end):
+            if USE_TMA:
+                # Tiles through the bulk tensor copy engine: zero fill past M, N and K replaces the masks, and
+                # the pipelined copies keep more weight bytes in flight per SM than per-thread loads
+                # (measured faster at decode, docs/performance.md).
+                if SWAP_AB:
+                    w = w_desc.load([pid_n * BLOCK_N, g * BLOCK_K])
+                    a = tl.trans(a_desc.load([pid_m * BLOCK_M, g * BLOCK_K]))
+                else:
+                    a = a_desc.load([pid_m * BLOCK_M, g * BLOCK_K])
+                    w = tl.trans(w_desc.load([pid_n * BLOCK_N, g * BLOCK_K]))
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
             else:
-                a = a_desc.load([pid_m * BLOCK_M, g * BLOCK_K])
-                w = tl.trans(w_desc.load([pid_n * BLOCK_N, g * BLOCK_K]))
-        elif EVEN_K:
-            a = tl.load(a_ptrs)
-            w = tl.load(w_ptrs)
-        else:
-            k_ok = g * BLOCK_K + offs_k < K
-            if SWAP_AB:
-                a = tl.load(a_ptrs, mask=k_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                k_ok = g * BLOCK_K + offs_k < K
+                if SWAP_AB:
+                    a = tl.load(a_ptrs, mask=k_ok[:, None], other=0.0)
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            sa = tl.load(as_ptrs)
+            if W_BLOCK_N % BLOCK_N == 0:
+                # One weight block per tile: one scalar scale (out-of-range rows are never stored).
+                sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk) + tl.zeros((BLOCK_N,), tl.float32)
             else:
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
-        sa = tl.load(as_ptrs)
-        if W_BLOCK_N % BLOCK_N == 0:
-            # One weight block per tile: one scalar scale (out-of-range rows are never stored).
-            sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk) + tl.zeros((BLOCK_N,), tl.float32)
-        else:
-            sw = tl.load(ws_ptrs)
-        if SWAP_AB:
-            acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
-        else:
-            acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
-        as_ptrs += stride_ask
-        ws_ptrs += stride_wsk
+                sw = tl.load(ws_ptrs)
+            if SWAP_AB:
+                acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
+            else:
+                acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            as_ptrs += stride_ask
+            ws_ptrs += stride_wsk
 
     if SWAP_AB:
         c_offs = offs_m[None, :] * stride_cm + offs_n[:, None]
@@ -231,6 +251,7 @@ def triton_gemm(
         HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
         GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
         ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, USE_TMA=use_tma,
+        PAIR_K=use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

@@ -30,6 +30,8 @@ class TritonConfig:
     # Read the A and W tiles through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte
     # aligned rows); otherwise, and when False, per-thread pointer loads.
     tma: bool = False
+    # Decode with TMA: two K groups per loop step, both dots issued before either is scaled.
+    pair_k: bool = False
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -85,6 +87,9 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[Triton
                 for split in sorted(s for s in splits if s <= groups and tiles * s <= 8 * num_sms):
                     for warps, stages in shapes:
                         out.append(TritonConfig(bm, bn, split, 1, True, warps, stages, tma))
+                        # Two groups in flight double the staged tiles: keep them within shared memory.
+                        if tma and warps == 4 and stages in (4, 6) and 2 * (bm + bn) * 128 * stages <= 200_000:
+                            out.append(TritonConfig(bm, bn, split, 1, True, warps, stages, tma, pair_k=True))
     else:
         for tma in (True, False):
             for bm, bn, warps in ((64, 128, 4), (128, 128, 8), (128, 256, 8), (64, 256, 8)):
