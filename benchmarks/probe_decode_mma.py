@@ -6,7 +6,7 @@ Compares, per DeepSeek-V3 shape and M, L2-cold CUDA-graph times of
   bf16, scales folded into the activations, dots chained into one accumulator; measured slower on every
   decode cell (results/decode_mma_probe/) and removed,
 * an experimental CUDA-core GEMV for M=1 (no tensor cores, full K per program, no split-K reduction),
-* an experimental TMA-load variant of the FP8 kernel (``tma_decode.py``),
+* the FP8 kernel with TMA tile loads (``TritonConfig(tma=True)``) over a small config grid,
 * DeepGEMM when installed.
 Prints one JSON line per cell. ``--compile-only`` just compiles every config (run it in parallel processes
 first so the timed pass finds Triton's cache warm).
@@ -21,12 +21,12 @@ import math
 import torch
 import triton
 import triton.language as tl
-from tma_decode import tma_decode_gemm
+from probe_triton import graph_time_us
 
 from blockfp8 import quantize_weight, reference_gemm, rel_error
 from blockfp8.act_quant import quantize_activation_fused
 from blockfp8.backends.triton import triton_gemm
-from blockfp8.backends.triton_configs import get_config
+from blockfp8.backends.triton_configs import TritonConfig, get_config
 from blockfp8.quant import cdiv
 from blockfp8.shapes import parse_ints, parse_shapes
 
@@ -59,31 +59,7 @@ def gemv(xq, xs, wq, ws, block_n: int, block_k: int, warps: int, out=None):
     return y
 
 
-def graph_time_us(fn, copies: int, reps: int = 10) -> float:
-    """Median per-call time of fn(i) over i in range(copies), replayed from one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(copies):
-            fn(i)
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000 / copies)
-    return sorted(times)[len(times) // 2]
-
-
-def tma_configs(m: int, n: int, k: int, sms: int) -> list[tuple]:
+def tma_configs(m: int, n: int, k: int, sms: int) -> list[TritonConfig]:
     groups = cdiv(k, 128)
     bm = max(16, 1 << max(0, (m - 1).bit_length()))
     out = []
@@ -92,7 +68,7 @@ def tma_configs(m: int, n: int, k: int, sms: int) -> list[tuple]:
         for split in sorted({s for s in (1, cdiv(sms, tiles), cdiv(2 * sms, tiles), cdiv(4 * sms, tiles))
                              if s <= groups and tiles * s <= 8 * sms}):
             for warps, stages in ((4, 4), (8, 4), (4, 6), (4, 8)):
-                out.append((bm, bn, split, warps, stages))
+                out.append(TritonConfig(bm, bn, split, 1, True, warps, stages, tma=True))
     return out
 
 
@@ -129,9 +105,7 @@ def main() -> None:
             ws = torch.ones(cdiv(n, 128), cdiv(k, 128), device=dev)
             xq = torch.zeros(m, k, device=dev, dtype=torch.float8_e4m3fn)
             xs = torch.ones(cdiv(k, 128), m, device=dev).t()
-            if isinstance(c, tuple):
-                tma_decode_gemm(xq, xs, wq, ws, *c)
-            elif c == "gemv":
+            if c == "gemv":
                 if m == 1:
                     for bn, bk, w in GEMV:
                         if k % bk == 0:
@@ -180,11 +154,11 @@ def main() -> None:
             if "tma" in fam:
                 best = None
                 for c in tma_configs(m, n, k, sms):
-                    t, e = timed(lambda i, c=c: tma_decode_gemm(xq, xs, wqs[i], wss[i], *c))
+                    t, e = timed(lambda i, c=c: triton_gemm(xq, xs, wqs[i], wss[i], config=c))
                     if best is None or t < best[0]:
                         best = (t, e, c)
                     rec["tma_worst_err"] = max(rec.get("tma_worst_err", 0.0), e)
-                rec["tma"] = [round(best[0], 2), best[1], best[2]]
+                rec["tma"] = [round(best[0], 2), best[1], best[2].to_json()]
             if m == 1 and "gemv" in fam:
                 out = torch.empty(1, n, dtype=torch.bfloat16, device=dev)
                 best = None
