@@ -79,7 +79,8 @@ def test_n200_never_cublas(fake_available, m):
 def test_unaligned_n_never_deepgemm_or_cublas(fake_available, m):
     """N=130 breaks DeepGEMM's 16-byte output-stride rule (N % 8) and cuBLAS's N % 16."""
     fake_available("triton", "cublas", "deepgemm")
-    assert choose(m, 130, 1024, H100) == "triton"
+    # One of blockfp8's own kernels (the Gluon one too, where a Hopper GPU makes it available).
+    assert choose(m, 130, 1024, H100) in ("triton", "gluon")
     ex = dispatch.explain_problem(Problem(m, 130, 1024, **H100))
     assert "N % 8" in ex.verdicts["deepgemm"].reason and "N % 16" in ex.verdicts["cublas"].reason
 

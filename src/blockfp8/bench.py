@@ -62,7 +62,7 @@ DEFINITIONS = {
 }
 
 MODES = ("gemm", "linear")
-GPU_BACKENDS = ("triton", "cublas", "deepgemm")
+GPU_BACKENDS = ("triton", "gluon", "cublas", "deepgemm")
 GPU_PEERS = ("bf16", "torchao")
 
 

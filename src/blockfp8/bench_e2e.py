@@ -312,7 +312,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=_int_list, default=[1, 16], help="decode batch sizes M, comma-separated")
     p.add_argument("--steps", type=int, default=50, help="timed decode steps per cell (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 5; CPU 1)")
-    p.add_argument("--backends", type=_name_list, default=["triton", "cublas", "deepgemm"],
+    p.add_argument("--backends", type=_name_list, default=["triton", "gluon", "cublas", "deepgemm"],
                    help="FP8 backends to force, comma-separated (the dispatched 'auto' variant always runs)")
     p.add_argument("--modes", type=_name_list, default=list(MODES),
                    help=f"comma-separated subset of {','.join(MODES)} (CPU: eager only)")

@@ -28,11 +28,12 @@ ENV_VAR = "BLOCKFP8_BACKEND"
 ENV_TABLE = "BLOCKFP8_DISPATCH_TABLE"
 
 # Used when the table has no row for a shape. Decode (M <= 64) is a weight-streaming problem where the
-# split-K Triton kernel keeps every SM loading weights; at larger M the peers' wgmma pipelines lead
+# split-K Triton kernel keeps every SM loading weights; at larger M the peers' wgmma pipelines lead, and of
+# blockfp8's own kernels the Gluon wgmma kernel (Hopper only) beats the Triton one on most DeepSeek-V3 shapes
 # (docs/benchmarks.md). The reference is last everywhere on CUDA and the only fast choice on CPU.
 STATIC_ORDER = {
     ("cuda", "decode"): ("triton", "deepgemm", "cublas", "reference"),
-    ("cuda", "prefill"): ("deepgemm", "cublas", "triton", "reference"),
+    ("cuda", "prefill"): ("deepgemm", "cublas", "gluon", "triton", "reference"),
     ("cpu", "decode"): ("reference", "triton"),
     ("cpu", "prefill"): ("reference", "triton"),
 }

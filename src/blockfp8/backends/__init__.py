@@ -15,6 +15,7 @@ _MODULES = {
     "triton": "blockfp8.backends.triton",
     "cublas": "blockfp8.backends.cublas",
     "deepgemm": "blockfp8.backends.deepgemm",
+    "gluon": "blockfp8.backends.gluon",
 }
 
 _LOADED: dict[str, Backend] = {}
