@@ -15,6 +15,7 @@ its tests run on the GPU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,26 @@ try:  # Gluon ships with triton >= 3.5; an older triton leaves this backend unav
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # Triton 3.6 names the TMA tile load async_copy_global_to_shared; later releases call it async_load (same
+    # arguments) and make the old name raise.
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    # A CTA-wide barrier: thread_barrier in 3.6, barrier later.
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
     _IMPORT_ERROR = ""
 except ImportError as e:  # pragma: no cover - depends on the installed triton
     _IMPORT_ERROR = f"triton.experimental.gluon unavailable: {e}"
+
+
+# Gluon is experimental and its API moves between Triton releases (3.9 renamed the TMA load and the barrier).
+# The kernel runs only on the Triton versions its GPU tests and `blockfp8 check` passed on, unless the user opts
+# in to try another one (then run `blockfp8 check --backends gluon` on that GPU first).
+VERIFIED_TRITON = ((3, 6),)
+ENV_UNVERIFIED = "BLOCKFP8_GLUON_ANY_TRITON"
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 @dataclass(frozen=True)
@@ -64,8 +82,8 @@ if not _IMPORT_ERROR:
     def _load_group(a_desc, w_desc, bar, a_buf, w_buf, off_m, off_n, k, pred):
         """TMA-load one K group of A and W into a slot; ``bar`` completes when both tiles have landed."""
         mbarrier.expect(bar, a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=pred)
-        tma.async_copy_global_to_shared(a_desc, [off_m, k], bar, a_buf, pred=pred)
-        tma.async_copy_global_to_shared(w_desc, [off_n, k], bar, w_buf, pred=pred)
+        _tma_load(a_desc, [off_m, k], bar, a_buf, pred=pred)
+        _tma_load(w_desc, [off_n, k], bar, w_buf, pred=pred)
 
     @gluon.jit
     def _promote(acc, part, sa, sw, SCALAR_WS: gl.constexpr):
@@ -101,7 +119,7 @@ if not _IMPORT_ERROR:
     @gluon.jit
     def _refill(g, a_desc, w_desc, a_bufs, w_bufs, ready, off_m, off_n, num_padded, STAGES: gl.constexpr):
         """Group g's wgmma has finished in every warpgroup: load group g + STAGES into its slot."""
-        gl.thread_barrier()
+        _cta_barrier()
         s = g % STAGES
         nxt = g + STAGES
         _load_group(a_desc, w_desc, ready.index(s), a_bufs.index(s), w_bufs.index(s), off_m, off_n,
@@ -234,6 +252,10 @@ class GluonBackend(Backend):
             return False, _IMPORT_ERROR
         if not torch.cuda.is_available():
             return False, "no CUDA device (Gluon kernels have no CPU interpreter)"
+        if _triton_version() not in VERIFIED_TRITON and os.environ.get(ENV_UNVERIFIED) != "1":
+            verified = ", ".join(f"{a}.{b}" for a, b in VERIFIED_TRITON)
+            return False, (f"verified with triton {verified} only, found {triton.__version__} "
+                           f"(set {ENV_UNVERIFIED}=1 to try it, then run blockfp8 check --backends gluon)")
         return True, ""
 
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
