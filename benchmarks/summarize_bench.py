@@ -7,7 +7,8 @@ import json
 import math
 import sys
 
-ORDER = ["triton", "cublas", "deepgemm", "torchao", "bf16"]
+ORDER = ["triton", "gluon", "cublas", "deepgemm", "torchao", "bf16"]
+OWN = ("triton", "gluon")  # blockfp8's own kernels
 
 
 def load(paths):
@@ -43,6 +44,12 @@ def best_peer(row):
     return min(peers) if peers else (None, None)
 
 
+def own(row):
+    """Fastest correct own kernel: (us, name), or (None, None)."""
+    ts = [(us(row.get(n)), n) for n in OWN if row.get(n) and row[n]["status"] == "ok" and us(row[n])]
+    return min(ts) if ts else (None, None)
+
+
 def speed_table(records, mode, ceilings):
     c = cells(records)
     lines = ["| N x K | M | " + " | ".join(f"{n} us" for n in ORDER) + " | dispatched us (choice) | best peer | "
@@ -61,6 +68,7 @@ def speed_table(records, mode, ceilings):
 
 
 def triton_table(records, ceilings):
+    """blockfp8's own kernels per cell: the faster of Triton and Gluon, us / TFLOP/s (kernel)."""
     c = cells(records)
     ms = sorted({k[2] for k in c})
     shapes = sorted({(k[0], k[1]) for k in c}, key=lambda s: -s[0] * s[1])
@@ -68,9 +76,8 @@ def triton_table(records, ceilings):
     for n, k in shapes:
         parts = []
         for m in ms:
-            r = c.get((n, k, m, "gemm"), {}).get("triton")
-            t = us(r)
-            parts.append(f"{t:.1f} us / {2 * m * n * k / t / 1e6:.0f}" if t else "-")
+            t, name = own(c.get((n, k, m, "gemm"), {}))
+            parts.append(f"{t:.1f} us / {2 * m * n * k / t / 1e6:.0f} ({name})" if t else "-")
         lines.append(f"| {n} x {k} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
 
@@ -79,35 +86,38 @@ def goals(records, ceilings):
     """Issue goals per shape: decode %BW (weights) and speed vs best peer for the dispatched op and Triton."""
     c = cells(records)
     bw = ceilings["copy_gbps"] * 1e9
-    lines = ["| N x K | M | weight MB | dispatched us | % copy BW | Triton us | % copy BW | best peer (us) | "
-             "dispatched vs peer | Triton vs peer |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines = ["| N x K | M | weight MB | dispatched us | % copy BW | own kernel us | % copy BW | best peer (us) | "
+             "dispatched vs peer | own vs peer |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     logs_d, logs_t = [], []
     for (n, k, m, md), row in sorted(c.items(), key=lambda x: (-x[0][0] * x[0][1], x[0][2])):
         if md != "gemm" or m > 64:
             continue
         wbytes = n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128)
-        d, t = us(row.get("blockfp8")), us(row.get("triton"))
+        d, (t, _) = us(row.get("blockfp8")), own(row)
         p, peer = best_peer(row)
         logs_d.append(math.log(p / d))
         logs_t.append(math.log(p / t))
-        lines.append(f"| {n} x {k} | {m} | {wbytes / 1e6:.1f} | {d:.1f} | {100 * wbytes / (d * 1e-6) / bw:.0f}% | "
-                     f"{t:.1f} | {100 * wbytes / (t * 1e-6) / bw:.0f}% | {peer} ({p:.1f}) | {p / d:.2f}x | {p / t:.2f}x |")
+        pct_d, pct_t = 100 * wbytes / (d * 1e-6) / bw, 100 * wbytes / (t * 1e-6) / bw
+        lines.append(f"| {n} x {k} | {m} | {wbytes / 1e6:.1f} | {d:.1f} | {pct_d:.0f}% | {t:.1f} | {pct_t:.0f}% | "
+                     f"{peer} ({p:.1f}) | {p / d:.2f}x | {p / t:.2f}x |")
     lines.append(f"\nGeomean over these decode cells: dispatched {math.exp(sum(logs_d) / len(logs_d)):.2f}x, "
-                 f"Triton {math.exp(sum(logs_t) / len(logs_t)):.2f}x the best peer.")
+                 f"own kernel {math.exp(sum(logs_t) / len(logs_t)):.2f}x the best peer.")
     return "\n".join(lines)
 
 
 def prefill(records):
     c = cells(records)
-    lines = ["| N x K | M | Triton us | DeepGEMM us | Triton / DeepGEMM speed | dispatched us (choice) | best peer | "
-             "dispatched vs best peer |", "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = ["| N x K | M | Triton us | Gluon us | DeepGEMM us | own / DeepGEMM speed | dispatched us (choice) | "
+             "best peer | dispatched vs best peer |", "|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for (n, k, m, md), row in sorted(c.items(), key=lambda x: (-x[0][0] * x[0][1], x[0][2])):
         if md != "gemm" or m < 128:
             continue
-        t, g, d = us(row.get("triton")), us(row.get("deepgemm")), us(row.get("blockfp8"))
+        g, d = us(row.get("deepgemm")), us(row.get("blockfp8"))
+        o, _ = own(row)
         p, peer = best_peer(row)
-        lines.append(f"| {n} x {k} | {m} | {t:.1f} | {g:.1f} | {g / t:.2f}x | {d:.1f} "
-                     f"({row['blockfp8']['label'].replace('blockfp8->', '')}) | {peer} | {p / d:.2f}x |")
+        lines.append(f"| {n} x {k} | {m} | {fmt(row.get('triton'))} | {fmt(row.get('gluon'))} | {g:.1f} | "
+                     f"{g / o:.2f}x | {d:.1f} ({row['blockfp8']['label'].replace('blockfp8->', '')}) | {peer} | "
+                     f"{p / d:.2f}x |")
     return "\n".join(lines)
 
 
