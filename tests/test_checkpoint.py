@@ -406,3 +406,32 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="size must"):
         parse_size(text)
+
+
+def test_meta_model_keeps_tied_weights(tmp_path):
+    """A tied weight is stored once (as transformers writes it); loading into a meta-built model installs it under
+    every name of the tie, which stays one tensor."""
+
+    class TiedTiny(Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lm_head.weight = self.embed.weight
+
+    torch.manual_seed(0)
+    model = TiedTiny().to(torch.bfloat16).eval()
+    float_model = copy.deepcopy(model)
+    float_model.lm_head = nn.Linear(160, 50, bias=False)  # untied copy, so the float checkpoint can be written
+    save_float(float_model.to(torch.bfloat16), tmp_path / "float")
+    state = load_file(tmp_path / "float" / SINGLE_NAME)
+    del state["lm_head.weight"]  # a tied weight is stored once, under the embedding's name
+    save_file(state, tmp_path / "float" / SINGLE_NAME, metadata={"format": "pt"})
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    assert "lm_head.weight" not in read_tensor_infos(tmp_path / "fp8")
+
+    with torch.device("meta"):
+        fresh = TiedTiny().to(torch.bfloat16)
+    load_fp8_model(fresh, tmp_path / "fp8", progress=False)
+    assert fresh.lm_head.weight is fresh.embed.weight
+    assert not any(t.is_meta for t in fresh.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(IDS), in_memory(model)(IDS))

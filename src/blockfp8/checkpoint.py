@@ -496,18 +496,37 @@ def _alias_groups(model: nn.Module) -> dict[str, set[str]]:
     return {name: group for group in by_id.values() for name in group}
 
 
-def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor) -> None:
+def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor) -> torch.Tensor | None:
+    """Copy ``value`` into the model's tensor; on the meta device (no storage to copy into) install it instead
+    and return the new tensor, which tied aliases must then share."""
     current = getattr(module, attr)
     if current.is_meta:
-        # A model built on the meta device has no storage to copy into: take the loaded tensor itself.
         value = value.to(current.dtype)
         if attr in module._parameters:
-            module._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
+            installed = module._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
         else:
-            module._buffers[attr] = value
-        return
+            installed = module._buffers[attr] = value
+        return installed
     with torch.no_grad():
         current.copy_(value)
+    return None
+
+
+def _tie(modules: dict[str, nn.Module], names: set[str], tensor: torch.Tensor) -> None:
+    """Point every alias of a tied tensor that is still on the meta device at ``tensor``: a checkpoint stores a
+    tied weight once, and on a meta-built model installing it under one name leaves the others empty."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = modules.get(owner) if owner else modules[""]
+        current = getattr(module, attr, None) if module is not None else None
+        # Only an alias that is still the same empty tensor: a layer replaced by Fp8BlockLinear has its own.
+        if not (isinstance(current, torch.Tensor) and current.is_meta and current.dtype == tensor.dtype
+                and current.shape == tensor.shape):
+            continue
+        if attr in module._parameters:
+            module._parameters[attr] = tensor
+        elif attr in module._buffers:
+            module._buffers[attr] = tensor
 
 
 def load_fp8_model(
@@ -525,8 +544,9 @@ def load_fp8_model(
     dtype). Everything checkable from the headers and config.json is checked before the model is touched;
     scale values (NaN, Inf, <= 0) are checked as they stream in. ``strict`` raises on tensors missing from
     the checkpoint or unknown to the model; otherwise they are listed in the report. Works with models on the
-    meta device (their tensors are replaced by the loaded ones), except for non-persistent buffers such as
-    rotary tables, which no checkpoint holds: the model's own code must create those.
+    meta device (their tensors are replaced by the loaded ones; a tied weight stored once is installed under
+    all its names), except for non-persistent buffers such as rotary tables, which no checkpoint holds: the
+    model's own code must create those.
     """
     root = Path(checkpoint_dir)
     qc = read_quantization_config(root)
@@ -587,7 +607,9 @@ def load_fp8_model(
             check_scale_values(tensor, name=f"tensor {info.name!r} in {info.file}")
         owner, _, attr = info.name.rpartition(".")
         module = modules[owner] if owner else model
-        _set_tensor(module, attr, tensor)
+        installed = _set_tensor(module, attr, tensor)
+        if installed is not None:
+            _tie(modules, aliases.get(info.name, set()) - {info.name}, installed)
         report.loaded += 1
         report.bytes_read += info.nbytes
     return report
