@@ -9,6 +9,7 @@ import sys
 
 ORDER = ["triton", "gluon", "cublas", "deepgemm", "torchao", "bf16"]
 OWN = ("triton", "gluon")  # blockfp8's own kernels
+PEERS = ("cublas", "deepgemm", "torchao", "bf16")
 
 
 def load(paths):
@@ -38,16 +39,19 @@ def fmt(r):
     return f"{t:.1f}" + (" (wrong)" if r["status"] == "wrong" else "")
 
 
+def fastest(row, names):
+    """Fastest correct method of ``names`` in a cell: (us, name), or (None, None)."""
+    ts = [(us(row.get(n)), n) for n in names if row.get(n) and row[n]["status"] == "ok" and us(row[n])]
+    return min(ts) if ts else (None, None)
+
+
 def best_peer(row):
-    peers = [(us(row.get(n)), n) for n in ("cublas", "deepgemm", "torchao", "bf16")
-             if row.get(n) and row[n]["status"] == "ok" and us(row[n])]
-    return min(peers) if peers else (None, None)
+    return fastest(row, PEERS)
 
 
 def own(row):
     """Fastest correct own kernel: (us, name), or (None, None)."""
-    ts = [(us(row.get(n)), n) for n in OWN if row.get(n) and row[n]["status"] == "ok" and us(row[n])]
-    return min(ts) if ts else (None, None)
+    return fastest(row, OWN)
 
 
 def speed_table(records, mode, ceilings):

@@ -517,7 +517,7 @@ def _tie(modules: dict[str, nn.Module], names: set[str], tensor: torch.Tensor) -
     tied weight once, and on a meta-built model installing it under one name leaves the others empty."""
     for name in names:
         owner, _, attr = name.rpartition(".")
-        module = modules.get(owner) if owner else modules[""]
+        module = modules.get(owner)  # "" is the model itself
         current = getattr(module, attr, None) if module is not None else None
         # Only an alias that is still the same empty tensor: a layer replaced by Fp8BlockLinear has its own.
         if not (isinstance(current, torch.Tensor) and current.is_meta and current.dtype == tensor.dtype
