@@ -1,4 +1,5 @@
-"""Test setup: without a GPU, Triton kernels run under the Triton interpreter (set before any kernel import)."""
+"""Test setup: without a GPU, Triton kernels run under the Triton interpreter (set before any kernel import),
+and tests marked ``gpu`` are skipped."""
 
 import os
 
@@ -9,12 +10,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
-
 
 def pytest_collection_modifyitems(config, items):
-    if HAS_CUDA:
+    if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -10,7 +10,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blockfp8 import Fp8BlockLinear, convert_model
-from blockfp8 import checkpoint as ckpt
 from blockfp8.checkpoint import (
     DEFAULT_SKIP,
     INDEX_NAME,
@@ -24,6 +23,7 @@ from blockfp8.checkpoint import (
     save_fp8_checkpoint,
     weight_map,
 )
+from blockfp8.checkpoint import converting as ckpt
 
 
 class Tiny(nn.Module):

@@ -2,11 +2,13 @@
 
 import pytest
 import torch
-from conftest import DEVICE
 
 import blockfp8
 from blockfp8 import dispatch
-from blockfp8.backends import Problem, backend_names, get_backend
+from blockfp8.backends import Problem, Support, backend_names, get_backend
+from blockfp8.testing import default_device
+
+DEVICE = default_device()
 
 H100 = dict(device_type="cuda", arch=(9, 0), device_name="NVIDIA H100 80GB HBM3")
 UNKNOWN_GPU = dict(device_type="cuda", arch=(12, 0), device_name="Some Future GPU")
@@ -23,9 +25,9 @@ def fake_available(monkeypatch):
         for name in backend_names():
             be = get_backend(name)
             if name in names:
-                monkeypatch.setattr(be, "_avail", (True, ""))
+                monkeypatch.setattr(be, "_availability", Support(True))
             elif name in missing:
-                monkeypatch.setattr(be, "_avail", (False, f"{name} not installed"))
+                monkeypatch.setattr(be, "_availability", Support(False, f"{name} not installed"))
         dispatch.clear_caches()
 
     yield install

@@ -27,8 +27,8 @@ from blockfp8.distributed import (
     slice_input,
     split_sizes,
 )
-from blockfp8.quant import expand_block_scales, weight_scale_shape
 from blockfp8.reference import TOLERANCE
+from blockfp8.testing.operands import random_fp8_weight
 
 # With fp32 activations and outputs the only difference left between a shard and the unsharded layer is
 # fp32 summation order (~1e-7); one activation group quantized with a different scale gives >= 1e-4.
@@ -37,11 +37,8 @@ EXACT = 1e-6
 
 def make_layer(n: int, k: int, bias: bool = True, seed: int = 0) -> Fp8BlockLinear:
     """Random block-FP8 layer whose block magnitudes spread over ~e^+-2, so a misplaced scale shows."""
-    g = torch.Generator().manual_seed(seed)
-    spread = torch.exp(torch.randn(weight_scale_shape(n, k), generator=g))
-    w = torch.randn(n, k, generator=g) * expand_block_scales(spread, (n, k), (128, 128))
-    wq, ws = quantize_weight(w)
-    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    wq, ws = random_fp8_weight(n, k, spread=1.0, seed=seed)
+    b = torch.randn(n, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16) if bias else None
     return Fp8BlockLinear.from_fp8(wq, ws, b)
 
 
@@ -387,10 +384,10 @@ def test_gloo_megatron_pair_and_group_check(gloo_results):
 
 
 def test_tp_demo_single_process(tmp_path):
-    from blockfp8 import tp_demo
+    from blockfp8.cli import main
 
     out = tmp_path / "tp1.json"
-    assert tp_demo.main(["--small", "--layers", "1", "--steps", "1", "--gemm-reps", "1", "--json", str(out)]) == 0
+    assert main(["tp-demo", "--small", "--layers", "1", "--steps", "1", "--gemm-reps", "1", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["world_size"] == 1
     assert report["batches"][0]["max_rel_error_vs_tp1"]["final"] == {"bf16": 0.0, "fp32": 0.0}
@@ -400,7 +397,7 @@ def test_tp_demo_single_process(tmp_path):
 def test_tp_demo_torchrun_gloo_tp2(tmp_path):
     out = tmp_path / "tp2.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "blockfp8.tp_demo", "--small", "--layers", "1", "--steps", "2", "--batch", "2",
+           "-m", "blockfp8", "tp-demo", "--small", "--layers", "1", "--steps", "2", "--batch", "2",
            "--gemm-reps", "1", "--json", str(out)]
     # The CPU path (gloo, Triton interpreter) on any host: hide GPUs, or rank 1 asks for a second one.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}

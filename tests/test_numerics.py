@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE
 from torch import nn
 
 from blockfp8 import Fp8BlockLinear, convert_model, gemm, linear, quantize_activation, quantize_weight
-from blockfp8.act_quant import quantize_activation_fused
 from blockfp8.backends import Problem, backend_names, get_backend
+from blockfp8.backends.triton.act_quant import quantize_activation_fused
 from blockfp8.quant import dequantize_weight
 from blockfp8.reference import TOLERANCE, reference_gemm, rel_error
+from blockfp8.testing import default_device
 from blockfp8.validate import check_fp8_linear
+
+DEVICE = default_device()
 
 # The interpreter's numpy ops warn on inf/inf, which the policy tests produce on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")

@@ -14,14 +14,17 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blockfp8 import gemm
 from blockfp8.backends import Problem, backend_names, get_backend
-from blockfp8.quant import FP8_DTYPE, FP8_MAX, cdiv, quantize_activation
+from blockfp8.format import FP8_DTYPE, FP8_MAX, cdiv
+from blockfp8.quant import quantize_activation
 from blockfp8.reference import TOLERANCE, reference_gemm, rel_error
+from blockfp8.testing import default_device
+
+DEVICE = default_device()
 
 MAX_DIM = 1100
 # Values that hit block edges (127/128/129, 255/256/257, ...) and primes, drawn besides uniform values.
@@ -107,9 +110,9 @@ def _settings(examples: int) -> settings:
 
 
 def _skip_unless_available(name: str) -> None:
-    ok, why = get_backend(name).availability()
-    if not ok:
-        pytest.skip(f"{name} not available here: {why}")
+    available = get_backend(name).availability()
+    if not available:
+        pytest.skip(f"{name} not available here: {available.reason}")
     if not get_backend(name).supports(Problem.of(1, 128, 128, DEVICE)):
         pytest.skip(f"{name} does not run on {DEVICE}: {get_backend(name).supports(Problem.of(1, 128, 128, DEVICE))}")
 

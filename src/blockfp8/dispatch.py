@@ -22,6 +22,7 @@ from functools import cache, lru_cache
 import torch
 
 from .backends import Problem, Support, backend_names, get_backend
+from .format import is_decode
 from .tables import load_table, merge_tables, pick_row
 
 ENV_VAR = "BLOCKFP8_BACKEND"
@@ -37,7 +38,6 @@ STATIC_ORDER = {
     ("cpu", "decode"): ("reference", "triton"),
     ("cpu", "prefill"): ("reference", "triton"),
 }
-DECODE_MAX_M = 64
 
 
 @cache
@@ -55,16 +55,32 @@ def ranking(p: Problem) -> tuple[tuple[str, ...], str]:
         ranked = tuple(ranked)
         rest = tuple(b for b in backend_names() if b not in ranked)
         return ranked + rest, f"measured table ({device_name}, M={pick})"
-    phase = "decode" if p.m <= DECODE_MAX_M else "prefill"
+    phase = "decode" if is_decode(p.m) else "prefill"
     order = STATIC_ORDER.get((p.device_type, phase), ("reference",))
     return order + tuple(b for b in backend_names() if b not in order), f"static order ({phase})"
 
 
+def check_backend_name(backend: object, name: str = "backend") -> None:
+    """None (the dispatcher chooses) or the name of a registered backend.
+
+    Checked on every call, M=0 included, so a typo fails at once rather than on the first non-empty batch.
+    Whether the named backend can run a given shape is decided later, by ``choose``, per problem.
+    """
+    if backend is None:
+        return
+    if not isinstance(backend, str):
+        raise TypeError(f"{name} must be None or a backend name (str), got {type(backend).__name__} {backend!r}")
+    if backend not in backend_names():
+        raise ValueError(f"{name}={backend!r} is not a backend; expected None (automatic) or one of "
+                         f"{', '.join(backend_names())}")
+
+
 def _override(backend: str | None) -> str | None:
-    name = backend if backend is not None else os.environ.get(ENV_VAR) or None
-    if name is not None and name not in backend_names():
-        src = "backend=" if backend is not None else f"{ENV_VAR}="
-        raise ValueError(f"{src}{name!r} is not a backend; known backends: {', '.join(backend_names())}")
+    if backend is not None:
+        check_backend_name(backend)
+        return backend
+    name = os.environ.get(ENV_VAR) or None
+    check_backend_name(name, ENV_VAR)
     return name
 
 

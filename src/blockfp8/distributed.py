@@ -41,13 +41,11 @@ from safetensors import safe_open
 from torch import nn
 
 from .checkpoint import weight_map
+from .format import BLOCK, FP8_DTYPE, cdiv
 from .nn import Fp8BlockLinear, KeepFp8Buffers
 from .ops import linear
-from .quant import DEFAULT_BLOCK, FP8_DTYPE, cdiv
 from .validate import check_scale_values
 
-# Weight blocks are 128x128 and activation groups 1x128, so one K block column is one activation group.
-BLOCK = DEFAULT_BLOCK[0]
 # Local N (column shards) and K (row shards) are rounded up to this multiple: cuBLAS blockwise needs N % 16
 # and K % 16 (measured on H100), the strictest limits among the backends. The extra rows/columns are zeros
 # and never reach past the blocks the shard overlaps.

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .dispatch import check_backend_name
+from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
 from .ops import linear
-from .quant import DEFAULT_BLOCK, FP8_DTYPE, check_block_size, quantize_weight, weight_scale_shape
-from .validate import check_backend, check_fp8_linear
+from .quant import quantize_weight
+from .validate import check_block_size, check_fp8_linear
 
 
 class KeepFp8Buffers:
@@ -49,7 +51,7 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
                  device: torch.device | str | None = None, bias_dtype: torch.dtype = torch.bfloat16,
                  backend: str | None = None) -> None:
         super().__init__()
-        check_backend(backend)
+        check_backend_name(backend)
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend
@@ -70,7 +72,7 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
         weight, weight_scale_inv, bias = (t.contiguous() if isinstance(t, torch.Tensor) else t
                                           for t in (weight, weight_scale_inv, bias))
         n, k = check_fp8_linear(weight, weight_scale_inv, bias, name=name)
-        check_backend(backend)
+        check_backend_name(backend)
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         layer.in_features, layer.out_features, layer.backend = k, n, backend

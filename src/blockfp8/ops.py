@@ -4,6 +4,9 @@ Both are ``torch.library`` custom ops (``torch.ops.blockfp8.gemm`` / ``torch.ops
 fake implementations, so ``torch.compile(fullgraph=True)`` treats them as single opaque nodes: the
 dispatcher runs inside the op with concrete shapes, never in traced code, and CUDA-graph capture records
 whatever kernels it picked. Input checks run before the op and look only at metadata.
+
+The op is assembled here: the dispatcher names a backend, and ``quantize_for`` picks the activation
+quantizer that writes the scale layout that backend reads.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ import math
 
 import torch
 
-from .backends import Problem, get_backend
-from .dispatch import choose
+from .backends import Backend, Problem, get_backend
+from .dispatch import check_backend_name, choose
+from .quant import quantize_activation
 from .validate import check_gemm_input, check_linear_input
 
 
@@ -21,9 +25,21 @@ def _rows(shape: torch.Size) -> int:
     return math.prod(shape[:-1])
 
 
-def _pick(m: int, n: int, k: int, t: torch.Tensor, out_dtype: torch.dtype, backend: str):
+def _pick(m: int, n: int, k: int, t: torch.Tensor, out_dtype: torch.dtype, backend: str) -> Backend:
     p = Problem.of(m, n, k, t.device, out_dtype)
     return get_backend(choose(p, backend or None))
+
+
+def quantize_for(be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize 2-D float ``x`` per 1x128 group straight into the scale layout ``be`` reads: the fused Triton
+    quantizer on CUDA, the torch quantizer elsewhere (both bit-identical)."""
+    if x.is_cuda:
+        # Imported on first CUDA use, like every kernel module: Triton reads TRITON_INTERPRET when a kernel is
+        # defined, and the command line sets it (on machines without a GPU) after `import blockfp8`.
+        from .backends.triton.act_quant import quantize_activation_fused
+
+        return quantize_activation_fused(x, layout=be.scale_layout)
+    return quantize_activation(x)
 
 
 @torch.library.custom_op("blockfp8::linear", mutates_args=())
@@ -35,7 +51,8 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
     be = _pick(m, n, k, x, x.dtype, backend)
-    return be.run_linear(x2, weight, weight_scale_inv, bias, x.dtype).reshape(*x.shape[:-1], n)
+    xq, xs = quantize_for(be, x2)
+    return be.run(xq, xs, weight, weight_scale_inv, bias, x.dtype).reshape(*x.shape[:-1], n)
 
 
 @_linear_op.register_fake
@@ -78,7 +95,8 @@ def gemm(
     ``x_fp8`` is [..., K] float8_e4m3fn with fp32 ``x_scale`` [..., ceil(K/128)]; ``w_fp8`` is (N, K) with
     fp32 ``weight_scale_inv`` (ceil(N/128), ceil(K/128)). ``backend=None`` lets the dispatcher choose.
     """
-    check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend)
+    check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+    check_backend_name(backend)
     return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
 
 
@@ -94,5 +112,6 @@ def linear(
 
     The output has x's dtype (bf16, fp16 or fp32). ``backend=None`` lets the dispatcher choose.
     """
-    check_linear_input(x, weight, weight_scale_inv, bias, backend)
+    check_linear_input(x, weight, weight_scale_inv, bias)
+    check_backend_name(backend)
     return _linear_op(x, weight, weight_scale_inv, bias, backend or "")

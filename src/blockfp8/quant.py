@@ -1,62 +1,19 @@
-"""Block quantization in the DeepSeek-V3 / Hugging Face FP8 convention (torch only).
+"""Block quantization and dequantization in torch: the definition of the numerics (format in ``format.py``).
 
-Weights: ``float8_e4m3fn`` (N, K) with one fp32 ``weight_scale_inv`` per 128x128 block, shape
-(ceil(N/128), ceil(K/128)). Activations: one fp32 scale per token per 1x128 group, shape
-(..., ceil(K/128)). Scales *multiply* on dequantization. Blocks at the N or K tail are partial blocks:
-their scale comes from the elements that exist, nothing is padded in the stored tensors.
+Scale rule: ``scale = max(amax, AMAX_FLOOR) / 448``, from the elements that exist (tail blocks are partial).
+The floor keeps all-zero groups finite (they get the floor scale and quantize to exact zeros) without touching
+any group whose amax is above 1e-10. With ``ue8m0=True`` the scale is rounded *up* to a power of two, so
+``|x| / scale <= 448`` still holds and nothing saturates.
 
-Scale rule: ``scale = max(amax, AMAX_FLOOR) / 448``. The floor keeps all-zero groups finite (they get the
-floor scale and quantize to exact zeros) without touching any group whose amax is above 1e-10. With
-``ue8m0=True`` the scale is rounded *up* to a power of two, so ``|x| / scale <= 448`` still holds and
-nothing saturates.
-
-This module is the definition of the numerics: the fused Triton quantizer in ``act_quant.py`` must match
-it bit for bit.
+The fused Triton quantizer (``backends/triton/act_quant.py``) must match this module bit for bit.
 """
 
 from __future__ import annotations
 
 import torch
 
-FP8_DTYPE = torch.float8_e4m3fn
-FP8_MAX = 448.0
-AMAX_FLOOR = 1e-10
-DEFAULT_BLOCK = (128, 128)
-DEFAULT_GROUP = 128
-FLOAT_INPUTS = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def cdiv(a: int, b: int) -> int:
-    """Ceil division for non-negative ints."""
-    return -(-a // b)
-
-
-def check_block_size(block_size: tuple[int, int] | list[int], name: str = "block_size") -> tuple[int, int]:
-    """Validate a (block_n, block_k) pair of positive ints and return it as a tuple."""
-    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
-        raise ValueError(f"{name} must be a pair (block_n, block_k), got {block_size!r}")
-    bn, bk = block_size
-    for v in (bn, bk):
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ValueError(f"{name} must hold two positive ints, got {block_size!r}")
-    return int(bn), int(bk)
-
-
-def check_group_size(group_size: int, name: str = "group_size") -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
-        raise ValueError(f"{name} must be a positive int, got {group_size!r}")
-    return group_size
-
-
-def weight_scale_shape(n: int, k: int, block_size: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
-    """Shape of ``weight_scale_inv`` for an (n, k) weight: (ceil(n/bn), ceil(k/bk))."""
-    bn, bk = check_block_size(block_size)
-    return cdiv(n, bn), cdiv(k, bk)
-
-
-def activation_scale_shape(shape: tuple[int, ...] | torch.Size, group_size: int = DEFAULT_GROUP) -> tuple[int, ...]:
-    """Shape of the activation scales for an activation of ``shape`` [..., K]."""
-    return (*shape[:-1], cdiv(shape[-1], check_group_size(group_size)))
+from .format import AMAX_FLOOR, DEFAULT_BLOCK, DEFAULT_GROUP, FP8_DTYPE, FP8_MAX, cdiv
+from .validate import check_activation, check_block_size, check_group_size, check_weight, require_dtype
 
 
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -94,13 +51,6 @@ def _to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return _div_fp32(x, scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
-def _check_float(t: torch.Tensor, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_INPUTS:
-        raise TypeError(f"{name} must be bfloat16, float16 or float32, got {t.dtype}")
-
-
 def quantize_weight(
     w: torch.Tensor, block_size: tuple[int, int] = DEFAULT_BLOCK, ue8m0: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +58,7 @@ def quantize_weight(
 
     Returns ``(w_fp8, weight_scale_inv)``, the scale of shape (ceil(N/bn), ceil(K/bk)).
     """
-    _check_float(w, "w")
+    require_dtype(w, "w")
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
     bn, bk = check_block_size(block_size)
@@ -130,7 +80,7 @@ def quantize_activation(
 
     Returns ``(x_fp8, x_scale)`` with x_fp8 of x's shape and x_scale of shape [..., ceil(K/group_size)].
     """
-    _check_float(x, "x")
+    require_dtype(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the K axis)")
     g = check_group_size(group_size)
@@ -159,8 +109,6 @@ def dequantize_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """fp8 weight times its block scales, in ``dtype`` (fp32 by default)."""
-    from .validate import check_weight
-
     bs = check_block_size(block_size)
     check_weight(w_fp8, weight_scale_inv, bs)
     return (w_fp8.float() * expand_block_scales(weight_scale_inv, tuple(w_fp8.shape), bs)).to(dtype)
@@ -173,8 +121,6 @@ def dequantize_activation(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """fp8 activation times its per-group scales, in ``dtype`` (fp32 by default)."""
-    from .validate import check_activation
-
     g = check_group_size(group_size)
     check_activation(x_fp8, x_scale, g)
     k = x_fp8.shape[-1]

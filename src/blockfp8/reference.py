@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, dequantize_activation, dequantize_weight
+from .format import DEFAULT_BLOCK, DEFAULT_GROUP
+from .quant import dequantize_activation, dequantize_weight
 
 # Relative Frobenius error a backend may have against the reference for bf16 output: bf16 rounding of the
 # output alone gives ~1.5e-3, a misapplied scale group gives far more.

@@ -23,27 +23,44 @@ from __future__ import annotations
 
 import torch
 
-from .quant import DEFAULT_BLOCK, DEFAULT_GROUP, FLOAT_INPUTS, FP8_DTYPE, cdiv, check_block_size
-
-OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-FLOAT_NAMES = "bfloat16, float16 or float32"
+from .format import DEFAULT_BLOCK, DEFAULT_GROUP, FLOAT_DTYPES, FP8_DTYPE, cdiv, dtype_name
 
 
-def _dtype_name(d: object) -> str:
-    return str(d).replace("torch.", "")
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def _require_tensor(t: object, name: str) -> torch.Tensor:
+def require_tensor(t: object, name: str) -> torch.Tensor:
+    """``t`` itself, or ``TypeError`` naming ``name`` when it is not a tensor."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     return t
 
 
-def _require_dtype(t: torch.Tensor, name: str, allowed: tuple[torch.dtype, ...]) -> None:
+def require_dtype(t: object, name: str, allowed: tuple[torch.dtype, ...] = FLOAT_DTYPES) -> torch.Tensor:
+    """The one dtype check: ``t`` must be a tensor of one of ``allowed`` (default: bf16, fp16, fp32)."""
+    require_tensor(t, name)
     if t.dtype not in allowed:
-        names = [_dtype_name(d) for d in allowed]
-        want = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
-        raise TypeError(f"{name} must have dtype {want}, got {_dtype_name(t.dtype)}")
+        raise TypeError(f"{name} must have dtype {_one_of([dtype_name(d) for d in allowed])}, "
+                        f"got {dtype_name(t.dtype)}")
+    return t
+
+
+def check_block_size(block_size: tuple[int, int] | list[int], name: str = "block_size") -> tuple[int, int]:
+    """Validate a (block_n, block_k) pair of positive ints and return it as a tuple."""
+    if not isinstance(block_size, (tuple, list)) or len(block_size) != 2:
+        raise ValueError(f"{name} must be a pair (block_n, block_k), got {block_size!r}")
+    for v in block_size:
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise ValueError(f"{name} must hold two positive ints, got {block_size!r}")
+    return int(block_size[0]), int(block_size[1])
+
+
+def check_group_size(group_size: int, name: str = "group_size") -> int:
+    """Validate a positive int group size and return it."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise ValueError(f"{name} must be a positive int, got {group_size!r}")
+    return group_size
 
 
 def _require_same_device(t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
@@ -82,10 +99,10 @@ def check_weight(
     Any strides are accepted here (dequantization reads any layout); the GEMM entry points add
     ``check_contiguous``. ``name``/``scale_name`` are used in messages (e.g. checkpoint tensor names).
     """
-    _require_tensor(w_fp8, name)
-    _require_tensor(weight_scale_inv, scale_name)
-    _require_dtype(w_fp8, name, (FP8_DTYPE,))
-    _require_dtype(weight_scale_inv, scale_name, (torch.float32,))
+    require_tensor(w_fp8, name)
+    require_tensor(weight_scale_inv, scale_name)
+    require_dtype(w_fp8, name, (FP8_DTYPE,))
+    require_dtype(weight_scale_inv, scale_name, (torch.float32,))
     if w_fp8.dim() != 2:
         raise ValueError(f"{name} must be 2-D (N, K), got shape {tuple(w_fp8.shape)}")
     n, k = w_fp8.shape
@@ -105,10 +122,10 @@ def check_weight(
 
 def check_activation(x_fp8: torch.Tensor, x_scale: torch.Tensor, group_size: int = DEFAULT_GROUP) -> None:
     """Check fp8 activations [..., K] and their fp32 per-group scales [..., ceil(K/group)] (any strides)."""
-    _require_tensor(x_fp8, "x_fp8")
-    _require_tensor(x_scale, "x_scale")
-    _require_dtype(x_fp8, "x_fp8", (FP8_DTYPE,))
-    _require_dtype(x_scale, "x_scale", (torch.float32,))
+    require_tensor(x_fp8, "x_fp8")
+    require_tensor(x_scale, "x_scale")
+    require_dtype(x_fp8, "x_fp8", (FP8_DTYPE,))
+    require_dtype(x_scale, "x_scale", (torch.float32,))
     if x_fp8.dim() < 1:
         raise ValueError("x_fp8 must have at least one dimension (K), got a 0-d tensor")
     want = (*x_fp8.shape[:-1], cdiv(x_fp8.shape[-1], group_size))
@@ -138,8 +155,8 @@ def check_bias(bias: torch.Tensor | None, n: int, device: torch.device, name: st
     """None, or a contiguous float (N,) tensor on the weight's device (the Triton kernel reads it with unit stride)."""
     if bias is None:
         return
-    _require_tensor(bias, name)
-    _require_dtype(bias, name, FLOAT_INPUTS)
+    require_tensor(bias, name)
+    require_dtype(bias, name, FLOAT_DTYPES)
     if tuple(bias.shape) != (n,):
         raise ValueError(f"{name} must have shape ({n},) (the weight's out_features), got {tuple(bias.shape)}")
     if bias.device != device:
@@ -149,28 +166,11 @@ def check_bias(bias: torch.Tensor | None, n: int, device: torch.device, name: st
 
 def check_out_dtype(out_dtype: object) -> None:
     """The GEMM output dtype: a torch.dtype among bfloat16, float16, float32."""
+    want = _one_of([dtype_name(d) for d in FLOAT_DTYPES])
     if not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"out_dtype must be a torch.dtype ({FLOAT_NAMES}), got {type(out_dtype).__name__} "
-                        f"{out_dtype!r}")
-    if out_dtype not in OUT_DTYPES:
-        raise TypeError(f"out_dtype must be {FLOAT_NAMES}, got {_dtype_name(out_dtype)}")
-
-
-def check_backend(backend: object, name: str = "backend") -> None:
-    """None (the dispatcher chooses) or the name of a registered backend.
-
-    Checked on every call, M=0 included, so a typo fails at once rather than on the first non-empty batch.
-    Whether the named backend can run a given shape is decided later, by the dispatcher, per problem.
-    """
-    if backend is None:
-        return
-    from .backends import backend_names
-
-    if not isinstance(backend, str):
-        raise TypeError(f"{name} must be None or a backend name (str), got {type(backend).__name__} {backend!r}")
-    if backend not in backend_names():
-        raise ValueError(f"{name}={backend!r} is not a backend; expected None (automatic) or one of "
-                         f"{', '.join(backend_names())}")
+        raise TypeError(f"out_dtype must be a torch.dtype ({want}), got {type(out_dtype).__name__} {out_dtype!r}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be {want}, got {dtype_name(out_dtype)}")
 
 
 def _check_weight_for_gemm(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -182,21 +182,19 @@ def _check_weight_for_gemm(weight: torch.Tensor, weight_scale_inv: torch.Tensor,
 
 
 def check_linear_input(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                       bias: torch.Tensor | None, backend: object = None) -> tuple[int, int]:
-    """Checks for ``linear(x, weight, weight_scale_inv, bias, backend=...)``; returns (N, K). Metadata only."""
-    _require_tensor(x, "x")
-    _require_dtype(x, "x", FLOAT_INPUTS)
+                       bias: torch.Tensor | None) -> tuple[int, int]:
+    """Checks for ``linear(x, weight, weight_scale_inv, bias)``; returns (N, K). Metadata only."""
+    require_dtype(x, "x")
     n, k = _check_weight_for_gemm(weight, weight_scale_inv)
     check_k_match(x, k)
     check_same_device(x, weight)
     check_bias(bias, n, weight.device)
-    check_backend(backend)
     return n, k
 
 
 def check_gemm_input(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
                      weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype, backend: object = None) -> tuple[int, int]:
+                     out_dtype: torch.dtype) -> tuple[int, int]:
     """Checks for ``gemm(x_fp8, x_scale, weight, weight_scale_inv, ...)``; returns (N, K). Metadata only."""
     check_activation(x_fp8, x_scale)
     # Errors use the public parameter name of blockfp8.gemm for the weight: w_fp8.
@@ -205,7 +203,6 @@ def check_gemm_input(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
     check_same_device(x_fp8, weight, "x_fp8", "w_fp8")
     check_bias(bias, n, weight.device)
     check_out_dtype(out_dtype)
-    check_backend(backend)
     return n, k
 
 

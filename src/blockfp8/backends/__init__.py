@@ -1,7 +1,7 @@
 """GEMM backends, one module each, imported lazily so a missing optional peer never breaks import.
 
-Adding a backend: write ``backends/<name>.py`` defining ``BACKEND`` (a ``base.Backend``) and add one line
-to ``_MODULES``.
+Adding a backend: write ``backends/<name>.py`` defining ``BACKEND`` (a ``base.Backend``) and add one line to
+``_MODULES``. This registry is the one list of backends; everything else derives from it.
 """
 
 from __future__ import annotations

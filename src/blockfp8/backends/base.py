@@ -1,17 +1,19 @@
 """The interface every GEMM backend implements, and its limits expressed as data.
 
-A backend module defines one ``Backend`` subclass instance named ``BACKEND``. The dispatcher asks
-``supports(problem)`` and gets a ``Support`` that is falsy with a human-readable reason when the backend
-cannot run the problem; limits live in a ``Limits`` record, checked by one function, so ``blockfp8 check``
-can test exactly what each backend claims.
+A backend module defines one ``Backend`` instance named ``BACKEND``. The dispatcher asks ``supports(problem)``
+and gets a ``Support`` that is falsy with a human-readable reason when the backend cannot run the problem;
+limits live in a ``Limits`` record, checked by one function (``Limits.allows``), so ``blockfp8 check`` can
+test exactly what each backend claims.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import cache
 
 import torch
+
+from ..device import as_device, cuda_identity
+from ..format import FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -24,27 +26,15 @@ class Problem:
     device_type: str = "cpu"
     arch: tuple[int, int] | None = None  # CUDA compute capability, None off CUDA
     out_dtype: torch.dtype = torch.bfloat16
-    ue8m0: bool = False  # all scales are powers of two
-    block: tuple[int, int] = (128, 128)
-    group: int = 128
     device_name: str = ""  # keys the measured tables ("NVIDIA H100 80GB HBM3"); device_type when empty
 
     @staticmethod
-    def of(m: int, n: int, k: int, device: torch.device | str, out_dtype: torch.dtype = torch.bfloat16,
-           ue8m0: bool = False) -> Problem:
-        device = torch.device(device)
+    def of(m: int, n: int, k: int, device: torch.device | str, out_dtype: torch.dtype = torch.bfloat16) -> Problem:
+        device = as_device(device)
         if device.type == "cuda":
-            arch, name, _ = cuda_identity(device.index)
-        else:
-            arch, name = None, device.type
-        return Problem(m, n, k, device.type, arch, out_dtype, ue8m0, device_name=name)
-
-
-@cache
-def cuda_identity(index: int | None) -> tuple[tuple[int, int], str, int]:
-    """(compute capability, device name, SM count) of a CUDA device, read once."""
-    props = torch.cuda.get_device_properties(index)
-    return (props.major, props.minor), props.name, props.multi_processor_count
+            ident = cuda_identity(device.index)
+            return Problem(m, n, k, "cuda", ident.arch, out_dtype, ident.name)
+        return Problem(m, n, k, device.type, None, out_dtype, device.type)
 
 
 @dataclass(frozen=True)
@@ -63,7 +53,7 @@ YES = Support(True)
 
 @dataclass(frozen=True)
 class Limits:
-    """Declared limits of a backend. Every field is checked by ``check``; nothing else refuses a problem."""
+    """Declared limits of a backend. Every field is checked by ``allows``; nothing else refuses a problem."""
 
     device_types: tuple[str, ...] = ("cpu", "cuda")
     min_arch: tuple[int, int] | None = None  # inclusive, CUDA only
@@ -71,12 +61,10 @@ class Limits:
     n_multiple: int = 1
     k_multiple: int = 1
     m_multiple: int = 1  # a backend that pads M itself declares 1
-    out_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
-    blocks: tuple[tuple[int, int], ...] = ((128, 128),)
-    groups: tuple[int, ...] = (128,)
+    out_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
     evidence: str = ""  # where the numbers come from (a measured probe, a doc)
 
-    def check(self, p: Problem) -> Support:
+    def allows(self, p: Problem) -> Support:
         if p.device_type not in self.device_types:
             return Support(False, f"runs on {'/'.join(self.device_types)}, not {p.device_type}")
         if p.device_type == "cuda" and p.arch is not None:
@@ -90,10 +78,6 @@ class Limits:
                 return Support(False, f"needs {dim} % {mult} == 0, got {dim}={value}")
         if p.out_dtype not in self.out_dtypes:
             return Support(False, f"output dtype {p.out_dtype} not in {[str(d) for d in self.out_dtypes]}")
-        if p.block not in self.blocks:
-            return Support(False, f"weight block {p.block} not supported (supports {list(self.blocks)})")
-        if p.group not in self.groups:
-            return Support(False, f"activation group {p.group} not supported (supports {list(self.groups)})")
         return YES
 
 
@@ -101,53 +85,55 @@ def _arch(a: tuple[int, int]) -> str:
     return f"{a[0]}.{a[1]}"
 
 
+# wgmma and the libraries built on it (cuBLAS blockwise, DeepGEMM's SM90 kernels) are Hopper's: sm_90 only.
+HOPPER_ONLY = {"device_types": ("cuda",), "min_arch": (9, 0), "max_arch": (9, 0)}
+
+
+def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``out + bias`` in ``out``'s dtype, for kernels without a bias epilogue (one extra elementwise pass)."""
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def unit_stride_rows(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(x_fp8, w_fp8, M, N, K) with both operands' K dimension made unit-stride (copied only when it is not)."""
+    x_fp8 = x_fp8 if x_fp8.stride(1) == 1 else x_fp8.contiguous()
+    w_fp8 = w_fp8 if w_fp8.stride(1) == 1 else w_fp8.contiguous()
+    return x_fp8, w_fp8, x_fp8.shape[0], w_fp8.shape[0], x_fp8.shape[1]
+
+
 @dataclass
 class Backend:
-    """Base class: subclasses set ``name``/``limits`` and implement ``_available`` and ``run``."""
+    """Base class: subclasses set ``name``/``limits`` and implement ``run`` (and ``probe`` when optional).
+
+    ``external`` marks a backend that wraps another library (cuBLAS, DeepGEMM): benchmarks count it as a peer.
+    ``scale_layout`` is the activation-scale layout the backend reads best (``format.SCALE_LAYOUTS``).
+    """
 
     name: str
     limits: Limits = field(default_factory=Limits)
-    # Activation-scale layout the backend reads best: "row" (M, Kb) contiguous, or "col" (M, Kb) with
-    # strides (1, align(M, 4)) -- the TMA-aligned column-major layout DeepGEMM and cuBLAS read.
     scale_layout: str = "row"
-    _avail: tuple[bool, str] | None = field(default=None, repr=False)
+    external: bool = False
+    _availability: Support | None = field(default=None, repr=False)
 
-    def availability(self) -> tuple[bool, str]:
-        """(available, reason if not); cached, since it may import an optional package."""
-        if self._avail is None:
+    def availability(self) -> Support:
+        """Whether this backend can run here at all, with the reason when not; cached, since ``probe`` may
+        import an optional package."""
+        if self._availability is None:
             try:
-                self._avail = self._available()
+                self._availability = self.probe()
             except Exception as e:  # noqa: BLE001 - an optional peer may fail to import in any way
-                self._avail = (False, f"import failed: {type(e).__name__}: {e}")
-        return self._avail
+                self._availability = Support(False, f"import failed: {type(e).__name__}: {e}")
+        return self._availability
 
-    def is_available(self) -> bool:
-        return self.availability()[0]
+    def probe(self) -> Support:
+        """Look for what the backend needs (a package, a device); overridden by optional backends."""
+        return YES
 
     def supports(self, p: Problem) -> Support:
-        ok, why = self.availability()
-        if not ok:
-            return Support(False, why)
-        return self.limits.check(p)
-
-    def _available(self) -> tuple[bool, str]:
-        return True, ""
+        available = self.availability()
+        return self.limits.allows(p) if available else available
 
     def run(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """y[M, N] for 2-D x_fp8 (M, K) and x_scale (M, Kb) in any stride layout; M >= 1."""
         raise NotImplementedError
-
-    def run_linear(self, x: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
-                   bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        """y[M, N] for float x (M, K): quantize per 1x128 group straight into the scale layout this backend
-        reads (fused Triton quantizer on CUDA, the torch quantizer elsewhere), then ``run``. A backend that
-        fuses quantization into its GEMM may override this, keeping the result bit-identical."""
-        from ..act_quant import quantize_activation_fused
-        from ..quant import quantize_activation
-
-        if x.is_cuda:
-            xq, xs = quantize_activation_fused(x, layout=self.scale_layout)
-        else:
-            xq, xs = quantize_activation(x)
-        return self.run(xq, xs, w_fp8, weight_scale_inv, bias, out_dtype)

@@ -13,9 +13,8 @@ import weakref
 
 import torch
 
-from ..act_quant import empty_scales
-from ..quant import cdiv
-from .base import Backend, Limits
+from ..format import cdiv, empty_scales
+from .base import HOPPER_ONLY, YES, Backend, Limits, Support, add_bias
 
 
 def _padded_weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
@@ -54,14 +53,15 @@ class _ScaleCache:
 class CublasBackend(Backend):
     _scales = _ScaleCache()
 
-    def _available(self) -> tuple[bool, str]:
+    def probe(self) -> Support:
         if not torch.cuda.is_available():
-            return False, "no CUDA device"
+            return Support(False, "no CUDA device")
         from torch.nn import functional as F
 
         if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
-            return False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with blockwise scaling"
-        return True, ""
+            return Support(False, f"torch {torch.__version__} has no torch.nn.functional.scaled_mm with blockwise "
+                                  "scaling")
+        return YES
 
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
         from torch.nn.functional import ScalingType, scaled_mm
@@ -82,22 +82,18 @@ class CublasBackend(Backend):
             x_fp8, w_fp8.t(), x_scale, ScalingType.BlockWise1x128,
             self._scales.get(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype,
         )
-        out = out[:m]
-        if bias is not None:
-            out = out + bias.to(out_dtype)
-        return out
+        return add_bias(out[:m], bias)
 
 
 BACKEND = CublasBackend(
     name="cublas",
     limits=Limits(
-        device_types=("cuda",),
-        min_arch=(9, 0),
-        max_arch=(9, 0),
+        **HOPPER_ONLY,
         n_multiple=16,
         k_multiple=16,
         out_dtypes=(torch.bfloat16,),
         evidence="benchmarks/probe_h100.json (H100, torch 2.11+cu130): N%16, K%16 required; M padded to 4 here",
     ),
     scale_layout="col",
+    external=True,
 )

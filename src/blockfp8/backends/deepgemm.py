@@ -12,39 +12,36 @@ from __future__ import annotations
 
 import torch
 
-from .base import Backend, Limits
+from .base import HOPPER_ONLY, YES, Backend, Limits, Support, add_bias
 
 
 class DeepGemmBackend(Backend):
-    def _available(self) -> tuple[bool, str]:
+    def probe(self) -> Support:
         if not torch.cuda.is_available():
-            return False, "no CUDA device"
+            return Support(False, "no CUDA device")
         try:
             import deep_gemm  # noqa: F401
         except ImportError:
-            return False, "deep_gemm not installed (pip install 'blockfp8[deepgemm]')"
-        return True, ""
+            return Support(False, "deep_gemm not installed (pip install 'blockfp8[deepgemm]')")
+        return YES
 
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
         import deep_gemm
 
         out = torch.empty(x_fp8.shape[0], w_fp8.shape[0], dtype=out_dtype, device=x_fp8.device)
         deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), out, disable_ue8m0_cast=True)
-        if bias is not None:
-            out = out + bias.to(out_dtype)
-        return out
+        return add_bias(out, bias)
 
 
 BACKEND = DeepGemmBackend(
     name="deepgemm",
     limits=Limits(
-        device_types=("cuda",),
-        min_arch=(9, 0),
-        max_arch=(9, 0),
+        **HOPPER_ONLY,
         n_multiple=8,
         k_multiple=16,
         out_dtypes=(torch.bfloat16,),
         evidence="benchmarks/probe_h100.json (H100, DeepGEMM 2.8.2): K%16 and N%8 required, all M correct",
     ),
     scale_layout="col",
+    external=True,
 )

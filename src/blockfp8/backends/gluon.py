@@ -22,7 +22,8 @@ from functools import cache
 import torch
 import triton
 
-from .base import Backend, Limits
+from ..format import is_decode
+from .base import HOPPER_ONLY, YES, Backend, Limits, Support, unit_stride_rows
 
 try:  # Gluon ships with triton >= 3.5; an older triton leaves this backend unavailable.
     from triton.experimental import gluon
@@ -64,7 +65,7 @@ class GluonConfig:
 
 def pick_config(m: int, n: int, k: int) -> GluonConfig:
     """Tile by M: a 64-row tile (one warpgroup) while M is small, else 128 x 128 (two warpgroups)."""
-    if m <= 64:
+    if is_decode(m):
         return GluonConfig(block_m=64, num_warps=4)
     return GluonConfig()
 
@@ -222,20 +223,11 @@ def _tile_layout(rows: int):
     return gl.NVMMASharedLayout.get_default_for([rows, 128], gl.float8e4nv)
 
 
-def gluon_gemm(
-    x_fp8: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_fp8: torch.Tensor,
-    weight_scale_inv: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype = torch.bfloat16,
-    config: GluonConfig | None = None,
-) -> torch.Tensor:
+def gluon_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
+               bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+               config: GluonConfig | None = None) -> torch.Tensor:
     """Launch the wgmma kernel on 2-D operands (inputs already validated by the caller; K % 16 == 0)."""
-    m, k = x_fp8.shape
-    n = w_fp8.shape[0]
-    x_fp8 = x_fp8 if x_fp8.stride(1) == 1 else x_fp8.contiguous()
-    w_fp8 = w_fp8 if w_fp8.stride(1) == 1 else w_fp8.contiguous()
+    x_fp8, w_fp8, m, n, k = unit_stride_rows(x_fp8, w_fp8)
     cfg = config or pick_config(m, n, k)
     a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128], _tile_layout(cfg.block_m))
     w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128], _tile_layout(cfg.block_n))
@@ -253,16 +245,16 @@ def gluon_gemm(
 
 
 class GluonBackend(Backend):
-    def _available(self) -> tuple[bool, str]:
+    def probe(self) -> Support:
         if _IMPORT_ERROR:
-            return False, _IMPORT_ERROR
+            return Support(False, _IMPORT_ERROR)
         if not torch.cuda.is_available():
-            return False, "no CUDA device (Gluon kernels have no CPU interpreter)"
+            return Support(False, "no CUDA device (Gluon kernels have no CPU interpreter)")
         if _triton_version() not in VERIFIED_TRITON and os.environ.get(ENV_UNVERIFIED) != "1":
             verified = ", ".join(f"{a}.{b}" for a, b in VERIFIED_TRITON)
-            return False, (f"verified with triton {verified} only, found {triton.__version__} "
-                           f"(set {ENV_UNVERIFIED}=1 to try it, then run blockfp8 check --backends gluon)")
-        return True, ""
+            return Support(False, f"verified with triton {verified} only, found {triton.__version__} "
+                                  f"(set {ENV_UNVERIFIED}=1 to try it, then run blockfp8 check --backends gluon)")
+        return YES
 
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
         if x_fp8.data_ptr() % 16 or w_fp8.data_ptr() % 16:
@@ -274,12 +266,10 @@ class GluonBackend(Backend):
 BACKEND = GluonBackend(
     name="gluon",
     limits=Limits(
-        device_types=("cuda",),
-        min_arch=(9, 0),
-        max_arch=(9, 0),  # wgmma is Hopper's; Blackwell has tcgen05 instead
+        **HOPPER_ONLY,  # Blackwell has tcgen05 instead of wgmma
         k_multiple=16,  # TMA: fp8 rows must be 16-byte multiples
-        evidence="H100: tests/test_gluon.py edge sweep; blockfp8 check --probe --backends gluon: 217 correct, 0 wrong, "
-                 "K % 16 != 0 fails TMA's stride rule (benchmarks/results/check_gluon_h100.txt)",
+        evidence="H100: tests/backends/test_gluon.py edge sweep; blockfp8 check --probe --backends gluon: 217 "
+                 "correct, 0 wrong, K % 16 != 0 fails TMA's stride rule (benchmarks/results/check_gluon_h100.txt)",
     ),
     scale_layout="col",
 )

@@ -1,0 +1,99 @@
+"""Fused Triton activation quantizer: bf16/fp16/fp32 [M, K] -> fp8 + fp32 per-(token, 128-group) scales.
+
+One launch reads x once and writes fp8 values and scales in the layout the GEMM reads, bit-identical to
+``blockfp8.quant.quantize_activation`` (same amax floor, IEEE-rounded divisions via ``div_rn``, the same bitwise
+UE8M0 round-up). Scale layouts
+(``format.SCALE_LAYOUTS``): ``"row"``, or ``"col"`` -- the TMA-aligned column-major layout DeepGEMM reads
+without its own transpose kernel (measured on H100: a row-major scale costs DeepGEMM an extra
+``transpose_fp32`` launch per call) and the layout cuBLAS blockwise needs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
+from ...validate import check_group_size, require_dtype
+
+
+@triton.jit
+def _round_to_e4m3(q):
+    """Round fp32 values in [-448, 448] to the nearest-even e4m3 value, exactly, in fp32 arithmetic.
+
+    The cast that follows is then exact on every target. (The hardware cast rounds correctly by itself;
+    the Triton interpreter's cast truncates and drops mantissa carries, so CPU tests need this.)
+    """
+    bits = q.to(tl.int32, bitcast=True)
+    # Normal e4m3 (|q| >= 2^-6): keep 3 mantissa bits, ties to even, carries flow into the exponent.
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000
+    normal = bits.to(tl.float32, bitcast=True)
+    # Subnormal e4m3 (|q| < 2^-6): a multiple of 2^-9; adding 1.5 * 2^14 makes fp32 round there. The
+    # sign comes back from the input's sign bit so that -0.0 and tiny negatives round to -0.0 as torch does.
+    # The sign is OR-ed back in as a bit (a float negation may compile to 0 - x, which turns -0.0 into +0.0).
+    sub = (tl.abs(q) + 24576.0) - 24576.0
+    sub = (sub.to(tl.int32, bitcast=True) | (q.to(tl.int32, bitcast=True) & -0x80000000)).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(q) < 0.015625, sub, normal)
+
+
+@triton.jit
+def _max_keep_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
+):
+    row = tl.program_id(0)
+    offs_g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
+    cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
+    # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(amax, QMAX)
+    if UE8M0:
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
+        scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
+    q = tl.math.div_rn(x, scale[:, None])
+    q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
+    tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
+
+
+def quantize_activation_fused(
+    x: torch.Tensor, group_size: int = 128, ue8m0: bool = False, layout: str = "row"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of ``quantize_activation`` for [..., K] input; scales in ``layout`` (2-D input only
+    for "col")."""
+    require_dtype(x, "x")
+    g = check_group_size(group_size)
+    if g & (g - 1):
+        raise ValueError(f"the fused quantizer needs a power-of-two group_size, got {g}")
+    *lead, k = x.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    kb = cdiv(k, g)
+    if layout == "col" and lead and len(lead) != 1:
+        raise ValueError("layout='col' needs 2-D input [M, K]")
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = empty_scales(m, kb, layout, x.device)
+    if m > 0 and k > 0:
+        per_prog = min(8, triton.next_power_of_2(kb))
+        _act_quant_kernel[(m, cdiv(kb, per_prog))](
+            x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
+            num_warps=4,
+        )
+    if layout == "row":
+        return q.reshape(*lead, k), s.reshape(*lead, kb)
+    return q, s

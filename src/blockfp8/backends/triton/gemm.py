@@ -1,0 +1,247 @@
+"""blockfp8's own Triton block-FP8 GEMM: correct for every M, N, K.
+
+y[M, N] = sum over 128-wide K groups g of (A[:, g] @ W[:, g].T) * a_scale[:, g] * w_scale[n // 128, g]
+
+Each K group is one fresh ``tl.dot`` whose fp32 result is scaled and added to an fp32 accumulator -- the
+DeepSeek/DeepGEMM numerics, which keep the tensor cores' limited-precision FP8 accumulation to 128 terms
+and so stay within tolerance even at K = 18432. Tails in M, N and K are masked (a partial last K group
+uses that group's scale; N tails read the partial block's scale).
+
+Two launch shapes, picked per (M, N, K) from a tuned table or a heuristic (``configs.py``):
+* decode (small M): ``SWAP_AB`` puts the weight rows in the MMA's wide M slot and the few tokens in its
+  narrow N slot, and ``SPLIT_K`` splits the K groups over extra programs so all SMs stream weights.
+  The split-K reduction is done in the same launch: each program stores its fp32 partial tile, and the last
+  one to arrive at a per-tile counter sums the partials in a fixed order (deterministic output), writes the
+  output and resets the counter (so the kernel needs no zeroing launch and is CUDA-graph safe).
+* prefill (large M): 64x128 or 128x128 tiles in grouped launch order.
+Tiles are read through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte aligned rows;
+``TritonConfig.tma``): the copy engine's zero fill past M, N and K replaces the masks, and its deep pipeline
+measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewhere, pointer loads with masks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ...device import cuda_identity
+from ...format import cdiv
+from ..base import unit_stride_rows
+from .configs import TritonConfig, get_config
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _round_bf16(x):
+    """fp32 values rounded to the nearest bf16 (ties to even), still as fp32: the interpreter's fp32 -> bf16
+    cast truncates, so rounding first makes CPU tests see the GPU's output rounding."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS: tl.constexpr, SWAP_AB: tl.constexpr,
+                ROUND_BF16: tl.constexpr):
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn).to(tl.float32)
+        if SWAP_AB:
+            acc += bias[:, None]
+        else:
+            acc += bias[None, :]
+    if ROUND_BF16:
+        acc = _round_bf16(acc)
+    tl.store(c_ptr + c_offs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
+def _fp8_block_gemm_kernel(
+    a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, part_ptr, lock_ptr, a_desc, w_desc,
+    M, N, K,
+    stride_am, stride_asm, stride_ask, stride_wn, stride_wsn, stride_wsk, stride_cm,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, USE_TMA: tl.constexpr,
+    PAIR_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped launch order: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_rows = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_rows
+    pid_n = (pid % width) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Out-of-range rows/columns wrap onto valid ones instead of being masked: the loads stay unmasked
+    # (vectorized) and the stores below drop them.
+    rm = offs_m % M
+    rn = offs_n % N
+
+    num_groups = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(num_groups, SPLIT_K)
+    g_start = pid_k * per_split
+    g_end = min(g_start + per_split, num_groups)
+
+    k0 = g_start * BLOCK_K
+    if SWAP_AB:
+        # acc is (BLOCK_N, BLOCK_M): weights (BLOCK_N, BLOCK_K) times activations (BLOCK_K, BLOCK_M).
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + (k0 + offs_k)[None, :]
+        a_ptrs = a_ptr + rm[None, :] * stride_am + (k0 + offs_k)[:, None]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        a_ptrs = a_ptr + rm[:, None] * stride_am + (k0 + offs_k)[None, :]
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + (k0 + offs_k)[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    as_ptrs = as_ptr + rm * stride_asm + g_start * stride_ask
+    ws_ptrs = ws_ptr + (rn // W_BLOCK_N) * stride_wsn + g_start * stride_wsk
+    w_block = (pid_n * BLOCK_N) // W_BLOCK_N
+
+    if PAIR_K:
+        # Two K groups per step (TMA + swap-AB decode only): both dots are issued before either is scaled,
+        # halving the serial wait-then-scale steps of a latency-bound loop. A lone last group's twin lies in
+        # the next split or past K (zero fill); its contribution is dropped.
+        for g in range(g_start, g_end, 2):
+            has2 = g + 1 < g_end
+            w0 = w_desc.load([pid_n * BLOCK_N, g * BLOCK_K])
+            a0 = tl.trans(a_desc.load([pid_m * BLOCK_M, g * BLOCK_K]))
+            w1 = w_desc.load([pid_n * BLOCK_N, (g + 1) * BLOCK_K])
+            a1 = tl.trans(a_desc.load([pid_m * BLOCK_M, (g + 1) * BLOCK_K]))
+            s0 = tl.load(as_ptr + rm * stride_asm + g * stride_ask) * tl.load(
+                ws_ptr + w_block * stride_wsn + g * stride_wsk)
+            g1 = tl.minimum(g + 1, g_end - 1)  # a valid scale index; a lone group's twin is dropped below
+            s1 = tl.load(as_ptr + rm * stride_asm + g1 * stride_ask) * tl.load(
+                ws_ptr + w_block * stride_wsn + g1 * stride_wsk)
+            d0 = tl.dot(w0, a0)
+            d1 = tl.dot(w1, a1)
+            acc += d0 * s0[None, :] + tl.where(has2, d1 * s1[None, :], 0.0)
+    else:
+        for g in range(g_start, g_end):
+            if USE_TMA:
+                # Tiles through the bulk tensor copy engine: zero fill past M, N and K replaces the masks, and
+                # the pipelined copies keep more weight bytes in flight per SM than per-thread loads
+                # (measured faster at decode, docs/performance.md).
+                if SWAP_AB:
+                    w = w_desc.load([pid_n * BLOCK_N, g * BLOCK_K])
+                    a = tl.trans(a_desc.load([pid_m * BLOCK_M, g * BLOCK_K]))
+                else:
+                    a = a_desc.load([pid_m * BLOCK_M, g * BLOCK_K])
+                    w = tl.trans(w_desc.load([pid_n * BLOCK_N, g * BLOCK_K]))
+            elif EVEN_K:
+                a = tl.load(a_ptrs)
+                w = tl.load(w_ptrs)
+            else:
+                k_ok = g * BLOCK_K + offs_k < K
+                if SWAP_AB:
+                    a = tl.load(a_ptrs, mask=k_ok[:, None], other=0.0)
+                    w = tl.load(w_ptrs, mask=k_ok[None, :], other=0.0)
+                else:
+                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                    w = tl.load(w_ptrs, mask=k_ok[:, None], other=0.0)
+            sa = tl.load(as_ptrs)
+            if W_BLOCK_N % BLOCK_N == 0:
+                # One weight block per tile: one scalar scale (out-of-range rows are never stored).
+                sw = tl.load(ws_ptr + w_block * stride_wsn + g * stride_wsk) + tl.zeros((BLOCK_N,), tl.float32)
+            else:
+                sw = tl.load(ws_ptrs)
+            if SWAP_AB:
+                acc += tl.dot(w, a) * sw[:, None] * sa[None, :]
+            else:
+                acc += tl.dot(a, w) * sa[:, None] * sw[None, :]
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+            as_ptrs += stride_ask
+            ws_ptrs += stride_wsk
+
+    if SWAP_AB:
+        c_offs = offs_m[None, :] * stride_cm + offs_n[:, None]
+        p_offs = offs_m[None, :] * N + offs_n[:, None]
+        c_mask = (offs_m[None, :] < M) & (offs_n[:, None] < N)
+    else:
+        c_offs = offs_m[:, None] * stride_cm + offs_n[None, :]
+        p_offs = offs_m[:, None] * N + offs_n[None, :]
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+
+    if SPLIT_K > 1:
+        tl.store(part_ptr + pid_k * M * N + p_offs, acc, mask=c_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            # Sum every partial (this program's too) in split order, so the result does not depend on which
+            # program arrived last: outputs are bit-reproducible run to run and graph replay to replay.
+            acc = tl.zeros_like(acc)
+            for s in range(SPLIT_K):
+                # .cg: read L2, never a stale L1 line -- the partials were written by other SMs.
+                acc += tl.load(part_ptr + s * M * N + p_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
+            _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
+            tl.atomic_xchg(lock_ptr + pid, 0)
+    else:
+        _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
+
+
+def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
+    """Whether both operands can be read through tensor descriptors: rows 16-byte aligned (K % 16 == 0 for
+    fp8, 16-byte aligned bases) and a device with the copy engine (sm_90+; the interpreter emulates it)."""
+    for t in (x_fp8, w_fp8):
+        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return False
+    if x_fp8.device.type == "cuda":
+        return cuda_identity(x_fp8.device.index).arch >= (9, 0)
+    return INTERPRET
+
+
+_LOCKS: dict[torch.device, torch.Tensor] = {}
+
+
+def _locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-device split-K arrival counters; every launch leaves them at zero again.
+
+    Kernels on one device share them, so two split-K launches must not run concurrently on different
+    streams (one stream per device is the supported use).
+    """
+    buf = _LOCKS.get(device)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
+        _LOCKS[device] = buf
+    return buf
+
+
+def triton_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                config: TritonConfig | None = None) -> torch.Tensor:
+    """Launch the kernel on 2-D operands (inputs already validated by the caller)."""
+    x_fp8, w_fp8, m, n, k = unit_stride_rows(x_fp8, w_fp8)
+    cfg = config or get_config(m, n, k, x_fp8.device)
+    out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
+    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+    split = min(cfg.split_k, cdiv(k, 128))
+    part = torch.empty(split, m, n, dtype=torch.float32, device=x_fp8.device) if split > 1 else out
+    locks = _locks(x_fp8.device, tiles) if split > 1 else out
+    use_tma = cfg.tma and tma_ok(x_fp8, w_fp8)
+    if use_tma:
+        a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128])
+        w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128])
+    else:
+        a_desc = w_desc = None
+    _fp8_block_gemm_kernel[(tiles, split)](
+        x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
+        a_desc, w_desc,
+        m, n, k,
+        x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1), w_fp8.stride(0),
+        weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
+        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
+        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, USE_TMA=use_tma,
+        PAIR_K=use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out

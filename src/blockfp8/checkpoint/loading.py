@@ -1,0 +1,171 @@
+"""Loading a block-FP8 checkpoint into a float model: ``load_fp8_model``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..format import DEFAULT_BLOCK
+from ..nn import Fp8BlockLinear, is_convertible_linear
+from ..validate import check_scale_values
+from .files import (
+    CONFIG_NAME,
+    SCALE_SUFFIX,
+    WEIGHT_SUFFIX,
+    check_fp8_tensors,
+    iter_tensors,
+    read_quantization_config,
+    read_tensor_infos,
+)
+
+
+@dataclass
+class LoadReport:
+    """What ``load_fp8_model`` did."""
+
+    replaced: list[str] = field(default_factory=list)
+    loaded: int = 0
+    bytes_read: int = 0
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"loaded {self.loaded} tensor(s) ({self.bytes_read / 1e6:.1f} MB), "
+                 f"{len(self.replaced)} linear layer(s) now Fp8BlockLinear"]
+        if self.missing:
+            lines.append(f"  missing from the checkpoint: {', '.join(self.missing)}")
+        if self.unexpected:
+            lines.append(f"  not in the model (ignored): {', '.join(self.unexpected)}")
+        return "\n".join(lines)
+
+
+def _alias_groups(model: nn.Module) -> dict[str, set[str]]:
+    """Each state name -> every name of the same tensor (tied weights appear under several names)."""
+    by_id: dict[int, set[str]] = {}
+    named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in named:
+        by_id.setdefault(id(t), set()).add(name)
+    return {name: group for group in by_id.values() for name in group}
+
+
+def _set_tensor(module: nn.Module, attr: str, value: torch.Tensor) -> torch.Tensor | None:
+    """Copy ``value`` into the model's tensor; on the meta device (no storage to copy into) install it instead
+    and return the new tensor, which tied aliases must then share."""
+    current = getattr(module, attr)
+    if current.is_meta:
+        value = value.to(current.dtype)
+        if attr in module._parameters:
+            installed = module._parameters[attr] = nn.Parameter(value, requires_grad=current.requires_grad)
+        else:
+            installed = module._buffers[attr] = value
+        return installed
+    with torch.no_grad():
+        current.copy_(value)
+    return None
+
+
+def _tie(modules: dict[str, nn.Module], names: set[str], tensor: torch.Tensor) -> None:
+    """Point every alias of a tied tensor that is still on the meta device at ``tensor``: a checkpoint stores a
+    tied weight once, and on a meta-built model installing it under one name leaves the others empty."""
+    for name in names:
+        owner, _, attr = name.rpartition(".")
+        module = modules.get(owner)  # "" is the model itself
+        current = getattr(module, attr, None) if module is not None else None
+        # Only an alias that is still the same empty tensor: a layer replaced by Fp8BlockLinear has its own.
+        if not (isinstance(current, torch.Tensor) and current.is_meta and current.dtype == tensor.dtype
+                and current.shape == tensor.shape):
+            continue
+        if attr in module._parameters:
+            module._parameters[attr] = tensor
+        elif attr in module._buffers:
+            module._buffers[attr] = tensor
+
+
+def load_fp8_model(
+    model: nn.Module,
+    checkpoint_dir: str | Path,
+    *,
+    strict: bool = True,
+    progress: bool = True,
+    backend: str | None = None,
+) -> LoadReport:
+    """Load a block-FP8 checkpoint into a float model, in place, one tensor at a time.
+
+    Every ``nn.Linear`` whose ``<name>.weight_scale_inv`` is in the checkpoint becomes an ``Fp8BlockLinear``
+    (``backend`` forces its GEMM backend); all other tensors are copied into the model's own (cast to its
+    dtype). Everything checkable from the headers and config.json is checked before the model is touched;
+    scale values (NaN, Inf, <= 0) are checked as they stream in. ``strict`` raises on tensors missing from
+    the checkpoint or unknown to the model; otherwise they are listed in the report. Works with models on the
+    meta device (their tensors are replaced by the loaded ones; a tied weight stored once is installed under
+    all its names), except for non-persistent buffers such as rotary tables, which no checkpoint holds: the
+    model's own code must create those.
+    """
+    root = Path(checkpoint_dir)
+    qc = read_quantization_config(root)
+    infos = read_tensor_infos(root)
+    prefixes = check_fp8_tensors(infos, qc.block_size)
+    if qc.block_size != DEFAULT_BLOCK:
+        raise ValueError(f"Fp8BlockLinear runs 128x128 weight blocks; {root / CONFIG_NAME} has weight_block_size "
+                         f"{list(qc.block_size)}")
+    modules = dict(model.named_modules())
+    report = LoadReport()
+    to_replace: dict[str, nn.Linear] = {}
+    for prefix in prefixes:
+        mod = modules.get(prefix)
+        w = infos[prefix + WEIGHT_SUFFIX]
+        if isinstance(mod, nn.Linear) and not is_convertible_linear(mod):
+            raise ValueError(f"checkpoint has block-FP8 weights for {prefix!r} (file {w.file}), but the model's "
+                             f"{prefix!r} is a {type(mod).__name__}, a Linear subclass whose parent may read its "
+                             "weight directly; convert the checkpoint with --skip for it")
+        if isinstance(mod, nn.Linear):
+            if (mod.out_features, mod.in_features) != w.shape:
+                raise ValueError(f"tensor {w.name!r} in {w.file} has shape {w.shape}; model layer {prefix!r} is "
+                                 f"{(mod.out_features, mod.in_features)} (out_features, in_features)")
+            to_replace[prefix] = mod
+        elif mod is not None and not isinstance(mod, Fp8BlockLinear):
+            raise ValueError(f"checkpoint has block-FP8 weights for {prefix!r} (file {w.file}), but the model's "
+                             f"{prefix!r} is a {type(mod).__name__}, not an nn.Linear")
+    state = model.state_dict(keep_vars=True)
+    expected = set(state) | {p + SCALE_SUFFIX for p in to_replace}
+    aliases = _alias_groups(model)
+    report.unexpected = sorted(set(infos) - expected)
+    report.missing = sorted(k for k in expected - set(infos) if not (aliases.get(k, set()) & set(infos)))
+    if strict and (report.missing or report.unexpected):
+        raise ValueError(f"checkpoint {root} does not match the model: missing {report.missing[:8]}"
+                         f"{'...' if len(report.missing) > 8 else ''}, unexpected {report.unexpected[:8]}"
+                         f"{'...' if len(report.unexpected) > 8 else ''} (pass strict=False to load anyway)")
+    for name, info in infos.items():
+        target = state.get(name)
+        if target is not None and tuple(target.shape) != info.shape:
+            raise ValueError(f"tensor {name!r} in {info.file} has shape {info.shape}; the model expects "
+                             f"{tuple(target.shape)}")
+
+    for prefix, lin in to_replace.items():
+        parent_name, _, child = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        bias = lin.bias
+        layer = Fp8BlockLinear(lin.in_features, lin.out_features, bias=bias is not None, device=lin.weight.device,
+                               bias_dtype=bias.dtype if bias is not None else torch.bfloat16, backend=backend)
+        setattr(parent, child, layer)
+        report.replaced.append(prefix)
+        modules[prefix] = layer
+    # Drop every reference to the replaced float layers before streaming, so they are freed now and peak
+    # memory stays near the FP8 model's size.
+    state = to_replace = lin = bias = None
+
+    wanted = {k: v for k, v in infos.items() if k in expected}
+    for info, tensor in iter_tensors(wanted, progress, f"loading {root.name}"):
+        if info.name.endswith(SCALE_SUFFIX):
+            check_scale_values(tensor, name=f"tensor {info.name!r} in {info.file}")
+        owner, _, attr = info.name.rpartition(".")
+        module = modules[owner] if owner else model
+        installed = _set_tensor(module, attr, tensor)
+        if installed is not None:
+            _tie(modules, aliases.get(info.name, set()) - {info.name}, installed)
+        report.loaded += 1
+        report.bytes_read += info.nbytes
+    return report
+

@@ -1,0 +1,320 @@
+"""``blockfp8 bench-e2e``: time per decode step (TPOT) of a DeepSeek-V3-shaped decoder stack.
+
+Variants: the bf16 model (``torch.matmul``, cuBLAS on CUDA), the block-FP8 model with each GEMM backend
+forced, and the block-FP8 model as the dispatcher runs it ("auto"). The FP8 model is converted once; a
+variant forces its backend through ``BLOCKFP8_BACKEND``, which the dispatcher reads inside the custom op
+at run time, so one compiled graph serves every backend and only the captured CUDA graph differs.
+
+Modes (CUDA; the CPU runs eager only):
+* ``eager``: the module called from Python every step.
+* ``graph``: the eager step captured once in a ``torch.cuda.CUDAGraph`` and replayed (no launch overhead).
+* ``compiled``: ``torch.compile(fullgraph=True, dynamic=False)`` with Inductor's default mode (fuses the
+  norms and activations around the opaque FP8 ops), then captured in a CUDA graph the same way. Manual
+  capture is used rather than ``mode="reduce-overhead"`` so both graphed modes replay identically.
+
+Each step is timed from a synchronized start to a synchronized end; the table shows the median after
+warm-up. One-time costs (first call with kernel JIT, graph capture, compilation) are reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from ..backends import Problem, backend_names, get_backend
+from ..dispatch import ENV_VAR, clear_caches
+from ..nn import Fp8BlockLinear, convert_model
+from ..reference import rel_error
+from ..testing.decoder import PRESETS, Decoder, hidden_input, linear_shapes, make_model
+from ..testing.environment import environment, environment_line
+from ..testing.timing import capture_graph, synchronize, time_steps
+from .common import positive_ints
+
+MODES = ("eager", "graph", "compiled")
+BF16 = "bf16"
+AUTO = "auto"
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None) -> Iterator[None]:
+    """Force every blockfp8 GEMM to backend ``name`` (None: let the dispatcher choose) inside the block."""
+    old = os.environ.get(ENV_VAR)
+    if name is None:
+        os.environ.pop(ENV_VAR, None)
+    else:
+        os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = old
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every linear layer's weights (and fp8 block scales): what a decode step must stream."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, Fp8BlockLinear)):
+            total += sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+    return total
+
+
+def unsupported_reason(backend: str, shapes: list[tuple[int, int]], batches: list[int],
+                       device: torch.device) -> str:
+    """Why ``backend`` cannot run every (M, N, K) of the model here ("" when it can)."""
+    be = get_backend(backend)
+    for m in batches:
+        for n, k in shapes:
+            verdict = be.supports(Problem.of(m, n, k, device))
+            if not verdict:
+                return f"M={m} N={n} K={k}: {verdict.reason}"
+    return ""
+
+
+def _short_error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+@dataclass
+class Row:
+    variant: str
+    mode: str
+    batch: int
+    tpot_ms: float | None = None
+    setup_s: float | None = None
+    rel_err: float | None = None
+    weight_gbps: float | None = None
+    speedup: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Settings:
+    batches: list[int]
+    steps: int
+    warmup: int
+    modes: list[str]
+    device: torch.device
+
+
+def _run_cell(step: Callable[[], torch.Tensor], mode: str, s: Settings) -> tuple[float, float, torch.Tensor]:
+    """(setup seconds, median step seconds, output) of one variant in one mode."""
+    t0 = time.perf_counter()
+    if mode == "eager":
+        out = step()
+        synchronize(s.device)
+        fn = step
+    else:
+        graph, out = capture_graph(step, warmup=3)
+        synchronize(s.device)
+        fn = graph.replay
+    setup = time.perf_counter() - t0
+    times = time_steps(fn, s.device, s.warmup, s.steps)
+    return setup, statistics.median(times), out.detach().clone()
+
+
+def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[str, str | None]],
+                  s: Settings, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, float]]:
+    """Time every (batch, mode, variant). ``variants`` pairs a label with the forced backend (None: auto;
+    the label ``bf16`` runs the bf16 model). Returns the rows and one-time compile seconds by label."""
+    rows: list[Row] = []
+    compile_s: dict[str, float] = {}
+    bytes_of = {BF16: weight_bytes(bf16_model), "fp8": weight_bytes(fp8_model)}
+    compiled: dict[str, Callable] = {}
+    if "compiled" in s.modes:
+        compiled = {BF16: torch.compile(bf16_model, fullgraph=True, dynamic=False),
+                    "fp8": torch.compile(fp8_model, fullgraph=True, dynamic=False)}
+    with torch.inference_mode():
+        for m in s.batches:
+            x = hidden_input(bf16_model, m)
+            baseline: dict[str, Row] = {}
+            reference_out = bf16_model(x).float()
+            for mode in s.modes:
+                compile_error = {}
+                if mode == "compiled":
+                    for key, fn in compiled.items():
+                        log(f"  M={m:<3d} compiling the {key} model")
+                        t0 = time.perf_counter()
+                        try:
+                            with forced_backend(None):
+                                fn(x)
+                            synchronize(s.device)
+                            compile_s[f"{key} model, M={m}"] = time.perf_counter() - t0
+                        except Exception as e:  # noqa: BLE001 - reported in the table, never fatal
+                            compile_error[key] = _short_error(e)
+                for label, backend in variants:
+                    key = BF16 if label == BF16 else "fp8"
+                    model = compiled.get(key) if mode == "compiled" else (bf16_model if key == BF16 else fp8_model)
+                    row = Row(label, mode, m)
+                    if key in compile_error:
+                        row.note = f"compile failed: {compile_error[key]}"
+                    else:
+                        try:
+                            with forced_backend(backend):
+                                setup, median, out = _run_cell(lambda model=model, x=x: model(x), mode, s)
+                            row.setup_s, row.tpot_ms = setup, median * 1e3
+                            row.rel_err = rel_error(out.float(), reference_out)
+                            row.weight_gbps = bytes_of[key] / median / 1e9
+                        except Exception as e:  # noqa: BLE001 - one failing variant must not stop the rest
+                            row.note = _short_error(e)
+                    if label == BF16:
+                        baseline[mode] = row
+                    base = baseline.get(mode)
+                    if base and base.tpot_ms and row.tpot_ms:
+                        row.speedup = base.tpot_ms / row.tpot_ms
+                    rows.append(row)
+                    status = f"{row.tpot_ms:.3f} ms" if row.tpot_ms is not None else row.note
+                    log(f"  M={m:<3d} {mode:8s} {label:9s} {status}")
+    return rows, compile_s
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+COLUMNS = ("variant", "mode", "M", "TPOT ms", "vs bf16", "weights GB/s", "rel err vs bf16", "setup s", "note")
+
+
+def _cells(r: Row) -> list[str]:
+    gbps = _fmt(r.weight_gbps, ".0f" if (r.weight_gbps or 0) >= 10 else ".3f")
+    speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+    return [r.variant, r.mode, str(r.batch), _fmt(r.tpot_ms, ".3f"), speedup, gbps, _fmt(r.rel_err, ".2e"),
+            _fmt(r.setup_s, ".2f"), r.note]
+
+
+def to_markdown(rows: list[Row], compile_s: dict[str, float], header: list[str]) -> str:
+    lines = [*header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    if compile_s:
+        lines += ["", "Compile time (torch.compile, first call per batch size):", ""]
+        lines += [f"- {k}: {v:.1f} s" for k, v in compile_s.items()]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[Row], compile_s: dict[str, float], title: str) -> None:
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("variant", "mode", "note") else "right",
+                         overflow="fold")
+    for r in rows:
+        table.add_row(*_cells(r))
+    console.print(table)
+    for k, v in compile_s.items():
+        console.print(f"compile: {k}: {v:.1f} s")
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def _name_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3", help="model shapes")
+    p.add_argument("--layers", type=int, default=2, help="decoder blocks (default 2; ~1.75 GB each for deepseek-v3)")
+    p.add_argument("--batch", type=positive_ints, default=[1, 16], help="decode batch sizes M, comma-separated")
+    p.add_argument("--steps", type=int, default=50, help="timed decode steps per cell (median reported)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 5; CPU 1)")
+    p.add_argument("--backends", type=_name_list, default=[b for b in backend_names() if b != "reference"],
+                   help="FP8 backends to force, comma-separated (the dispatched 'auto' variant always runs)")
+    p.add_argument("--modes", type=_name_list, default=list(MODES),
+                   help=f"comma-separated subset of {','.join(MODES)} (CPU: eager only)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="write rows and environment as JSON to this path")
+    p.add_argument("--markdown", default=None, help="write the table as Markdown to this path")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for b in args.backends:
+        if b not in backend_names():
+            raise ValueError(f"--backends: {b!r} is not a backend; known: {', '.join(backend_names())}")
+    for mode in args.modes:
+        if mode not in MODES:
+            raise ValueError(f"--modes: {mode!r} is not a mode; known: {', '.join(MODES)}")
+    if args.layers < 1 or args.steps < 1:
+        raise ValueError(f"--layers and --steps must be >= 1, got {args.layers} and {args.steps}")
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option spelled out)."""
+    return (f"blockfp8 bench-e2e --preset {args.preset} --layers {args.layers} "
+            f"--batch {','.join(map(str, args.batch))} --steps {args.steps} --backends {','.join(args.backends)} "
+            f"--modes {','.join(args.modes)}" + (f" --warmup {args.warmup}" if args.warmup is not None else ""))
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    modes = [m for m in args.modes if device.type == "cuda" or m == "eager"]
+    settings = Settings(args.batch, args.steps, args.warmup if args.warmup is not None else
+                        (5 if device.type == "cuda" else 1), modes, device)
+    env = environment(device)
+    print(environment_line(env))
+    clear_caches()
+
+    t0 = time.perf_counter()
+    bf16_model = make_model(args.preset, args.layers, torch.bfloat16, device)
+    fp8_model = copy.deepcopy(bf16_model)
+    convert_model(fp8_model)
+    synchronize(device)
+    print(f"built {args.preset} x{args.layers} layers and its FP8 copy in {time.perf_counter() - t0:.1f} s "
+          f"(bf16 weights {weight_bytes(bf16_model) / 1e9:.2f} GB, fp8 {weight_bytes(fp8_model) / 1e9:.2f} GB)")
+
+    shapes = list(dict.fromkeys(linear_shapes(bf16_model.cfg).values()))
+    variants: list[tuple[str, str | None]] = [(BF16, None)]
+    skipped: dict[str, str] = {}
+    for b in args.backends:
+        why = unsupported_reason(b, shapes, settings.batches, device)
+        if why:
+            skipped[b] = why
+        else:
+            variants.append((b, b))
+    variants.append((AUTO, None))
+    for b, why in skipped.items():
+        print(f"skipping {b}: {why}")
+
+    rows, compile_s = run_benchmark(bf16_model, fp8_model, variants, settings)
+    title = (f"decode TPOT, {args.preset} x{args.layers} layers, median of {args.steps} steps "
+             f"({', '.join(modes)}; graph = manual CUDA graph capture)")
+    print_table(rows, compile_s, title)
+
+    header = [f"# bench-e2e: {title}", "", f"- environment: {environment_line(env)}", f"- command: `{_command(args)}`"]
+    header += [f"- skipped {b}: {why}" for b, why in skipped.items()]
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(to_markdown(rows, compile_s, header))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "preset": args.preset, "layers": args.layers, "steps": args.steps,
+                       "warmup": settings.warmup, "modes": modes, "skipped": skipped, "compile_s": compile_s,
+                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+    return 0

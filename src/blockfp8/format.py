@@ -1,0 +1,65 @@
+"""The block-FP8 format: constants and scale-shape rules. A leaf: imports nothing from the package.
+
+DeepSeek-V3 / Hugging Face convention: weights are ``float8_e4m3fn`` (N, K) with one fp32 ``weight_scale_inv``
+per 128x128 block, shape (ceil(N/128), ceil(K/128)); activations carry one fp32 scale per token per 1x128
+group, shape (..., ceil(K/128)). Scales *multiply* on dequantization, and tail blocks are partial: nothing is
+padded in the stored tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+# The largest finite float8_e4m3fn value (S.1111.110 = 1.75 * 2^8): the quantizers map each group's amax here.
+FP8_MAX = 448.0
+# Groups with a smaller amax share this floor, so all-zero groups get a finite scale and quantize to zeros.
+AMAX_FLOOR = 1e-10
+BLOCK = 128  # weight block edge and activation group width: one K block column is one activation group
+DEFAULT_BLOCK = (BLOCK, BLOCK)
+DEFAULT_GROUP = BLOCK
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # activations, float weights, bias, outputs
+
+# Decode (M up to this many rows) streams weights and is latency-bound; above it the MMA pipelines lead. The
+# dispatcher's static order, the Triton launch heuristics and the Gluon tile choice switch at this M.
+DECODE_MAX_M = 64
+
+# Activation-scale layouts: "row" is (M, Kb) contiguous; "col" is (M, Kb) with strides (1, align(M, 4)) --
+# column-major with the M stride padded to 16 bytes, the TMA-aligned layout DeepGEMM and cuBLAS blockwise read
+# without a transpose of their own.
+SCALE_LAYOUTS = ("row", "col")
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceil division for non-negative ints."""
+    return -(-a // b)
+
+
+def is_decode(m: int) -> bool:
+    """Whether a GEMM with ``m`` rows is a decode-sized (weight-streaming) problem."""
+    return m <= DECODE_MAX_M
+
+
+def weight_scale_shape(n: int, k: int, block_size: tuple[int, int] = DEFAULT_BLOCK) -> tuple[int, int]:
+    """Shape of ``weight_scale_inv`` for an (n, k) weight: (ceil(n/bn), ceil(k/bk))."""
+    return cdiv(n, block_size[0]), cdiv(k, block_size[1])
+
+
+def activation_scale_shape(shape: tuple[int, ...] | torch.Size, group_size: int = DEFAULT_GROUP) -> tuple[int, ...]:
+    """Shape of the activation scales for an activation of ``shape`` [..., K]."""
+    return (*shape[:-1], cdiv(shape[-1], group_size))
+
+
+def empty_scales(m: int, kb: int, layout: str, device: torch.device | str) -> torch.Tensor:
+    """An uninitialized (m, kb) fp32 activation-scale tensor in ``layout`` ("row" or "col")."""
+    if layout == "row":
+        return torch.empty(m, kb, dtype=torch.float32, device=device)
+    if layout == "col":
+        m_pad = cdiv(max(m, 1), 4) * 4
+        return torch.empty(kb, m_pad, dtype=torch.float32, device=device).t()[:m]
+    raise ValueError(f"layout must be one of {SCALE_LAYOUTS}, got {layout!r}")
+
+
+def dtype_name(dtype: object) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (any other object: its str)."""
+    return str(dtype).replace("torch.", "")

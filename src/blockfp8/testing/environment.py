@@ -1,0 +1,83 @@
+"""The one record of where a measurement was made: device, versions, and which backends can run here."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from importlib import metadata
+
+import torch
+
+from ..backends import backend_names, get_backend
+from ..device import as_device, cuda_identity, device_key
+
+
+def dist_version(*names: str) -> str | None:
+    """Installed version of the first of ``names`` that is an installed distribution (None if none is)."""
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _module_version(module: str) -> str | None:
+    try:
+        return getattr(importlib.import_module(module), "__version__", "unknown version")
+    except Exception:  # noqa: BLE001 - an optional package may fail to import in any way
+        return None
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+        return out.strip().splitlines()[0] if out.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device | str | None = None) -> dict:
+    """Device, date, command line, library versions and every backend's availability (with the reason)."""
+    from .. import __version__
+
+    device = as_device(device)
+    env = {
+        "device": device_key(device),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["blockfp8", *sys.argv[1:]] if sys.argv[0].endswith("blockfp8") else sys.argv),
+        "python": platform.python_version(),
+        "blockfp8": __version__,
+        "torch": torch.__version__,
+        "triton": dist_version("triton"),
+        "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        "deep_gemm": dist_version("deep_gemm", "deep-gemm", "deepinfer-gemm"),
+        "torchao": dist_version("torchao"),
+        "cuda": torch.version.cuda,
+        "driver": None,
+        "backends": {},
+    }
+    for name in backend_names():
+        verdict = get_backend(name).availability()
+        env["backends"][name] = {"available": verdict.ok, "reason": verdict.reason}
+    if device.type == "cuda":
+        ident = cuda_identity(device.index)
+        env["driver"] = _driver_version()
+        env["deep_gemm"] = env["deep_gemm"] or _module_version("deep_gemm")
+        env["sms"] = ident.sms
+        env["capability"] = f"{ident.arch[0]}.{ident.arch[1]}"
+    return env
+
+
+def environment_line(env: dict) -> str:
+    """One line: device, versions, available backends (unavailable ones marked with a minus sign)."""
+    marks = " ".join(f"{b}{'+' if v['available'] else '-'}" for b, v in env["backends"].items())
+    interp = " (Triton interpreter)" if env["triton_interpreter"] else ""
+    cuda = f" cuda {env['cuda']}" if env["cuda"] else ""
+    return f"{env['device']} | torch {env['torch']}{cuda} | triton {env['triton']}{interp} | backends: {marks}"

@@ -1,0 +1,45 @@
+"""The fused Triton activation quantizer equals the torch quantizer bit for bit, in every scale layout."""
+
+import pytest
+import torch
+
+from blockfp8 import quantize_activation
+from blockfp8.backends.triton.act_quant import quantize_activation_fused
+from blockfp8.format import empty_scales
+from blockfp8.testing import default_device
+
+DEVICE = default_device()
+
+
+def _input(m, k, dtype):
+    x = torch.randn(m, k, device=DEVICE) * torch.exp(3 * torch.randn(m, 1, device=DEVICE))
+    if k > 128:
+        x[0, :128] = 0.0  # an all-zero group: scale floor, zeros out
+    x[-1, -1] = -0.0
+    if m > 2:
+        x[1] *= 1e-30  # fp32 subnormal-range values: exercises the fp8 subnormal rounding
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("m,k", [(1, 128), (3, 1000), (17, 7168), (64, 200)])
+def test_bit_exact(dtype, layout, ue8m0, m, k):
+    if dtype == torch.float16 and m > 2:
+        pytest.skip("fp16 cannot hold the 1e-30 rows")
+    x = _input(m, k, dtype)
+    q_ref, s_ref = quantize_activation(x, ue8m0=ue8m0)
+    q, s = quantize_activation_fused(x, ue8m0=ue8m0, layout=layout)
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), "fp8 bytes differ"
+    assert torch.equal(s, s_ref)
+    if layout == "col":
+        assert s.stride() == (1, (m + 3) // 4 * 4)
+
+
+def test_empty_scales_layouts():
+    assert empty_scales(5, 3, "row", "cpu").stride() == (3, 1)
+    assert empty_scales(5, 3, "col", "cpu").stride() == (1, 8)
+    with pytest.raises(ValueError, match="layout"):
+        empty_scales(5, 3, "diagonal", "cpu")
