@@ -1,8 +1,13 @@
 """Raw probe of the peer block-FP8 GEMMs (cuBLAS blockwise through torch, DeepGEMM) on this GPU.
 
 Calls each library directly, with no blockfp8 limits in front, over a grid of shapes and records
-ok / wrong (relative error) / error (exception) per cell. Its output is the evidence behind the
-limits declared in src/blockfp8/backends/. Run on a GPU:
+ok / wrong (relative error) / error (exception) per cell. Its output (benchmarks/probe_h100.json on the H100)
+is the evidence behind the limits declared in src/blockfp8/backends/cublas.py and deepgemm.py. Shared
+helpers: operands from ``blockfp8.testing.operands``, the ground truth and the error from
+``blockfp8.reference``, the copy and FP8 ceilings from ``blockfp8.testing.timing``, the device and versions
+from ``blockfp8.testing.environment``. (probe_h100.json was written before the script used them: the same grid
+and verdict strings, random fp8 values with random scales as operands, other keys in its info and ceilings.)
+Run on a GPU:
 
     python benchmarks/probe_peers.py --out probe.json
 """
@@ -16,37 +21,17 @@ import time
 
 import torch
 
-TOL = 5e-3
-FP8 = torch.float8_e4m3fn
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+from blockfp8.format import cdiv, empty_scales
+from blockfp8.reference import TOLERANCE, reference_gemm, rel_error
+from blockfp8.testing.environment import environment, environment_line
+from blockfp8.testing.operands import random_problem
+from blockfp8.testing.timing import measure_ceilings
 
 
 def make_problem(m: int, n: int, k: int, seed: int = 0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    kb, nb = cdiv(k, 128), cdiv(n, 128)
-    a = (torch.randn(m, k, device="cuda", generator=g) * 2).to(FP8)
-    w = (torch.randn(n, k, device="cuda", generator=g) * 2).to(FP8)
-    sa = torch.rand(m, kb, device="cuda", generator=g) * 0.01 + 1e-3
-    sw = torch.rand(nb, kb, device="cuda", generator=g) * 0.01 + 1e-3
-    return a, sa, w, sw
-
-
-def reference(a, sa, w, sw):
-    m, k = a.shape
-    n = w.shape[0]
-    af = a.float() * sa.repeat_interleave(128, dim=1)[:, :k]
-    wf = w.float() * sw.repeat_interleave(128, 0).repeat_interleave(128, 1)[:n, :k]
-    return af @ wf.t()
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out = out.float()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    """(x_fp8, x_scale (M, Kb) row-major, w_fp8, weight_scale_inv) and the fp32 reference output."""
+    _, a, sa, w, sw = random_problem(m, n, k, seed=seed, device="cuda")
+    return a, sa, w, sw, reference_gemm(a, sa, w, sw, out_dtype=torch.float32)
 
 
 def verdict(fn, ref) -> str:
@@ -57,8 +42,8 @@ def verdict(fn, ref) -> str:
         torch.cuda.synchronize()
         msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         return f"error: {msg}"
-    err = rel_err(out, ref)
-    return f"ok {err:.1e}" if err <= TOL else f"wrong {err:.1e}"
+    err = rel_error(out, ref)
+    return f"ok {err:.1e}" if err <= TOLERANCE else f"wrong {err:.1e}"
 
 
 def probe_cublas(ms, ns, ks) -> dict:
@@ -69,8 +54,7 @@ def probe_cublas(ms, ns, ks) -> dict:
     for n in ns:
         for k in ks:
             for m in ms:
-                a, sa, w, sw = make_problem(m, n, k)
-                ref = reference(a, sa, w, sw)
+                a, sa, w, sw, ref = make_problem(m, n, k)
                 kb = sa.shape[1]
                 kb4 = cdiv(kb, 4) * 4
                 sa_col = sa.t().contiguous().t()  # (M, Kb) column-major
@@ -83,7 +67,7 @@ def probe_cublas(ms, ns, ks) -> dict:
                 }
                 for name, (s_a, s_b) in variants.items():
                     res[f"{m},{n},{k},{name}"] = verdict(
-                        lambda s_a=s_a, s_b=s_b: F.scaled_mm(
+                        lambda a=a, w=w, s_a=s_a, s_b=s_b: F.scaled_mm(
                             a, w.t(), s_a, ScalingType.BlockWise1x128, s_b, ScalingType.BlockWise128x128,
                             output_dtype=torch.bfloat16,
                         ),
@@ -98,11 +82,10 @@ def _dg_worker(args):
 
     out = {}
     for m in ms:
-        a, sa, w, sw = make_problem(m, n, k)
-        ref = reference(a, sa, w, sw)
+        a, sa, w, sw, ref = make_problem(m, n, k)
         t0 = time.time()
 
-        def run(sa=sa):
+        def run(m=m, a=a, sa=sa, w=w, sw=sw):
             d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
             deep_gemm.fp8_gemm_nt((a, sa), (w, sw), d, disable_ue8m0_cast=True)
             return d
@@ -137,16 +120,12 @@ def deepgemm_layouts() -> dict:
     res = {}
     for m in (1, 16, 77, 128):
         n, k = 2112, 7168
-        a, sa, w, sw = make_problem(m, n, k)
-        ref = reference(a, sa, w, sw)
-        m4 = cdiv(m, 4) * 4
-        col = torch.zeros(sa.shape[1], m4, device="cuda")
-        col[:, :m] = sa.t()
-        sa_col = col.t()[:m]  # (M, Kb), stride (1, align(M, 4))
+        a, sa, w, sw, ref = make_problem(m, n, k)
+        sa_col = empty_scales(m, sa.shape[1], "col", "cuda").copy_(sa)  # (M, Kb), stride (1, align(M, 4))
         for name, s in (("rowmajor", sa), ("colmajor_tma", sa_col)):
             d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
 
-            def run(s=s, d=d):
+            def run(a=a, s=s, w=w, sw=sw, d=d):
                 deep_gemm.fp8_gemm_nt((a, s), (w, sw), d, disable_ue8m0_cast=True)
                 return d
 
@@ -155,42 +134,24 @@ def deepgemm_layouts() -> dict:
 
 
 def ceilings() -> dict:
-    import triton.testing as tt
-
-    x = torch.empty(2 * 1024**3 // 4, device="cuda", dtype=torch.float32)
-    y = torch.empty_like(x)
-    ms = tt.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
-    copy_tbs = 2 * x.numel() * 4 / ms / 1e9
-    del x, y
-    s = 8192
-    a = torch.randn(s, s, device="cuda").to(FP8)
-    b = torch.randn(s, s, device="cuda").to(FP8).t()
-    one = torch.ones((), device="cuda")
-    ms = tt.do_bench(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), warmup=50, rep=300,
-                     return_mode="median")
-    return {"copy_TBps": copy_tbs, "fp8_tensorwise_TFLOPs": 2 * s**3 / ms / 1e9}
+    """Device copy bandwidth and dense FP8 throughput, measured as ``blockfp8 bench`` measures them."""
+    return measure_ceilings("cuda").to_json()
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="probe.json")
     p.add_argument("--procs", type=int, default=14)
     args = p.parse_args()
-    import triton
-
-    info = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-    }
+    info = environment("cuda")
     try:
-        import deep_gemm
+        import deep_gemm  # noqa: F401 - called directly below, without blockfp8's limits in front
 
-        info["deep_gemm"] = getattr(deep_gemm, "__version__", "?")
+        have_deepgemm = True
     except Exception as e:  # noqa: BLE001
+        have_deepgemm = False
         info["deep_gemm"] = f"unavailable: {e}"
-    print(info, flush=True)
+    print(environment_line(info), flush=True)
     result = {"info": info}
     t0 = time.time()
     result["ceilings"] = ceilings()
@@ -203,7 +164,7 @@ def main() -> None:
     result["cublas"] = probe_cublas(ms, ns, ks)
     print(f"cublas probe {time.time() - t0:.0f}s", flush=True)
 
-    if not info["deep_gemm"].startswith("unavailable"):
+    if have_deepgemm:
         t0 = time.time()
         result["deepgemm_layouts"] = deepgemm_layouts()
         print(json.dumps(result["deepgemm_layouts"], indent=1), flush=True)

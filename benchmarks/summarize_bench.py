@@ -3,9 +3,9 @@
     python benchmarks/summarize_bench.py benchmarks/results/bench_A.json benchmarks/results/bench_B.json
 """
 
+import argparse
 import json
 import math
-import sys
 
 ORDER = ["triton", "gluon", "cublas", "deepgemm", "torchao", "bf16"]
 OWN = ("triton", "gluon")  # blockfp8's own kernels
@@ -140,7 +140,9 @@ def linear_overhead(records):
 
 
 if __name__ == "__main__":
-    recs, envs = load(sys.argv[1:])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("files", nargs="+", help="JSON files written by blockfp8 bench --save")
+    recs, envs = load(ap.parse_args().files)
     env, ceil = envs[0]
     what = {"gemm": lambda: speed_table(recs, "gemm", ceil), "linear": lambda: speed_table(recs, "linear", ceil),
             "triton": lambda: triton_table(recs, ceil), "goals": lambda: goals(recs, ceil),

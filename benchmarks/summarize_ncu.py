@@ -5,9 +5,9 @@
 ncu.err holds profile_cells.py's "profiled <backend> N=.. K=.. M=.." lines, one per kernel in launch order.
 """
 
+import argparse
 import csv
 import re
-import sys
 
 STALLS = ("long_scoreboard", "barrier", "wait", "dispatch_stall", "math_pipe_throttle", "short_scoreboard",
           "gmma", "not_selected", "mio_throttle", "lg_throttle", "no_instruction", "drain", "membar")
@@ -44,4 +44,8 @@ def main(csv_path: str, labels_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv", help="ncu --csv --page raw output")
+    ap.add_argument("labels", help="profile_cells.py's stderr (one 'profiled ...' line per kernel)")
+    args = ap.parse_args()
+    main(args.csv, args.labels)
