@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from ..base import Backend, Limits
-from .gemm import INTERPRET, triton_gemm
+from .gemm import triton_gemm
+from .launch import INTERPRET
 
 
 class TritonBackend(Backend):

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
 from ...validate import check_group_size, require_dtype
+from .launch import launch_guard
 
 
 @triton.jit
@@ -89,11 +90,12 @@ def quantize_activation_fused(
     s = empty_scales(m, kb, layout, x.device)
     if m > 0 and k > 0:
         per_prog = min(8, triton.next_power_of_2(kb))
-        _act_quant_kernel[(m, cdiv(kb, per_prog))](
-            x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
-            GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
-            num_warps=4,
-        )
+        with launch_guard():
+            _act_quant_kernel[(m, cdiv(kb, per_prog))](
+                x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
+                GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
+                num_warps=4,
+            )
     if layout == "row":
         return q.reshape(*lead, k), s.reshape(*lead, kb)
     return q, s

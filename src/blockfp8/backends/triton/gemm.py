@@ -12,7 +12,8 @@ Two launch shapes, picked per (M, N, K) from a tuned table or a heuristic (``con
   narrow N slot, and ``SPLIT_K`` splits the K groups over extra programs so all SMs stream weights.
   The split-K reduction is done in the same launch: each program stores its fp32 partial tile, and the last
   one to arrive at a per-tile counter sums the partials in a fixed order (deterministic output), writes the
-  output and resets the counter (so the kernel needs no zeroing launch and is CUDA-graph safe).
+  output and resets the counter (so the kernel needs no zeroing launch; ``SplitKCounters`` says which
+  launches may share counters: never two that can run at once).
 * prefill (large M): 64x128 or 128x128 tiles in grouped launch order.
 Tiles are read through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte aligned rows;
 ``TritonConfig.tma``): the copy engine's zero fill past M, N and K replaces the masks, and its deep pipeline
@@ -21,7 +22,7 @@ measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewher
 
 from __future__ import annotations
 
-import os
+import threading
 
 import torch
 import triton
@@ -32,8 +33,7 @@ from ...device import cuda_identity
 from ...format import cdiv
 from ..base import unit_stride_rows
 from .configs import TritonConfig, get_config
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+from .launch import INTERPRET, launch_guard
 
 
 @triton.jit
@@ -199,20 +199,52 @@ def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
     return INTERPRET
 
 
-_LOCKS: dict[torch.device, torch.Tensor] = {}
+class SplitKCounters:
+    """Split-K arrival counters that no two concurrent launches ever share.
 
+    Each launch that splits K needs one int32 counter per output tile, zero at the start; the last program of a
+    tile to arrive resets it, so a finished launch leaves them at zero for the next one. What must never happen is
+    two launches in flight on one buffer: they would count each other's arrivals. So:
 
-def _locks(device: torch.device, tiles: int) -> torch.Tensor:
-    """Per-device split-K arrival counters; every launch leaves them at zero again.
-
-    Kernels on one device share them, so two split-K launches must not run concurrently on different
-    streams (one stream per device is the supported use).
+    * eager launches take a buffer owned by (thread, device, stream): launches on one stream run one after another,
+      other streams and other threads (the CPU interpreter runs kernels in the calling thread) get their own;
+    * a launch captured into a CUDA graph gets a fresh zeroed buffer owned by that graph, so two graphs -- or a
+      graph and eager work -- replayed concurrently on different streams never share one;
+    * a launch that raises (an interrupt inside the interpreter, a launch error) may leave counts behind, so its
+      buffer is dropped and the next launch starts from a new zeroed one.
     """
-    buf = _LOCKS.get(device)
-    if buf is None or buf.numel() < tiles:
-        buf = torch.zeros(max(tiles, 1 << 14), dtype=torch.int32, device=device)
-        _LOCKS[device] = buf
-    return buf
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, device: torch.device, tiles: int) -> torch.Tensor:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(tiles, dtype=torch.int32, device=device)
+        pool = self._pool()
+        key = self._key(device)
+        buf = pool.get(key)
+        if buf is None or buf.numel() < tiles:
+            buf = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
+            pool[key] = buf
+        return buf
+
+    def discard(self, device: torch.device) -> None:
+        """Forget this thread's buffer for ``device``'s current stream (after a launch that did not finish)."""
+        self._pool().pop(self._key(device), None)
+
+    def _pool(self) -> dict:
+        pool = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = self._local.pool = {}
+        return pool
+
+    @staticmethod
+    def _key(device: torch.device) -> tuple:
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        return device, stream
+
+
+SPLIT_K_COUNTERS = SplitKCounters()
 
 
 def triton_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
@@ -225,23 +257,29 @@ def triton_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
     tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
     split = min(cfg.split_k, cdiv(k, 128))
     part = torch.empty(split, m, n, dtype=torch.float32, device=x_fp8.device) if split > 1 else out
-    locks = _locks(x_fp8.device, tiles) if split > 1 else out
+    locks = SPLIT_K_COUNTERS.get(x_fp8.device, tiles) if split > 1 else out
     use_tma = cfg.tma and tma_ok(x_fp8, w_fp8)
     if use_tma:
         a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128])
         w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128])
     else:
         a_desc = w_desc = None
-    _fp8_block_gemm_kernel[(tiles, split)](
-        x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
-        a_desc, w_desc,
-        m, n, k,
-        x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1), w_fp8.stride(0),
-        weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
-        GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
-        ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, USE_TMA=use_tma,
-        PAIR_K=use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    try:
+        with launch_guard():
+            _fp8_block_gemm_kernel[(tiles, split)](
+                x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
+                a_desc, w_desc,
+                m, n, k,
+                x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1), w_fp8.stride(0),
+                weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
+                HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
+                GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
+                ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, USE_TMA=use_tma,
+                PAIR_K=use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )
+    except BaseException:
+        if split > 1:
+            SPLIT_K_COUNTERS.discard(x_fp8.device)
+        raise
     return out
