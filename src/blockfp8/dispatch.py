@@ -40,6 +40,14 @@ STATIC_ORDER = {
 }
 
 
+_GENERATION = [0]  # bumped whenever a cached choice may change; plans built under an older one are rebuilt
+
+
+def generation() -> int:
+    """A number that changes whenever the dispatcher forgets its cached choices (new table, new ranking)."""
+    return _GENERATION[0]
+
+
 @cache
 def dispatch_table() -> dict:
     """device name -> "N,K" -> {measured M (str): [backend names, fastest first]}."""
@@ -149,9 +157,11 @@ def record_ranking(device_name: str, n: int, k: int, m: int, order: list[str]) -
     dispatched op, so the dispatched column uses the ranking measured in the same run)."""
     merge_tables(dispatch_table(), {device_name: {f"{n},{k}": {str(m): list(order)}}})
     _choose.cache_clear()
+    _GENERATION[0] += 1
 
 
 def clear_caches() -> None:
     """Forget cached choices and tables (after installing a peer or writing a new table)."""
     _choose.cache_clear()
     dispatch_table.cache_clear()
+    _GENERATION[0] += 1

@@ -11,7 +11,7 @@ from torch import nn
 
 from .dispatch import check_backend_name
 from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
-from .ops import linear
+from .ops import PlanCache, layer_linear
 from .quant import quantize_weight
 from .validate import check_block_size, check_fp8_linear
 
@@ -95,7 +95,10 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
         return cls.from_fp8(w, s, bias, backend, name=name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.weight_scale_inv, self.bias, backend=self.backend)
+        plans = self.__dict__.get("_plans")
+        if plans is None:  # built lazily: layers made with cls.__new__ (from_fp8) or unpickled have none yet
+            plans = self.__dict__["_plans"] = PlanCache()
+        return layer_linear(x, self.weight, self.weight_scale_inv, self.bias, self.backend, plans)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -8,6 +8,8 @@ test exactly what each backend claims.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -137,3 +139,16 @@ class Backend:
             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
         """y[M, N] for 2-D x_fp8 (M, K) and x_scale (M, Kb) in any stride layout; M >= 1."""
         raise NotImplementedError
+
+    def plan(self, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+             out_dtype: torch.dtype, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``run`` with the weight side bound, for M=``m`` rows: a callable ``(x_fp8, x_scale) -> y``.
+
+        A backend whose per-call work on the weight side costs host time (configs, descriptors, padded scales)
+        overrides this to do that work once; a layer keeps the plan for its next calls.
+        """
+        return functools.partial(_run_with, self, w_fp8, weight_scale_inv, bias, out_dtype)
+
+
+def _run_with(be: Backend, w_fp8, weight_scale_inv, bias, out_dtype, x_fp8, x_scale) -> torch.Tensor:
+    return be.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)

@@ -32,6 +32,7 @@ from ..testing.bench import (
     wrong_results,
 )
 from ..testing.environment import environment
+from ..testing.host import measure_host
 from ..testing.methods import PEERS, methods_for
 from ..testing.shapes import load_shapes, parse_m_values
 from ..testing.timing import Ceilings, measure_ceilings
@@ -220,6 +221,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rank each cell's backends before timing the dispatched op, so it runs on the ranking this "
                         "run measures (what --save-table writes) instead of the installed table")
     p.add_argument("--markdown", help="write the tables as markdown to this file")
+    p.add_argument("--host", action="store_true",
+                   help="instead of GPU time, measure host time per call in eager mode: Fp8BlockLinear and "
+                        "blockfp8.linear against F.linear in bf16 (default shapes 2112:7168,7168:2048, M 1,16)")
+
+
+def run_host(args: argparse.Namespace, device: torch.device) -> int:
+    """``bench --host``: host microseconds per eager call, and the layer's ratio to F.linear in bf16."""
+    shapes = load_shapes(args.shapes if args.shapes != "deepseek-v3" else "2112:7168,7168:2048")
+    ms = parse_m_values(args.m or "1,16")
+    calls, runs = (2000, 5) if device.type == "cuda" else (20, 1)
+    rows = measure_host(shapes, ms, device, calls, runs)
+    env = environment(device)
+    table = Table(title=f"host time per eager call (us), {env['device']}, torch {env['torch']}, triton "
+                        f"{env['triton']}: median of {runs} x {calls} back-to-back calls under inference_mode")
+    for col in ("shape", "M", "F.linear bf16", "Fp8BlockLinear", "blockfp8.linear", "layer / bf16", "backend"):
+        table.add_column(col, justify="left" if col in ("shape", "backend") else "right")
+    for r in rows:
+        table.add_row(r.shape, str(r.m), f"{r.bf16_us:.1f}", f"{r.layer_us:.1f}", f"{r.linear_us:.1f}",
+                      f"{r.ratio:.2f}x", r.backend)
+    Console(width=160).print(table)
+    if args.save:
+        Path(args.save).write_text(json.dumps({"environment": env, "host": [r.to_json() for r in rows]}, indent=1))
+    return 0
 
 
 def _timing_description(device: torch.device, l2_cold: bool, reps: int) -> dict:
@@ -239,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
         console = Console(width=240)  # a log file gets the whole table, not an 80-column squeeze
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    if args.host:
+        return run_host(args, device)
     try:
         shapes = load_shapes(args.shapes)
         ms = parse_m_values(args.m)

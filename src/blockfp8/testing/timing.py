@@ -262,6 +262,23 @@ def time_steps(fn: Callable[[], object], device: torch.device | str, warmup: int
     return times
 
 
+def host_time_us(fn: Callable[[], object], device: torch.device | str, calls: int = 2000, runs: int = 5) -> float:
+    """Host microseconds per call of ``fn``: the median over ``runs`` of (``calls`` back-to-back calls, then one
+    synchronize) / ``calls``. A call whose device work is shorter than its host work (decode-size GEMMs in eager
+    mode) is measured by its host time, as a Python loop calling it sees it."""
+    for _ in range(max(10, calls // 40)):
+        fn()
+    synchronize(device)
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(samples)
+
+
 def copy_time(nbytes: int, device: torch.device | str | None = None, l2_cold: bool = True, reps: int = 20) -> Timing:
     """Per-copy time of a device-to-device copy of ``nbytes`` (bytes moved: 2 x ``nbytes``, read + written),
     L2-cold over rotated buffers or repeated on one."""

@@ -7,13 +7,16 @@ from __future__ import annotations
 import torch
 
 from ..base import Backend, Limits
-from .gemm import triton_gemm
+from .gemm import TritonGemmPlan, triton_gemm
 from .launch import INTERPRET
 
 
 class TritonBackend(Backend):
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
         return triton_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+
+    def plan(self, w_fp8, weight_scale_inv, bias, out_dtype, m) -> TritonGemmPlan:
+        return TritonGemmPlan(w_fp8, weight_scale_inv, bias, out_dtype, m)
 
 
 BACKEND = TritonBackend(

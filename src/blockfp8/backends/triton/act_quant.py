@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
 from ...validate import check_group_size, require_dtype
-from .launch import launch_guard
+from .launch import FastLaunch
 
 
 @triton.jit
@@ -69,6 +69,9 @@ def _act_quant_kernel(
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 
 
+_ACT_QUANT = FastLaunch(_act_quant_kernel)
+
+
 def quantize_activation_fused(
     x: torch.Tensor, group_size: int = 128, ue8m0: bool = False, layout: str = "row"
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,12 +93,12 @@ def quantize_activation_fused(
     s = empty_scales(m, kb, layout, x.device)
     if m > 0 and k > 0:
         per_prog = min(8, triton.next_power_of_2(kb))
-        with launch_guard():
-            _act_quant_kernel[(m, cdiv(kb, per_prog))](
-                x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
-                GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
-                num_warps=4,
-            )
+        # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
+        key = (m, k, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, s.stride(0), s.stride(1), g, ue8m0)
+        _ACT_QUANT(key, (m, cdiv(kb, per_prog)),
+                   (x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1)),
+                   dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
+                   num_warps=4)
     if layout == "row":
         return q.reshape(*lead, k), s.reshape(*lead, kb)
     return q, s

@@ -31,9 +31,8 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from ...device import cuda_identity
 from ...format import cdiv
-from ..base import unit_stride_rows
 from .configs import TritonConfig, get_config
-from .launch import INTERPRET, launch_guard
+from .launch import INTERPRET, FastLaunch, current_raw_stream
 
 
 @triton.jit
@@ -188,15 +187,19 @@ def _fp8_block_gemm_kernel(
         _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
 
 
-def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
-    """Whether both operands can be read through tensor descriptors: rows 16-byte aligned (K % 16 == 0 for
-    fp8, 16-byte aligned bases) and a device with the copy engine (sm_90+; the interpreter emulates it)."""
-    for t in (x_fp8, w_fp8):
-        if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
-            return False
-    if x_fp8.device.type == "cuda":
-        return cuda_identity(x_fp8.device.index).arch >= (9, 0)
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Whether an fp8 operand can be read through a tensor descriptor: rows 16-byte aligned (K % 16 == 0),
+    a 16-byte aligned base, and a device with the copy engine (sm_90+; the interpreter emulates it)."""
+    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+        return False
+    if t.device.type == "cuda":
+        return cuda_identity(t.device.index).arch >= (9, 0)
     return INTERPRET
+
+
+def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
+    """Whether both operands can be read through tensor descriptors (``_tma_ok`` for each)."""
+    return _tma_ok(x_fp8) and _tma_ok(w_fp8)
 
 
 class SplitKCounters:
@@ -240,46 +243,74 @@ class SplitKCounters:
 
     @staticmethod
     def _key(device: torch.device) -> tuple:
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-        return device, stream
+        return device, current_raw_stream(device.index) if device.type == "cuda" else 0
 
 
 SPLIT_K_COUNTERS = SplitKCounters()
+
+
+_GEMM = FastLaunch(_fp8_block_gemm_kernel)
+
+
+class TritonGemmPlan:
+    """One weight's launches at one token count M: the config, the grid, the weight's tensor descriptor and the
+    compile-time arguments are decided once; ``__call__`` only allocates the output and launches.
+
+    Built per call by ``triton_gemm``; kept by ``Fp8BlockLinear`` (through ``TritonBackend.plan``) so that an eager
+    forward does none of this work again (docs/performance.md, host time per call).
+    """
+
+    def __init__(self, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype, m: int, config: TritonConfig | None = None) -> None:
+        w_fp8 = w_fp8 if w_fp8.stride(1) == 1 else w_fp8.contiguous()
+        n, k = w_fp8.shape
+        cfg = config or get_config(m, n, k, w_fp8.device)
+        self.w, self.ws, self.bias, self.out_dtype, self.m, self.n, self.k = (
+            w_fp8, weight_scale_inv, bias, out_dtype, m, n, k)
+        self.tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+        self.split = min(cfg.split_k, cdiv(k, 128))
+        self.cfg = cfg
+        # The weight's descriptor depends on the weight alone; the activation's is built per call (new tensor).
+        self.w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128]) if cfg.tma and _tma_ok(w_fp8) else None
+        self.constexprs = dict(
+            HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
+            GROUP_M=cfg.group_m, SPLIT_K=self.split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
+            ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16)
+        # What tells this plan's kernels apart from other layers' (the launch cache is shared by every layer).
+        self.static_key = (n, k, out_dtype, None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0),
+                           w_fp8.stride(0), w_fp8.data_ptr() % 16 == 0, weight_scale_inv.stride(),
+                           weight_scale_inv.data_ptr() % 16 == 0, tuple(self.constexprs.values()), cfg)
+
+    def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+        if x_fp8.stride(1) != 1:
+            x_fp8 = x_fp8.contiguous()
+        m, n, device, cfg = self.m, self.n, x_fp8.device, self.cfg
+        out = torch.empty(m, n, dtype=self.out_dtype, device=device)
+        split = self.split
+        part = torch.empty(split, m, n, dtype=torch.float32, device=device) if split > 1 else out
+        locks = SPLIT_K_COUNTERS.get(device, self.tiles) if split > 1 else out
+        use_tma = self.w_desc is not None and _tma_ok(x_fp8)
+        a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128]) if use_tma else None
+        # What can change a launch's specialization from call to call: M is the plan's, so the activation's
+        # layout and alignment (a caller of gemm() may pass any strides) and whether TMA runs.
+        key = (self.static_key, m, x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1),
+               x_fp8.data_ptr() % 16 == 0, x_scale.data_ptr() % 16 == 0, use_tma)
+        args = (x_fp8, x_scale, self.w, self.ws, out, self.bias if self.bias is not None else out, part, locks,
+                a_desc, self.w_desc if use_tma else None, m, n, self.k, x_fp8.stride(0), x_scale.stride(0),
+                x_scale.stride(1), self.w.stride(0), self.ws.stride(0), self.ws.stride(1), out.stride(0))
+        constexprs = {**self.constexprs, "USE_TMA": use_tma,
+                      "PAIR_K": use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0}
+        try:
+            _GEMM(key, (self.tiles, split), args, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        except BaseException:
+            if split > 1:
+                SPLIT_K_COUNTERS.discard(device)
+            raise
+        return out
 
 
 def triton_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                 config: TritonConfig | None = None) -> torch.Tensor:
     """Launch the kernel on 2-D operands (inputs already validated by the caller)."""
-    x_fp8, w_fp8, m, n, k = unit_stride_rows(x_fp8, w_fp8)
-    cfg = config or get_config(m, n, k, x_fp8.device)
-    out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
-    tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-    split = min(cfg.split_k, cdiv(k, 128))
-    part = torch.empty(split, m, n, dtype=torch.float32, device=x_fp8.device) if split > 1 else out
-    locks = SPLIT_K_COUNTERS.get(x_fp8.device, tiles) if split > 1 else out
-    use_tma = cfg.tma and tma_ok(x_fp8, w_fp8)
-    if use_tma:
-        a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128])
-        w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128])
-    else:
-        a_desc = w_desc = None
-    try:
-        with launch_guard():
-            _fp8_block_gemm_kernel[(tiles, split)](
-                x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out, part, locks,
-                a_desc, w_desc,
-                m, n, k,
-                x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1), w_fp8.stride(0),
-                weight_scale_inv.stride(0), weight_scale_inv.stride(1), out.stride(0),
-                HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
-                GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
-                ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16, USE_TMA=use_tma,
-                PAIR_K=use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )
-    except BaseException:
-        if split > 1:
-            SPLIT_K_COUNTERS.discard(x_fp8.device)
-        raise
-    return out
+    return TritonGemmPlan(w_fp8, weight_scale_inv, bias, out_dtype, x_fp8.shape[0], config)(x_fp8, x_scale)
