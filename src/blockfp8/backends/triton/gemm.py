@@ -29,10 +29,10 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ...device import cuda_identity
+from ...device import cuda_identity, current_raw_stream
 from ...format import cdiv
 from .configs import TritonConfig, get_config
-from .launch import INTERPRET, FastLaunch, current_raw_stream
+from .launch import INTERPRET, FastLaunch
 
 
 @triton.jit
