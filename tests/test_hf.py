@@ -88,9 +88,9 @@ def test_round_trip_through_blockfp8_loaders_is_exact(saved):
     assert isinstance(model.model.layers[1].mlp.down_proj, Fp8BlockLinear)
     assert type(model.lm_head) is torch.nn.Linear and not model.training
     assert torch.equal(logits(model), before)
-    fresh = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path),
-                                                          dtype=torch.bfloat16).eval()
+    fresh = llama(TINY, seed=1)  # a float model whose config knows nothing of FP8
     load_fp8_model(fresh, path, progress=False)
+    assert fresh.config.quantization_config == {**FP8_CONFIG, "modules_to_not_convert": ["lm_head"]}
     assert torch.equal(logits(fresh), before)
 
 
@@ -121,6 +121,16 @@ def test_resaving_a_model_from_transformers_fp8_path(saved, monkeypatch, tmp_pat
     model.save_pretrained(tmp_path / "again")
     assert saved_config(tmp_path / "again")["modules_to_not_convert"] == ["lm_head"]
     assert torch.equal(logits(blockfp8.from_pretrained(tmp_path / "again", progress=False)), before)
+
+
+def test_save_describes_the_layers_as_they_are_then(tmp_path):
+    """Layers converted after the model was marked (here through a submodule) are in the saved config."""
+    model = llama(TINY)
+    convert_model(model, skip=["lm_head", "*.layers.1.*"])
+    assert len(model.config.quantization_config["modules_to_not_convert"]) == 8
+    convert_model(model.model.layers[1])
+    model.save_pretrained(tmp_path / "saved")
+    assert saved_config(tmp_path / "saved")["modules_to_not_convert"] == ["lm_head"]
 
 
 def test_transformers_cpu_load_gets_our_weights(tmp_path):
