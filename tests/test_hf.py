@@ -166,6 +166,26 @@ def test_save_refused_when_a_quantized_layer_is_tied_to_a_float_one(tmp_path):
     assert torch.equal(logits(blockfp8.from_pretrained(tmp_path / "untied", progress=False)), before)
 
 
+def test_save_refused_when_transformers_would_keep_a_quantized_layer_in_float(tmp_path):
+    """T5 keeps its ``wo`` layers in float whatever the config says (``_keep_in_fp32_modules``)."""
+    config = transformers.T5Config(d_model=128, d_ff=256, num_layers=1, num_decoder_layers=1, num_heads=2, d_kv=64,
+                                   vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    convert_model(model, skip=["lm_head"])
+    with pytest.raises(ValueError, match=r"'encoder.block.0.layer.1.DenseReluDense.wo' is in the model's "
+                                         r"_keep_in_fp32_modules"):
+        model.save_pretrained(tmp_path / "refused")
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    convert_model(model, skip=["lm_head", "wo"])
+    model.save_pretrained(tmp_path / "saved")
+    loaded = blockfp8.from_pretrained(tmp_path / "saved", dtype=torch.float32, progress=False)
+    ids = IDS[:1, :5]
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids, decoder_input_ids=ids).logits,
+                           model(input_ids=ids, decoder_input_ids=ids).logits)
+
+
 def test_tied_float_head_round_trips(tmp_path):
     model = llama(TINY, tie_word_embeddings=True)
     convert_model(model, skip=["lm_head"])
