@@ -67,7 +67,10 @@ def _declared_ties(model: nn.Module) -> dict[str, str]:
     """{tensor name: the name it is tied to} as transformers will re-tie them when loading."""
     expanded = getattr(model, "get_expanded_tied_weights_keys", None)
     if expanded is not None:
-        return dict(expanded(all_submodels=True))
+        try:
+            return dict(expanded(all_submodels=True))
+        except TypeError:  # a transformers 5 release before sub-models had their own ties
+            return dict(expanded())
     # transformers before 5.0: only the output embedding follows the input embedding, when the config says so.
     config = getattr(model, "config", None)
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
