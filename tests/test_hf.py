@@ -220,6 +220,8 @@ def test_from_pretrained_rejects_bad_input(tmp_path):
         blockfp8.from_pretrained(tmp_path, dtype=torch.int8)
     with pytest.raises(ValueError, match="backend='nope' is not a backend"):
         blockfp8.from_pretrained(tmp_path, backend="nope")
+    with pytest.raises(FileNotFoundError, match="is not a folder, and fetching it as a Hub model id failed"):
+        blockfp8.from_pretrained(tmp_path / "missing")
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="got the file"):
         blockfp8.from_pretrained(tmp_path / "weights.bin")

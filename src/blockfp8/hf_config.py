@@ -91,7 +91,8 @@ def _tie_problems(model: nn.Module, fp8: set[str]) -> list[str]:
         if not quantized:
             continue
         problems.append(
-            f"{target!r} is tied to {source!r} (config.tie_word_embeddings={model.config.tie_word_embeddings}), "
+            f"{target!r} is tied to {source!r} (config.tie_word_embeddings="
+            f"{getattr(model.config, 'tie_word_embeddings', None)}), "
             f"but {', '.join(map(repr, quantized))} holds block-FP8 weights and a tie loads one tensor into both; "
             f"keep {quantized[0]!r} in float (skip=[{quantized[0]!r}]) or untie them "
             "(model.config.tie_word_embeddings = False) to save two tensors")
