@@ -101,8 +101,8 @@ def quantize(model: nn.Module, skip: Iterable[str] | None = None, backend: str |
     swapped = _swap_transformers_fp8(model, backend)
     already_fp8 = bool(swapped) or any(isinstance(m, Fp8BlockLinear) for m in model.modules())
     if skip is None and already_fp8:
-        report = ConversionReport(skipped={name: "kept in float by the block-FP8 checkpoint"
-                                           for name, m in model.named_modules() if type(m) is nn.Linear})
+        kept = "the model already holds block-FP8 layers: its float ones stay (pass skip to quantize them)"
+        report = ConversionReport(skipped={name: kept for name, m in model.named_modules() if type(m) is nn.Linear})
     else:
         report = convert_model(model, backend=backend, **({} if skip is None else {"skip": skip}))
     report.converted[:0] = swapped
