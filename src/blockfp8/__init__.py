@@ -1,7 +1,9 @@
 """blockfp8: block-scaled FP8 linear layers (128x128 weight blocks, 1x128 activation groups) for PyTorch."""
 
+from . import hf
 from .checkpoint import convert_checkpoint, load_fp8_model, save_fp8_checkpoint
 from .dispatch import explain
+from .hf import from_pretrained
 from .nn import ConversionReport, Fp8BlockLinear, convert_model
 from .ops import gemm, linear
 from .quant import (
@@ -22,7 +24,9 @@ __all__ = [
     "dequantize_activation",
     "dequantize_weight",
     "explain",
+    "from_pretrained",
     "gemm",
+    "hf",
     "linear",
     "load_fp8_model",
     "quantize_activation",

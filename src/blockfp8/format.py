@@ -1,4 +1,5 @@
-"""The block-FP8 format: constants and scale-shape rules. A leaf: imports nothing from the package.
+"""The block-FP8 format: constants, scale-shape rules and the checkpoint config record. A leaf: imports nothing
+from the package.
 
 DeepSeek-V3 / Hugging Face convention: weights are ``float8_e4m3fn`` (N, K) with one fp32 ``weight_scale_inv``
 per 128x128 block, shape (ceil(N/128), ceil(K/128)); activations carry one fp32 scale per token per 1x128
@@ -7,6 +8,8 @@ padded in the stored tensors.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -28,6 +31,22 @@ DECODE_MAX_M = 64
 # column-major with the M stride padded to 16 bytes, the TMA-aligned layout DeepGEMM and cuBLAS blockwise read
 # without a transpose of their own.
 SCALE_LAYOUTS = ("row", "col")
+
+
+@dataclass(frozen=True)
+class Fp8QuantConfig:
+    """The ``quantization_config`` of a block-FP8 checkpoint (Hugging Face ``FineGrainedFP8Config`` fields), as
+    checkpoints and the configs of converted transformers models carry it."""
+
+    block_size: tuple[int, int] = DEFAULT_BLOCK
+    activation_scheme: str = "dynamic"
+    fmt: str = "e4m3"
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"quant_method": "fp8", "fmt": self.fmt, "activation_scheme": self.activation_scheme,
+                "weight_block_size": list(self.block_size),
+                "modules_to_not_convert": list(self.modules_to_not_convert)}
 
 
 def cdiv(a: int, b: int) -> int:

@@ -11,6 +11,7 @@ from torch import nn
 
 from .dispatch import check_backend_name
 from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
+from .hf_config import mark_fp8_model
 from .ops import PlanCache, layer_linear
 from .quant import quantize_weight
 from .validate import check_block_size, check_fp8_linear
@@ -131,7 +132,8 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
     """Replace every ``nn.Linear`` in ``model`` (in place) by an ``Fp8BlockLinear``.
 
     ``skip`` holds glob patterns matched against each layer's qualified name or its last component
-    (e.g. ``"lm_head"``, ``"*.gate"``, ``"layers.0.*"``). Returns a ``ConversionReport``.
+    (e.g. ``"lm_head"``, ``"*.gate"``, ``"layers.0.*"``). Returns a ``ConversionReport``. A transformers model's
+    config then says block FP8, so ``save_pretrained`` writes a checkpoint that loads back (``hf_config``).
     """
     if isinstance(skip, str):
         skip = (skip,)
@@ -155,4 +157,5 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
             setattr(module, child_name, layer)
             done[id(child)] = layer
             report.converted.append(full)
+    mark_fp8_model(model)
     return report

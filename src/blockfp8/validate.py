@@ -164,13 +164,13 @@ def check_bias(bias: torch.Tensor | None, n: int, device: torch.device, name: st
     check_contiguous(bias, name)
 
 
-def check_out_dtype(out_dtype: object) -> None:
-    """The GEMM output dtype: a torch.dtype among bfloat16, float16, float32."""
+def check_out_dtype(out_dtype: object, name: str = "out_dtype") -> None:
+    """The GEMM output dtype (or a model's compute dtype): a torch.dtype among bfloat16, float16, float32."""
     want = _one_of([dtype_name(d) for d in FLOAT_DTYPES])
     if not isinstance(out_dtype, torch.dtype):
-        raise TypeError(f"out_dtype must be a torch.dtype ({want}), got {type(out_dtype).__name__} {out_dtype!r}")
+        raise TypeError(f"{name} must be a torch.dtype ({want}), got {type(out_dtype).__name__} {out_dtype!r}")
     if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"out_dtype must be {want}, got {dtype_name(out_dtype)}")
+        raise TypeError(f"{name} must be {want}, got {dtype_name(out_dtype)}")
 
 
 def _check_weight_for_gemm(weight: torch.Tensor, weight_scale_inv: torch.Tensor,

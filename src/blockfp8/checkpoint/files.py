@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..format import DEFAULT_BLOCK
+from ..format import DEFAULT_BLOCK, Fp8QuantConfig
 from ..validate import check_block_size
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -161,21 +161,6 @@ def iter_checkpoint(checkpoint_dir: str | Path, progress: bool = True) -> Iterat
         yield info.name, tensor
 
 # ----------------------------------------------------------------------------------------- the config
-
-
-@dataclass(frozen=True)
-class Fp8QuantConfig:
-    """The ``quantization_config`` of a block-FP8 checkpoint (Hugging Face ``FineGrainedFP8Config`` fields)."""
-
-    block_size: tuple[int, int] = DEFAULT_BLOCK
-    activation_scheme: str = "dynamic"
-    fmt: str = "e4m3"
-    modules_to_not_convert: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {"quant_method": "fp8", "fmt": self.fmt, "activation_scheme": self.activation_scheme,
-                "weight_block_size": list(self.block_size),
-                "modules_to_not_convert": list(self.modules_to_not_convert)}
 
 
 def _expect(field_name: str, seen: object, allowed: tuple, path: Path) -> None:

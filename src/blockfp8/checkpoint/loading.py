@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from ..format import DEFAULT_BLOCK
+from ..hf_config import mark_fp8_model
 from ..nn import Fp8BlockLinear, is_convertible_linear
 from ..validate import check_scale_values
 from .files import (
@@ -101,7 +102,7 @@ def load_fp8_model(
     the checkpoint or unknown to the model; otherwise they are listed in the report. Works with models on the
     meta device (their tensors are replaced by the loaded ones; a tied weight stored once is installed under
     all its names), except for non-persistent buffers such as rotary tables, which no checkpoint holds: the
-    model's own code must create those.
+    model's own code must create those. A transformers model's config then says block FP8 (``hf_config``).
     """
     root = Path(checkpoint_dir)
     qc = read_quantization_config(root)
@@ -167,5 +168,6 @@ def load_fp8_model(
             _tie(modules, aliases.get(info.name, set()) - {info.name}, installed)
         report.loaded += 1
         report.bytes_read += info.nbytes
+    mark_fp8_model(model)
     return report
 

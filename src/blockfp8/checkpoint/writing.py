@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..format import FP8_DTYPE
+from ..hf_config import check_saveable
 from ..nn import is_convertible_linear
 from ..validate import check_fp8_linear
 from .files import INDEX_NAME, SCALE_SUFFIX, SINGLE_NAME, WEIGHT_SUFFIX, Fp8QuantConfig, prefix_of, write_config
@@ -151,12 +152,14 @@ def save_fp8_checkpoint(
     fp8 weights and their ``weight_scale_inv`` are checked (dtype, ceil-div shape, finite positive scales) and
     written as they are, like every other tensor. ``config`` (default: ``model.config`` of a transformers
     model) goes to config.json with ``quantization_config`` added. ``modules_to_not_convert`` defaults to
-    the model's remaining ``nn.Linear`` layers, so a loader knows to keep them in float. The write is atomic:
-    ``out_dir`` appears only once complete. Returns ``out_dir``.
+    the model's remaining ``nn.Linear`` layers, so a loader knows to keep them in float. A transformers model that
+    would not load back as itself (``hf_config.check_saveable``) is refused before anything is written. The write
+    is atomic: ``out_dir`` appears only once complete. Returns ``out_dir``.
     """
     max_bytes = parse_size(max_shard_bytes)
     if isinstance(model_or_state_dict, nn.Module):
         model = model_or_state_dict
+        check_saveable(model)
         state = model.state_dict()
         if config is None and hasattr(getattr(model, "config", None), "to_diff_dict"):
             # What transformers' save_pretrained writes: the fields that differ from the defaults.

@@ -15,6 +15,7 @@ COMMANDS = {
     "explain": "show the dispatcher's choice and every backend's verdict for one shape",
     "bench": "per-shape GEMM speed against peers and the hardware ceilings",
     "bench-e2e": "decode-step time (TPOT) of a DeepSeek-V3-shaped decoder stack",
+    "bench-hf": "generate() tokens/s of a transformers model: bf16 vs transformers' FP8 vs blockfp8",
     "tune": "search Triton launch configs on this GPU and write a config table",
     "convert": "bf16/fp16/fp32 safetensors checkpoint -> block-FP8 checkpoint",
     "fidelity": "block-FP8 vs original on a real pretrained model (offline)",

@@ -1,0 +1,378 @@
+"""``blockfp8 bench-hf``: tokens/s of ``model.generate()`` on a transformers model built from a config.
+
+Three variants of one randomly initialised model (Llama- or Qwen3-shaped; ``lm_head`` stays bf16 in all):
+
+* ``bf16``: the model as transformers builds it;
+* ``transformers-fp8``: transformers' own FP8 path, its ``FP8Linear`` layers (what ``from_pretrained`` builds
+  for a block-FP8 checkpoint, with ``FineGrainedFP8Config``) holding the very fp8 tensors of the next variant;
+* ``blockfp8``: ``blockfp8.hf.quantize`` of the model.
+
+Modes: ``eager`` (the default dynamic KV cache, no compilation) and, on CUDA, ``compiled`` (transformers'
+static KV cache, with which ``generate`` compiles the decode step with ``torch.compile``, mode
+"reduce-overhead"). Each cell generates ``--new-tokens`` tokens after a ``--prompt-len`` prompt at each batch
+size; tokens/s is batch x new tokens over the median wall time of a ``generate`` call (prefill included). The
+first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds.
+
+Fidelity: per-position logits of each FP8 variant against the bf16 model on the same prompts, as the cosine over
+the vocabulary at each position (random weights make greedy tokens meaningless, logits are not). A cell that
+cannot run (transformers' FP8 kernels missing offline, no GPU, a compile failure) gets its error in the row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from .. import hf
+from ..hf_config import fp8_layout
+from ..testing import Status
+from ..testing.environment import dist_version, environment, environment_line
+from ..testing.timing import synchronize, time_steps
+from .common import parse_names, positive_ints
+
+BF16, HF_FP8, BLOCKFP8 = "bf16", "transformers-fp8", "blockfp8"
+VARIANTS = (BF16, HF_FP8, BLOCKFP8)
+MODES = ("eager", "compiled")
+MIN_COSINE = 0.99  # acceptance for the FP8 variants' per-position logits against bf16
+SEED = 0
+
+# Decoder shapes of real width (Llama-3-8B, Qwen3-8B; their vocabularies are 128256 and 151936, see --vocab)
+# and a tiny one for the CPU, where the Triton kernels run under the interpreter.
+PRESETS = {
+    "llama": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8},
+    "qwen3": {"hidden_size": 4096, "intermediate_size": 12288, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "head_dim": 128},
+    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2},
+}
+# Per device: preset, layers, vocab, prompt tokens, new tokens, timed repeats. The real-width default keeps
+# lm_head (bf16 in every variant) at 262 MB next to 1.7 GB of bf16 decoder linears, so it does not hide the
+# decoder; the CPU default finishes in well under a minute.
+DEFAULTS = {"cuda": ("llama", 4, 32000, 32, 64, 3), "cpu": ("tiny", 2, 512, 8, 8, 3)}
+
+
+# ------------------------------------------------------------------------------------------- the models
+
+
+def build_config(preset: str, layers: int, vocab: int):
+    """The transformers config of ``preset`` with ``layers`` decoder layers and a ``vocab``-token vocabulary."""
+    import transformers
+
+    cls = transformers.Qwen3Config if preset == "qwen3" else transformers.LlamaConfig
+    return cls(**PRESETS[preset], num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=4096,
+               tie_word_embeddings=False)
+
+
+def build_bf16(config, device: torch.device) -> nn.Module:
+    import transformers
+
+    torch.manual_seed(SEED)
+    # from_config keeps the rotary buffers in fp32, as from_pretrained does.
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).to(device).eval()
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that shares every parameter and buffer with it (no tensor memory)."""
+    return copy.deepcopy(model, memo={id(t): t for t in (*model.parameters(), *model.buffers())})
+
+
+def build_blockfp8(bf16: nn.Module) -> nn.Module:
+    model = sharing_copy(bf16)
+    hf.quantize(model, skip=["lm_head"])
+    return model
+
+
+def build_transformers_fp8(bf16: nn.Module, blockfp8_model: nn.Module) -> nn.Module:
+    """transformers' FP8 model as its loader builds it for a block-FP8 checkpoint, on blockfp8's fp8 tensors."""
+    from transformers import FineGrainedFP8Config
+    from transformers.integrations.finegrained_fp8 import FP8Linear, replace_with_fp8_linear
+    from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
+
+    model = sharing_copy(bf16)
+    qc = FineGrainedFP8Config(modules_to_not_convert=fp8_layout(blockfp8_model)[1])
+    model = replace_with_fp8_linear(model, modules_to_not_convert=qc.modules_to_not_convert, quantization_config=qc)
+    for name, layer in model.named_modules():
+        if isinstance(layer, FP8Linear):
+            src = blockfp8_model.get_submodule(name)
+            for attr in ("weight", "weight_scale_inv", "bias"):
+                if getattr(src, attr) is not None:
+                    setattr(layer, attr, nn.Parameter(getattr(src, attr), requires_grad=False))
+    # from_pretrained attaches its quantizer; generate() asks it whether the model may be compiled.
+    model.hf_quantizer = FineGrainedFP8HfQuantizer(qc, pre_quantized=True)
+    return model
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+@dataclass
+class Row:
+    variant: str
+    mode: str
+    batch: int
+    status: str = Status.OK
+    tokens_per_s: float | None = None
+    ms_per_token: float | None = None
+    speedup: float | None = None
+    setup_s: float | None = None
+    logits_cos_min: float | None = None
+    logits_cos_mean: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Settings:
+    batches: list[int]
+    prompt_len: int
+    new_tokens: int
+    repeats: int
+    modes: list[str]
+    device: torch.device
+
+
+def short_error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:200]}"
+
+
+def failure_status(e: BaseException) -> str:
+    """A missing package or kernel is unavailable; any other exception is a crash."""
+    return Status.UNAVAILABLE if isinstance(e, ImportError) else Status.CRASHED
+
+
+def prompts(vocab: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(SEED + batch)
+    return torch.randint(1, vocab, (batch, length), generator=g).to(device)
+
+
+def generation_kwargs(mode: str, new_tokens: int) -> dict:
+    # No end-of-sequence token: every call generates exactly new_tokens tokens.
+    kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    if mode == "compiled":
+        kwargs["cache_implementation"] = "static"
+    else:
+        kwargs["disable_compile"] = True
+    return kwargs
+
+
+@torch.inference_mode()
+def logits_cosine(model: nn.Module, reference: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
+    """(min, mean) over positions of the cosine between ``model``'s logits and ``reference`` at each position."""
+    got = model(ids).logits.float()
+    cos = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
+    return cos.min().item(), cos.mean().item()
+
+
+@torch.inference_mode()
+def time_generate(model: nn.Module, ids: torch.Tensor, mode: str, s: Settings) -> tuple[float, float]:
+    """(setup seconds, median seconds per generate call) of one cell."""
+    kwargs = generation_kwargs(mode, s.new_tokens)
+    t0 = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    # reduce-overhead compilation records its CUDA graphs over the next calls: keep those untimed too.
+    for _ in range(2 if mode == "compiled" else 0):
+        model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    synchronize(s.device)
+    setup = time.perf_counter() - t0
+    if out.shape[1] != ids.shape[1] + s.new_tokens:
+        raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {s.new_tokens}")
+    times = time_steps(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs), s.device,
+                       warmup=0, steps=s.repeats)
+    return setup, statistics.median(times)
+
+
+def measure_cell(row: Row, model: nn.Module, reference: torch.Tensor, ids: torch.Tensor,
+                 cosines: dict[str, tuple[float, float]], s: Settings) -> None:
+    """Fill ``row`` with the logits cosine (once per variant and batch) and the generate() speed."""
+    if row.variant != BF16 and row.variant not in cosines:
+        cosines[row.variant] = logits_cosine(model, reference, ids)
+    row.logits_cos_min, row.logits_cos_mean = cosines.get(row.variant, (None, None))
+    row.setup_s, seconds = time_generate(model, ids, row.mode, s)
+    row.tokens_per_s = row.batch * s.new_tokens / seconds
+    row.ms_per_token = seconds / s.new_tokens * 1e3
+    if row.logits_cos_min is not None and row.logits_cos_min < MIN_COSINE:
+        row.status = Status.WRONG
+
+
+def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: Settings,
+                  log: Callable[[str], None]) -> list[Row]:
+    """Every (batch, mode, variant) cell; ``models`` maps a variant to its model or to why it could not be built."""
+    rows: list[Row] = []
+    bf16 = models[BF16]
+    # A missing package or kernel stays missing: its variant is not tried again in later cells.
+    unavailable: dict[str, str] = {}
+    for batch in s.batches:
+        ids = prompts(vocab, batch, s.prompt_len, s.device)
+        with torch.inference_mode():
+            reference = bf16(ids).logits.float()
+        cosines: dict[str, tuple[float, float]] = {}
+        for mode in s.modes:
+            base: Row | None = None
+            for variant, model in models.items():
+                row = Row(variant, mode, batch)
+                try:
+                    if variant in unavailable:
+                        row.status, row.note = Status.UNAVAILABLE, unavailable[variant]
+                    elif isinstance(model, BaseException):
+                        raise model
+                    else:
+                        measure_cell(row, model, reference, ids, cosines, s)
+                except Exception as e:  # noqa: BLE001 - one failing cell must not stop the rest
+                    row.status, row.note = failure_status(e), short_error(e)
+                    if row.status == Status.UNAVAILABLE:
+                        unavailable[variant] = row.note
+                if variant == BF16:
+                    base = row
+                if base is not None and base.tokens_per_s and row.tokens_per_s:
+                    row.speedup = row.tokens_per_s / base.tokens_per_s
+                rows.append(row)
+                log(row_line(row))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- output
+
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+COLUMNS = ("variant", "mode", "batch", "status", "tokens/s", "ms/token", "vs bf16", "logits cos min",
+           "logits cos mean", "setup s", "note")
+
+
+def _cells(r: Row) -> list[str]:
+    speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+    return [r.variant, r.mode, str(r.batch), r.status, _fmt(r.tokens_per_s, ".1f"), _fmt(r.ms_per_token, ".2f"),
+            speedup, _fmt(r.logits_cos_min, ".5f"), _fmt(r.logits_cos_mean, ".5f"), _fmt(r.setup_s, ".2f"), r.note]
+
+
+def row_line(r: Row) -> str:
+    """One finished row, for stderr."""
+    return "bench-hf: " + " | ".join(f"{c} {v}" for c, v in zip(COLUMNS, _cells(r), strict=True) if v not in ("", "-"))
+
+
+def to_markdown(rows: list[Row], header: list[str]) -> str:
+    lines = [*header, "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(c.replace("|", "/") for c in _cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    table = Table(title=title)
+    for c in COLUMNS:
+        table.add_column(c, justify="left" if c in ("variant", "mode", "status", "note") else "right", overflow="fold")
+    for r in rows:
+        table.add_row(*_cells(r))
+    Console(width=None if sys.stdout.isatty() else 180).print(table)
+
+
+# -------------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="decoder shapes (default: llama on CUDA, tiny on CPU)")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default 4 on CUDA, 2 on CPU)")
+    p.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000 on CUDA, 512 on CPU)")
+    p.add_argument("--batch", type=positive_ints, default=[1, 16], help="batch sizes, comma-separated")
+    p.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (default 32 on CUDA, 8 on CPU)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per call (default 64; CPU 8)")
+    p.add_argument("--repeats", type=int, default=None, help="timed generate calls per cell (default 3)")
+    p.add_argument("--variants", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} (CPU: eager only)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--json", default=None, help="write rows and environment as JSON to this path")
+    p.add_argument("--markdown", default=None, help="write the table as Markdown to this path")
+
+
+def _resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Fill the per-device defaults and check every value."""
+    preset, layers, vocab, prompt_len, new_tokens, repeats = DEFAULTS[device.type]
+    args.preset = args.preset or preset
+    for name, default in (("layers", layers), ("vocab", vocab), ("prompt_len", prompt_len),
+                          ("new_tokens", new_tokens), ("repeats", repeats)):
+        value = getattr(args, name)
+        value = default if value is None else value
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        setattr(args, name, value)
+    args.variants = parse_names(args.variants, VARIANTS, VARIANTS, "--variants")
+    if BF16 not in args.variants:
+        raise ValueError("--variants must include bf16: speed-ups and logits are measured against it")
+    # The bf16 row leads each group so the others can be compared with it.
+    args.variants = [v for v in VARIANTS if v in args.variants]
+    modes = parse_names(args.modes, MODES, MODES, "--modes")
+    # generate() compiles only on accelerators, so on the CPU "compiled" would time the eager model again.
+    args.modes = [m for m in modes if device.type == "cuda" or m == "eager"]
+    return args
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command line that reproduces this run (every option spelled out)."""
+    return (f"blockfp8 bench-hf --preset {args.preset} --layers {args.layers} --vocab {args.vocab} "
+            f"--batch {','.join(map(str, args.batch))} --prompt-len {args.prompt_len} --new-tokens {args.new_tokens} "
+            f"--repeats {args.repeats} --variants {','.join(args.variants)} --modes {','.join(args.modes)}")
+
+
+def build_models(config, variants: list[str], device: torch.device) -> dict[str, nn.Module | BaseException]:
+    """Each variant's model, or the exception that stopped it from being built."""
+    models: dict[str, nn.Module | BaseException] = {BF16: build_bf16(config, device)}
+    if HF_FP8 in variants or BLOCKFP8 in variants:
+        fp8 = build_blockfp8(models[BF16])
+        if HF_FP8 in variants:
+            try:
+                models[HF_FP8] = build_transformers_fp8(models[BF16], fp8)
+            except Exception as e:  # noqa: BLE001 - reported in its rows
+                models[HF_FP8] = e
+        if BLOCKFP8 in variants:
+            models[BLOCKFP8] = fp8
+    return models
+
+
+def run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA device is available")
+    if device.type not in DEFAULTS:
+        raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
+    hf.import_transformers()
+    args = _resolve(args, device)
+    env = environment(device)
+    env["transformers"] = dist_version("transformers")
+    print(environment_line(env) + f" | transformers {env['transformers']}")
+
+    t0 = time.perf_counter()
+    config = build_config(args.preset, args.layers, args.vocab)
+    models = build_models(config, args.variants, device)
+    synchronize(device)
+    print(f"built {args.preset} x{args.layers} layers, vocab {args.vocab}, and its FP8 variants in "
+          f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    settings = Settings(args.batch, args.prompt_len, args.new_tokens, args.repeats, args.modes, device)
+    rows = run_benchmark(models, args.vocab, settings, log=lambda line: print(line, file=sys.stderr))
+    title = (f"generate() tokens/s, {args.preset} x{args.layers} layers, prompt {args.prompt_len} + "
+             f"{args.new_tokens} new tokens, median of {args.repeats}")
+    print_table(rows, title)
+
+    header = [f"# bench-hf: {title}", "", f"- environment: {environment_line(env)} | transformers "
+              f"{env['transformers']}", f"- command: `{_command(args)}`"]
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(to_markdown(rows, header))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "config": config.to_diff_dict(), "command": _command(args),
+                       "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
+                       "min_cosine": MIN_COSINE, "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
+    return 0

@@ -1,0 +1,198 @@
+"""Hugging Face transformers models on blockfp8: ``quantize`` a loaded model in place, ``from_pretrained`` a
+folder (or Hub model id) into a ready model.
+
+Both leave the model's config saying block FP8 (``hf_config``), so ``save_pretrained`` writes a checkpoint that
+transformers and blockfp8 both load. transformers is imported only inside these functions: ``import blockfp8``
+works without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CONFIG_NAME, load_fp8_model, read_quantization_config
+from .dispatch import check_backend_name
+from .format import DEFAULT_BLOCK, FP8_DTYPE
+from .hf_config import mark_fp8_model, transformers_module
+from .nn import ConversionReport, Fp8BlockLinear, convert_model
+from .validate import check_out_dtype
+
+# What a Hub download fetches for ``from_pretrained``: configs and safetensors weights, nothing else.
+_HUB_PATTERNS = ["*.json", "*.safetensors"]
+
+
+def import_transformers():
+    """The transformers module, or an ImportError that says how to install it."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("blockfp8.hf needs transformers: pip install 'blockfp8[hf]'") from e
+    return transformers
+
+
+def _transformers_fp8_linear() -> type | None:
+    """transformers' ``FP8Linear`` class, if transformers is imported and has one."""
+    if transformers_module() is None:
+        return None
+    try:
+        from transformers.integrations.finegrained_fp8 import FP8Linear
+    except ImportError:
+        return None
+    return FP8Linear
+
+
+def _from_transformers_fp8(layer: nn.Module, backend: str | None, name: str) -> Fp8BlockLinear:
+    """An ``Fp8BlockLinear`` on the very tensors of a transformers ``FP8Linear`` (no copy of the fp8 weight)."""
+    block = tuple(layer.block_size) if layer.block_size is not None else None
+    if block != DEFAULT_BLOCK:
+        raise ValueError(f"{name}: transformers' FP8Linear has block_size {layer.block_size}; Fp8BlockLinear runs "
+                         f"{list(DEFAULT_BLOCK)} weight blocks")
+    if layer.activation_scheme != "dynamic":
+        raise ValueError(f"{name}: transformers' FP8Linear has activation_scheme {layer.activation_scheme!r} (one "
+                         "static activation scale); blockfp8 quantizes activations per token ('dynamic')")
+    scale = layer.weight_scale_inv.data
+    # ue8m0 checkpoints store powers of two in one byte: exact in fp32, and the scales are 1/16384 of the weight.
+    scale = scale if scale.dtype == torch.float32 else scale.float()
+    bias = layer.bias.data if layer.bias is not None else None
+    return Fp8BlockLinear.from_fp8(layer.weight.data, scale, bias, backend, name=f"{name}.weight")
+
+
+def _swap_transformers_fp8(model: nn.Module, backend: str | None) -> list[str]:
+    """Replace every transformers ``FP8Linear`` holding fp8 weights by an ``Fp8BlockLinear`` on its tensors."""
+    fp8_linear = _transformers_fp8_linear()
+    if fp8_linear is None:
+        return []
+    swapped: list[str] = []
+    done: dict[int, Fp8BlockLinear] = {}  # a layer shared by several parents stays shared
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            # Exactly FP8Linear: its subclasses (grouped linears) compute something else.
+            if type(child) is not fp8_linear or child.weight.dtype != FP8_DTYPE:
+                continue
+            full = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) not in done:
+                done[id(child)] = _from_transformers_fp8(child, backend, full)
+            setattr(parent, child_name, done[id(child)])
+            swapped.append(full)
+    return swapped
+
+
+def quantize(model: nn.Module, skip: Iterable[str] | None = None, backend: str | None = None) -> ConversionReport:
+    """Run a transformers model's linear layers on blockfp8, in place; ``model.generate()`` then uses them.
+
+    - transformers' ``FP8Linear`` layers (a model loaded from a block-FP8 checkpoint through transformers' own FP8
+      path, ``FineGrainedFP8Config``) become ``Fp8BlockLinear`` layers on the same fp8 ``weight`` and
+      ``weight_scale_inv`` tensors: nothing is copied.
+    - float ``nn.Linear`` layers are quantized as ``convert_model`` does, with ``skip`` as its glob patterns.
+      ``skip=None``: a model that already holds block-FP8 layers keeps the float ones its checkpoint kept;
+      a float model gets ``convert_model``'s default skips.
+
+    ``backend`` forces every new layer's GEMM backend (None: the dispatcher chooses). Afterwards the config says
+    block FP8, so ``save_pretrained`` writes a checkpoint that transformers and blockfp8 both load. Returns the
+    ``ConversionReport`` (swapped and quantized layers, and the float layers kept with the reason).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (an nn.Module), got {type(model).__name__}")
+    check_backend_name(backend)
+    swapped = _swap_transformers_fp8(model, backend)
+    already_fp8 = bool(swapped) or any(isinstance(m, Fp8BlockLinear) for m in model.modules())
+    if skip is None and already_fp8:
+        kept = "the model already holds block-FP8 layers: its float ones stay (pass skip to quantize them)"
+        report = ConversionReport(skipped={name: kept for name, m in model.named_modules() if type(m) is nn.Linear})
+    else:
+        report = convert_model(model, backend=backend, **({} if skip is None else {"skip": skip}))
+    report.converted[:0] = swapped
+    mark_fp8_model(model)
+    return report
+
+
+def _checkpoint_folder(path_or_dir: str | Path) -> Path:
+    """A local folder as it is; anything else is taken for a Hub model id and fetched (configs and safetensors)."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"path_or_dir must be a checkpoint folder or a Hub model id, got the file {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(path_or_dir), allow_patterns=_HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001 - the hub client raises many types; one message says what was tried
+        raise FileNotFoundError(f"path_or_dir {str(path_or_dir)!r} is not a folder, and fetching it as a Hub model "
+                                f"id failed: {type(e).__name__}: {e}") from e
+
+
+def _model_class(transformers, config, root: Path) -> type:
+    """The class config.json names in ``architectures``, else the causal-LM class of its model type, else the
+    base model class."""
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    for mapping in (transformers.MODEL_FOR_CAUSAL_LM_MAPPING, transformers.MODEL_MAPPING):
+        if type(config) in mapping:
+            return mapping[type(config)]
+    raise ValueError(f"{root / CONFIG_NAME}: transformers has no model class for architectures "
+                     f"{getattr(config, 'architectures', None)} or model_type {config.model_type!r}")
+
+
+def _quant_method(config) -> str | None:
+    qc = getattr(config, "quantization_config", None)
+    if qc is None:
+        return None
+    return str(qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None))
+
+
+def _empty_model(cls: type, config, dtype: torch.dtype) -> nn.Module:
+    """``cls`` built from ``config`` with its parameters on the meta device (no memory) and its buffers real:
+    no checkpoint holds non-persistent buffers such as rotary tables, so the model's own code must make them."""
+    try:
+        from accelerate import init_empty_weights
+    except ImportError as e:
+        raise ImportError("blockfp8.from_pretrained needs accelerate for block-FP8 checkpoints: "
+                          "pip install 'blockfp8[hf]'") from e
+    with init_empty_weights(include_buffers=False):
+        model = cls._from_config(config, dtype=dtype)
+    # Inside that context every parameter assignment makes a new meta tensor, which unties tied weights.
+    model.tie_weights()
+    return model
+
+
+def from_pretrained(path_or_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    device: torch.device | str | None = None, backend: str | None = None,
+                    skip: Iterable[str] | None = None, *, progress: bool = True) -> nn.Module:
+    """A transformers model from a checkpoint folder (or Hub model id), its linear layers on blockfp8, in eval mode.
+
+    The class is the one config.json names in ``architectures`` (else the causal-LM or base model of its type).
+    A block-FP8 checkpoint (``quantization_config.quant_method`` "fp8") goes straight into ``Fp8BlockLinear``
+    layers through ``load_fp8_model`` on a model whose parameters were never allocated, so no float copy of an
+    fp8 weight ever exists; its other tensors take ``dtype``. Any other checkpoint is loaded by transformers in
+    ``dtype`` and quantized by ``quantize`` (``skip``, ``backend`` as there). ``device`` moves the model at the
+    end (None: it stays on the CPU, as with transformers). ``progress`` shows the block-FP8 load on stderr.
+    """
+    check_out_dtype(dtype, "dtype")
+    check_backend_name(backend)
+    transformers = import_transformers()
+    root = _checkpoint_folder(path_or_dir)
+    config = transformers.AutoConfig.from_pretrained(root)
+    cls = _model_class(transformers, config, root)
+    method = _quant_method(config)
+    if method == "fp8":
+        read_quantization_config(root)  # the block size, fmt and scale format blockfp8 runs, before building
+        model = _empty_model(cls, config, dtype)
+        load_fp8_model(model, root, progress=progress, backend=backend)
+        if model.can_generate() and (root / "generation_config.json").is_file():
+            model.generation_config = transformers.GenerationConfig.from_pretrained(root)
+    elif method is None:
+        model = cls.from_pretrained(root, dtype=dtype)
+    else:
+        raise ValueError(f"{root / CONFIG_NAME} has quantization_config.quant_method {method!r}; "
+                         "blockfp8.from_pretrained reads float checkpoints or block-FP8 ones ('fp8')")
+    quantize(model, skip=skip, backend=backend)
+    if device is not None:
+        model.to(device)
+    return model.eval()

@@ -1,0 +1,78 @@
+"""``blockfp8 bench-hf`` on the CPU: a tiny Llama through generate(), bf16 vs transformers' FP8 vs blockfp8."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from blockfp8 import Fp8BlockLinear
+from blockfp8.cli import main
+from blockfp8.testing import Status
+
+transformers = pytest.importorskip("transformers")
+bench_hf = pytest.importorskip("blockfp8.cli.bench_hf")
+
+
+def test_bench_hf_tiny_on_cpu(capsys, tmp_path):
+    out_json, out_md = tmp_path / "hf.json", tmp_path / "hf.md"
+    argv = ["bench-hf", "--device", "cpu", "--batch", "1,2", "--new-tokens", "2", "--repeats", "1",
+            "--modes", "eager,compiled", "--json", str(out_json), "--markdown", str(out_md)]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "generate() tokens/s" in captured.out
+    result = json.loads(out_json.read_text())
+    rows = result["rows"]
+    # Compilation needs an accelerator: the CPU runs eager only. One stderr line per finished row.
+    assert [(r["variant"], r["mode"], r["batch"]) for r in rows] == [
+        (v, "eager", b) for b in (1, 2) for v in ("bf16", "transformers-fp8", "blockfp8")]
+    assert sum(line.startswith("bench-hf: variant ") for line in captured.err.splitlines()) == len(rows)
+    for r in rows:
+        if r["variant"] == "bf16":
+            assert r["status"] == Status.OK and r["tokens_per_s"] > 0 and r["speedup"] == 1.0
+        elif r["variant"] == "blockfp8":
+            assert r["status"] == Status.OK and r["tokens_per_s"] > 0 and r["speedup"] > 0
+            assert 0.99 <= r["logits_cos_min"] <= r["logits_cos_mean"] < 1.0
+        else:  # transformers' FP8 layers run only on a GPU: the row says why, the command goes on
+            assert r["status"] in (Status.UNAVAILABLE, Status.CRASHED) and r["note"] and r["tokens_per_s"] is None
+    assert result["config"]["hidden_size"] == 256 and result["settings"]["new_tokens"] == 2
+    md = out_md.read_text()
+    assert "| variant | mode | batch | status | tokens/s |" in md
+    assert "--preset tiny --layers 2 --vocab 512 --batch 1,2 --prompt-len 8 --new-tokens 2" in md
+
+
+def test_fp8_variants_share_one_set_of_fp8_tensors():
+    from transformers.integrations.finegrained_fp8 import FP8Linear
+
+    config = bench_hf.build_config("tiny", 1, 256)
+    models = bench_hf.build_models(config, list(bench_hf.VARIANTS), torch.device("cpu"))
+    ours, theirs, bf16 = models["blockfp8"], models["transformers-fp8"], models["bf16"]
+    pairs = [(n, m, theirs.get_submodule(n)) for n, m in ours.named_modules() if isinstance(m, Fp8BlockLinear)]
+    assert len(pairs) == 7  # q, k, v, o, gate, up, down; lm_head stays bf16
+    for name, mine, hers in pairs:
+        assert isinstance(hers, FP8Linear) and tuple(hers.block_size) == (128, 128), name
+        assert hers.weight.data_ptr() == mine.weight.data_ptr(), name
+        assert hers.weight_scale_inv.data_ptr() == mine.weight_scale_inv.data_ptr(), name
+    assert type(theirs.lm_head) is torch.nn.Linear and theirs.lm_head.weight is bf16.lm_head.weight
+    assert type(bf16.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert getattr(bf16.config, "quantization_config", None) is None
+
+
+def _args(**kw) -> argparse.Namespace:
+    base = {"preset": None, "layers": None, "vocab": None, "prompt_len": None, "new_tokens": None, "repeats": None,
+            "variants": None, "modes": None}
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_arguments_are_checked():
+    args = bench_hf._resolve(_args(), torch.device("cpu"))
+    assert (args.preset, args.layers, args.vocab, args.modes) == ("tiny", 2, 512, ["eager"])
+    cuda = bench_hf._resolve(_args(variants="blockfp8,bf16"), torch.device("cuda"))
+    assert (cuda.preset, cuda.layers, cuda.vocab, cuda.modes) == ("llama", 4, 32000, ["eager", "compiled"])
+    assert cuda.variants == ["bf16", "blockfp8"]
+    with pytest.raises(ValueError, match="--variants must include bf16"):
+        bench_hf._resolve(_args(variants="blockfp8"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"--variants got \['fp4'\]"):
+        bench_hf._resolve(_args(variants="bf16,fp4"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="--new-tokens must be >= 1, got 0"):
+        bench_hf._resolve(_args(new_tokens=0), torch.device("cpu"))
