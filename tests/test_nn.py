@@ -1,5 +1,7 @@
 """Fp8BlockLinear and convert_model."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -78,7 +80,7 @@ def test_convert_model_nested_with_skip_list():
     net = Net()
     x = torch.randn(3, 200)
     want = net(x)
-    report = convert_model(net, skip=["lm_head", "*.gate", "layers.1.mlp.*"])
+    report = convert_model(net, skip=["lm_head", "*.gate", "layers.1.mlp.*"], default_skip=False)
     assert sorted(report.converted) == sorted(
         ["layers.0.attn.q", "layers.0.attn.o", "layers.0.mlp.0", "layers.0.mlp.2", "layers.1.attn.q",
          "layers.1.attn.o"]
@@ -129,3 +131,178 @@ def test_linear_subclasses_are_not_converted():
     assert convert_model(model).converted == ["fc"]
     x = torch.randn(1, 3, 128)
     model["attn"](x, x, x)
+
+
+# ------------------------------------------------------------------------- every use of a shared layer
+
+
+def _float_lin(k: int = 256, n: int = 256, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(k, n)
+
+
+def test_linear_used_twice_in_one_parent():
+    """Sequential(lin, ReLU(), lin): the second use used to stay float while the report said 'converted 1'."""
+    lin = _float_lin()
+    model = nn.Sequential(lin, nn.ReLU(), lin)
+    want = Fp8BlockLinear.from_linear(lin)
+    report = convert_model(model)
+    assert report.converted == ["0", "2"] and report.shared == {"2": "0"} and not report.skipped
+    assert model[0] is model[2] and isinstance(model[2], Fp8BlockLinear)
+    assert str(report).startswith("converted 2 linear layer(s), skipped 0 (1 of these name(s) reach a layer")
+    assert "  2 is the same layer as 0" in str(report)
+    x = torch.randn(3, 256)
+    assert torch.equal(model(x), want(torch.relu(want(x))))
+
+
+@pytest.mark.parametrize("build", ["module_list", "module_dict", "shared_parent"])
+def test_every_use_of_a_shared_layer_is_converted(build):
+    lin = _float_lin()
+    if build == "module_list":
+        model, names = nn.ModuleList([lin, nn.GELU(), lin, lin]), ["0", "2", "3"]
+    elif build == "module_dict":
+        model, names = nn.ModuleDict({"a": lin, "b": nn.Sequential(lin)}), ["a", "b.0"]
+    else:  # one block (holding two uses) placed twice
+        block = nn.Sequential(lin, lin)
+        model, names = nn.Sequential(block, block), ["0.0", "0.1", "1.0", "1.1"]
+    report = convert_model(model)
+    assert report.converted == names and set(report.shared) == set(names[1:])
+    layers = [model.get_submodule(name) for name in names]
+    assert all(layer is layers[0] for layer in layers) and isinstance(layers[0], Fp8BlockLinear)
+    assert not any(type(m) is nn.Linear for m in model.modules())
+
+
+def test_shared_layer_with_one_skipped_name_stays_float_everywhere():
+    lin = _float_lin()
+    model = nn.ModuleDict({"proj": lin, "out": nn.Sequential(lin)})
+    report = convert_model(model, skip=["proj"])
+    assert report.converted == [] and report.skipped == {
+        "proj": "matches skip pattern 'proj'", "out.0": "the same layer as proj (matches skip pattern 'proj')"}
+    assert model["proj"] is model["out"][0] is lin
+
+
+# ------------------------------------------------------------------------------------- default skips
+
+
+def test_default_skips_are_the_checkpoint_converters():
+    from blockfp8.checkpoint import DEFAULT_SKIP as CHECKPOINT_SKIP
+    from blockfp8.nn import DEFAULT_SKIP
+
+    assert DEFAULT_SKIP is CHECKPOINT_SKIP
+    assert DEFAULT_SKIP == ("*embed*", "*norm*", "lm_head", "gate")
+
+
+def test_convert_model_default_skips_and_turning_them_off():
+    def model() -> nn.Module:
+        return nn.ModuleDict({
+            "up_proj": nn.Linear(128, 128), "lm_head": nn.Linear(128, 64), "embed_proj": nn.Linear(128, 128),
+            "mlp": nn.ModuleDict({"gate": nn.Linear(128, 8), "gate_proj": nn.Linear(128, 128)}),
+            "q_norm": nn.Linear(128, 128)})
+
+    m = model()
+    report = convert_model(m)
+    assert sorted(report.converted) == ["mlp.gate_proj", "up_proj"]
+    assert report.skipped == {"lm_head": "default skip 'lm_head'", "embed_proj": "default skip '*embed*'",
+                              "mlp.gate": "default skip 'gate'", "q_norm": "default skip '*norm*'"}
+    assert type(m["lm_head"]) is nn.Linear and isinstance(m["up_proj"], Fp8BlockLinear)
+    m = model()
+    assert len(convert_model(m, default_skip=False).converted) == 6 and isinstance(m["lm_head"], Fp8BlockLinear)
+    m = model()
+    report = convert_model(m, skip="up_*", default_skip=False)
+    assert report.skipped == {"up_proj": "matches skip pattern 'up_*'"} and len(report.converted) == 5
+
+
+# ------------------------------------------------------------------------- load_state_dict: what arrives
+
+
+def _state(n: int = 200, k: int = 300, bias: bool = True) -> dict:
+    wq, ws = blockfp8.quantize_weight(torch.randn(n, k))
+    state = {"weight": wq, "weight_scale_inv": ws}
+    if bias:
+        state["bias"] = torch.randn(n).to(torch.bfloat16)
+    return state
+
+
+def _with_byte(w: torch.Tensor, byte: int, index=(3, 17)) -> torch.Tensor:
+    w = w.clone()
+    w.view(torch.uint8)[index] = byte
+    return w
+
+
+def _set(t: torch.Tensor, value: float, index=(1, 2)) -> torch.Tensor:
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def test_load_state_dict_refuses_a_float_weight():
+    """The report's case: a bf16 weight was cast into the fp8 buffer (output error 0.996 against the layer)."""
+    state = _state()
+    layer = Fp8BlockLinear(300, 200)
+    with pytest.raises(TypeError, match=r"^weight must have dtype float8_e4m3fn, got bfloat16"):
+        layer.load_state_dict({**state, "weight": blockfp8.dequantize_weight(state["weight"], state["weight_scale_inv"],
+                                                                            dtype=torch.bfloat16)})
+    assert torch.equal(layer.weight.float(), torch.zeros(200, 300))  # untouched
+
+
+BAD_STATES = {
+    "fp32 weight": (lambda s: {**s, "weight": s["weight"].float()}, TypeError, r"^weight must have dtype float8"),
+    "e5m2 weight": (lambda s: {**s, "weight": s["weight"].to(torch.float8_e5m2)}, TypeError, "^weight must have"),
+    "uint8 weight": (lambda s: {**s, "weight": s["weight"].view(torch.uint8)}, TypeError, "^weight must have"),
+    "fp16 scale": (lambda s: {**s, "weight_scale_inv": s["weight_scale_inv"].half()}, TypeError,
+                   r"^weight_scale_inv must have dtype float32, got float16"),
+    "scale transposed": (lambda s: {**s, "weight_scale_inv": s["weight_scale_inv"].t().contiguous()}, ValueError,
+                         r"^weight_scale_inv must have shape \(2, 3\) .*got \(3, 2\) \(transposed\?\)"),
+    "scale padded": (lambda s: {**s, "weight_scale_inv": torch.ones(4, 4)}, ValueError, r"padded\?"),
+    "weight transposed": (lambda s: {**s, "weight": s["weight"].t().contiguous()}, ValueError,
+                          r"^weight must have shape \(200, 300\) \(this layer's weight\), got \(300, 200\)"),
+    "NaN scale": (lambda s: {**s, "weight_scale_inv": _set(s["weight_scale_inv"], math.nan)}, ValueError,
+                  r"^weight_scale_inv holds 1 invalid value\(s\).*\(1, 2\): nan"),
+    "zero scale": (lambda s: {**s, "weight_scale_inv": _set(s["weight_scale_inv"], 0.0)}, ValueError, "0.0"),
+    "negative scale": (lambda s: {**s, "weight_scale_inv": _set(s["weight_scale_inv"], -1.0)}, ValueError, "-1.0"),
+    "Inf scale": (lambda s: {**s, "weight_scale_inv": _set(s["weight_scale_inv"], math.inf)}, ValueError, "inf"),
+    "scale 2^57": (lambda s: {**s, "weight_scale_inv": _set(s["weight_scale_inv"], 2.0**57)}, ValueError, "2\\^56"),
+    "NaN byte 0x7F": (lambda s: {**s, "weight": _with_byte(s["weight"], 0x7F)}, ValueError,
+                      r"^weight holds 1 NaN encoding\(s\).*\(3, 17\): byte 0x7F"),
+    "NaN byte 0xFF": (lambda s: {**s, "weight": _with_byte(s["weight"], 0xFF)}, ValueError, "byte 0xFF"),
+    "weight without scale": (lambda s: {"weight": s["weight"], "bias": s["bias"]}, ValueError,
+                             r"has 'weight' but not 'weight_scale_inv'.*loaded together"),
+    "scale without weight": (lambda s: {"weight_scale_inv": s["weight_scale_inv"]}, ValueError,
+                             r"has 'weight_scale_inv' but not 'weight'"),
+    "bias too long": (lambda s: {**s, "bias": torch.zeros(201)}, ValueError, r"^bias must have shape \(200,\)"),
+    "bias int": (lambda s: {**s, "bias": torch.zeros(200, dtype=torch.int32)}, TypeError, "^bias must have dtype"),
+    "NaN bias": (lambda s: {**s, "bias": _set(s["bias"], math.nan, (5,))}, ValueError,
+                 r"^bias holds 1 NaN or Inf value\(s\); first at index \(5,\)"),
+    "weight a list": (lambda s: {**s, "weight": s["weight"].float().tolist()}, TypeError,
+                      "^weight must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("case", list(BAD_STATES))
+def test_load_state_dict_refuses(case, strict):
+    change, error, match = BAD_STATES[case]
+    with pytest.raises(error, match=match):
+        Fp8BlockLinear(300, 200).load_state_dict(change(_state()), strict=strict)
+
+
+def test_load_state_dict_names_the_nested_key_and_accepts_good_states():
+    model = nn.ModuleDict({"blocks": nn.ModuleList([Fp8BlockLinear(300, 200)])})
+    good = _state()
+    with pytest.raises(ValueError, match=r"^blocks\.0\.weight_scale_inv holds 1 invalid"):
+        model.load_state_dict({f"blocks.0.{k}": v for k, v in BAD_STATES["NaN scale"][0](good).items()})
+    model.load_state_dict({f"blocks.0.{k}": v for k, v in good.items()})
+    ref = Fp8BlockLinear.from_fp8(good["weight"], good["weight_scale_inv"], good["bias"])
+    x = torch.randn(3, 300)
+    assert torch.equal(model["blocks"][0](x), ref(x))
+    # fp32 bias into the bf16 bias buffer is the usual dtype follow (as model.to(dtype) does), not a refusal.
+    model.load_state_dict({f"blocks.0.{k}": v.float() if k == "bias" else v for k, v in good.items()})
+    # assign=True installs the given tensors, so they must also be contiguous.
+    fresh = Fp8BlockLinear(300, 200)
+    with pytest.raises(ValueError, match="^weight must be contiguous"):
+        fresh.load_state_dict({**good, "weight": good["weight"].t().contiguous().t()}, assign=True)
+    fresh.load_state_dict(good, assign=True)
+    assert fresh.weight is good["weight"] and torch.equal(fresh(x), ref(x))
+    # a layer without bias refuses a bias as torch does (unexpected key), after the values pass
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        Fp8BlockLinear(300, 200, bias=False).load_state_dict(good)

@@ -3,19 +3,22 @@ docs/reliability.md is the generator's current output; checks cost nothing insid
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from blockfp8 import linear, quantize_weight
+from blockfp8 import dequantize_weight, gemm, linear, quantize_activation, quantize_weight
 from blockfp8.dispatch import check_backend_name
 from blockfp8.testing.reliability import cases, collect, render
 from blockfp8.validate import (
     check_bias,
     check_contiguous,
+    check_finite_values,
     check_fp8_linear,
+    check_fp8_weight_values,
     check_out_dtype,
     check_scale_values,
     check_weight,
@@ -111,7 +114,7 @@ def test_check_scale_values_rejects(value):
 
 
 def test_check_scale_values_accepts_tiny_and_meta():
-    check_scale_values(torch.tensor([[1e-38, 1e-45, 3e38]]))  # subnormal and huge but finite and positive
+    check_scale_values(torch.tensor([[1e-38, 1e-45, 2.0**56]]))  # subnormal, and the largest scale accepted
     check_scale_values(torch.empty(2, 2, device="meta"))  # no values to read: models are built on meta
 
 
@@ -200,3 +203,70 @@ def test_bad_input_under_compile():
     with pytest.raises(RuntimeError) as info:
         torch.compile(lambda t: linear(t, w, s), backend="eager", fullgraph=True)(bad)
     assert isinstance(info.value.__cause__, ValueError) or "K=384" in str(info.value)
+
+
+# ------------------------------------------------------------------- value checks where weights enter
+
+
+def test_value_check_constants():
+    from blockfp8.format import FP8_NAN_BITS, MAX_WEIGHT_SCALE
+
+    assert MAX_WEIGHT_SCALE == 72057594037927936.0 == 2.0**56
+    assert FP8_NAN_BITS == 0x7F
+
+
+def test_scale_bound_is_inclusive_and_exact():
+    top = torch.tensor(2.0**56)
+    above = torch.nextafter(top, torch.tensor(math.inf))
+    check_scale_values(top.reshape(1, 1))
+    for value in (above, torch.tensor(2.0**57), torch.tensor(1e36), torch.tensor(3.4e38)):
+        with pytest.raises(ValueError, match=r"^s holds 1 invalid value\(s\) \(NaN, Inf, zero, negative or above "
+                                             r"2\^56\); first at index \(0, 0\)"):
+            check_scale_values(value.reshape(1, 1), "s")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kernels_stay_finite_at_the_scale_bound(backend):
+    """At scale 2^56, every weight 448 (byte 0x7E) and activations up to 2^55 (the documented 2^56 limit): the
+    exact result (up to 1.75 * 2^127) fits fp32, and the backends give it (no intermediate overflows). Above the
+    bound dequantization itself leaves fp32 for a large enough scale (1e36 * 448 = inf): those are refused."""
+    n, k = 128, 256
+    w = torch.full((n, k), 0x7E, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    s = torch.full((1, 2), 2.0**56)
+    check_fp8_linear(w, s)
+    x = torch.full((4, k), 2.0**40)
+    x[1] = -(2.0**30)
+    x[2] = 2.0**55
+    xq, xs = quantize_activation(x)
+    y = gemm(xq, xs, w, s, backend=backend, out_dtype=torch.float32)
+    exact = x.double() @ (torch.full((n, k), 448.0).double() * 2.0**56).t()
+    assert torch.isfinite(y).all()
+    assert torch.allclose(y.double(), exact, rtol=1e-6)
+    assert torch.isinf(dequantize_weight(w, torch.full((1, 2), 1e36))).all()  # what the bound keeps out
+
+
+def test_every_fp8_byte_but_the_two_nans_passes():
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8).reshape(16, 16)
+    nan = [(b >> 4, b & 15) for b in range(256) if b & 0x7F == 0x7F]
+    assert nan == [(7, 15), (15, 15)]  # 0x7F and 0xFF
+    with pytest.raises(ValueError, match=r"^blk\.weight holds 2 NaN encoding\(s\) \(byte 0x7F or 0xFF\); first at "
+                                         r"index \(7, 15\): byte 0x7F"):
+        check_fp8_weight_values(bits.view(torch.float8_e4m3fn), "blk.weight")
+    finite = bits.clone()
+    finite[7, 15] = finite[15, 15] = 0
+    check_fp8_weight_values(finite.view(torch.float8_e4m3fn))
+    check_fp8_weight_values(torch.empty(4, 4, dtype=torch.float8_e4m3fn, device="meta"))
+
+
+def test_check_fp8_linear_reads_weight_bytes_and_bias():
+    w, s = _weight()
+    bad = w.clone()
+    bad.view(torch.uint8)[199, 299] = 0xFF
+    with pytest.raises(ValueError, match=r"^l\.weight holds 1 NaN encoding.*\(199, 299\): byte 0xFF"):
+        check_fp8_linear(bad, s, name="l.weight")
+    bias = torch.zeros(200)
+    bias[3] = -math.inf
+    with pytest.raises(ValueError, match=r"^l\.bias holds 1 NaN or Inf value\(s\); first at index \(3,\): -inf"):
+        check_fp8_linear(w, s, bias, name="l.weight")
+    with pytest.raises(ValueError, match=r"x holds 1 NaN or Inf"):
+        check_finite_values(torch.tensor([1.0, math.nan]), "x")

@@ -44,7 +44,7 @@ from .checkpoint import weight_map
 from .format import BLOCK, FP8_DTYPE, cdiv
 from .nn import Fp8BlockLinear, KeepFp8Buffers
 from .ops import linear
-from .validate import check_scale_values
+from .validate import check_finite_values, check_fp8_weight_values, check_scale_values, require_dtype
 
 # Local N (column shards) and K (row shards) are rounded up to this multiple: cuBLAS blockwise needs N % 16
 # and K % 16 (measured on H100), the strictest limits among the backends. The extra rows/columns are zeros
@@ -307,13 +307,21 @@ class RowParallelFp8Linear(KeepFp8Buffers, nn.Module):
         return self.segment.pad + self.segment.width
 
     def forward(self, x: torch.Tensor, cut_amax: torch.Tensor | None = None) -> torch.Tensor:
-        """``cut_amax`` ([..., num_cut_groups], from ``cut_group_amax``) replaces the exchange over the group."""
+        """``cut_amax`` ([..., num_cut_groups], from ``cut_group_amax``) replaces the exchange over the group.
+
+        ``cut_amax`` is checked: a float tensor of that shape on x's device, no value below the absolute maximum
+        of this rank's own part of its group (reading them costs one host sync per call; the exchange over a
+        group needs no check). A value *above* the true maximum cannot be seen from one rank: it coarsens that
+        group's quantization, so pass ``cut_group_amax`` of the full input.
+        """
         seg = self.segment
         if x.dim() < 1 or x.shape[-1] != seg.width:
             raise ValueError(f"x must be rank {self.rank}'s input slice [..., {seg.width}] (columns [{seg.start}, "
                              f"{seg.stop}) of in_features={self.in_features}), got shape {tuple(x.shape)}")
         buf = x.new_zeros(*x.shape[:-1], self.weight.shape[1])
         buf[..., seg.pad:seg.pad + seg.width] = x
+        if cut_amax is not None:
+            self._check_cut_amax(cut_amax, x, buf)
         if self.num_cut_groups and (cut_amax is not None or self.group is not None):
             if cut_amax is None:  # every rank joins the exchange, also one whose own blocks are all whole
                 cut_amax = self._exchange_amax(buf)
@@ -325,6 +333,28 @@ class RowParallelFp8Linear(KeepFp8Buffers, nn.Module):
         if self.group is not None:
             dist.all_reduce(y, group=self.group)
         return y.to(x.dtype)
+
+    def _check_cut_amax(self, cut_amax: torch.Tensor, x: torch.Tensor, buf: torch.Tensor) -> None:
+        require_dtype(cut_amax, "cut_amax")
+        want = (*x.shape[:-1], self.num_cut_groups)
+        if tuple(cut_amax.shape) != want:
+            raise ValueError(f"cut_amax must have shape {want} (x's leading dimensions, then the {self.num_cut_groups} "
+                             f"activation group(s) a {self.world_size}-way split of K={self.in_features} cuts: "
+                             f"cut_group_amax(x_full, {self.world_size})), got {tuple(cut_amax.shape)}")
+        if cut_amax.device != x.device:
+            raise ValueError(f"cut_amax is on {cut_amax.device} but x is on {x.device}; move both to one device")
+        if not self._slots.numel():
+            return
+        # This rank holds part of each of its cut groups, so the whole group's maximum is at least its part's.
+        own = _group_amax(buf)[..., self._local_groups]
+        given = cut_amax[..., self._slots].float()
+        bad = ~(given >= own) & ~torch.isnan(own)  # a NaN input makes its own row NaN anyway
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            where = ", ".join(map(str, (*idx[:-1], int(self._slots[idx[-1]]))))
+            raise ValueError(f"cut_amax holds {int(bad.sum())} value(s) below the absolute maximum of rank "
+                             f"{self.rank}'s own part of the group; first: cut_amax[{where}] = {given[idx].item()!r} "
+                             f"< {own[idx].item()!r}. Pass cut_group_amax(x_full, {self.world_size}) of the full input")
 
     def _exchange_amax(self, buf: torch.Tensor) -> torch.Tensor:
         local = _group_amax(buf)[..., self._local_groups]
@@ -464,5 +494,11 @@ def load_shard(checkpoint_dir: str | Path, name: str, rank: int, world_size: int
                              f"got {tuple(s.get_shape())}")
         b = open_slice(bname) if bname in files else None
         module = _build(w, s, b, n, k, rank, world_size, style, group, gather_output, parts, reduce_dtype, backend)
-    check_scale_values(module.weight_scale_inv, sname)
+    def where(tname: str) -> str:
+        return f"{tname} in {files[tname]} (rank {rank}'s {style} shard, local indices)"
+
+    check_scale_values(module.weight_scale_inv, where(sname))
+    check_fp8_weight_values(module.weight, where(wname))
+    if module.bias is not None:
+        check_finite_values(module.bias, where(bname))
     return module.to(device) if device is not None else module

@@ -18,6 +18,14 @@ FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # Groups with a smaller amax share this floor, so all-zero groups get a finite scale and quantize to zeros.
 AMAX_FLOOR = 1e-10
+# float8_e4m3fn has no Inf; its only NaN encodings are S.1111.111 (bytes 0x7F and 0xFF): byte & mask == mask.
+FP8_NAN_BITS = 0x7F
+# The largest weight scale accepted where weights enter the project (a power of two, so it is exact in fp32 and
+# the largest UE8M0 scale too). A block's largest dequantized weight is then 448 * 2^56 < 2^65, and no
+# kernel's arithmetic -- an fp8 group dot product (at most 128 * 448^2 < 2^25) times the activation scale
+# (amax / 448) times the weight scale -- reaches fp32's 2^128 for activations below 2^56 (about 7.2e16) in
+# magnitude. Real checkpoints hold |w| < 1e4 (scales < 25); a larger scale is a corrupt or mis-scaled tensor.
+MAX_WEIGHT_SCALE = 2.0**56
 BLOCK = 128  # weight block edge and activation group width: one K block column is one activation group
 DEFAULT_BLOCK = (BLOCK, BLOCK)
 DEFAULT_GROUP = BLOCK

@@ -14,7 +14,12 @@ from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
 from .hf_config import mark_fp8_model
 from .ops import PlanCache, layer_linear
 from .quant import quantize_weight
-from .validate import check_block_size, check_fp8_linear
+from .validate import check_block_size, check_fp8_linear, check_fp8_state_dict
+
+# Layers ``convert_model`` and ``convert_checkpoint`` keep in float unless told otherwise, as glob patterns on the
+# layer name or its last component: embeddings and norms are not matmuls, lm_head and MoE routers ("gate", not
+# "gate_proj") are small but sensitive to quantization error.
+DEFAULT_SKIP = ("*embed*", "*norm*", "lm_head", "gate")
 
 
 class KeepFp8Buffers:
@@ -32,6 +37,17 @@ class KeepFp8Buffers:
             if new.dtype != old.dtype:
                 self._buffers[name] = old.to(new.device)
         return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # nn.Module would copy_ a bf16 weight into the fp8 buffer (a cast: output error ~1) and take any scale;
+        # check dtypes, shapes and values of what arrives first, naming the key.
+        shapes = {name: tuple(t.shape) for name, t in self._buffers.items()
+                  if name in ("weight", "weight_scale_inv", "bias") and t is not None}
+        check_fp8_state_dict(state_dict, prefix, shapes, contiguous=local_metadata.get("assign_to_params_buffers",
+                                                                                         False))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
 
 def is_convertible_linear(module: nn.Module) -> bool:
@@ -108,13 +124,19 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
 
 @dataclass
 class ConversionReport:
-    """What ``convert_model`` did: converted layer names and skipped ones with the reason."""
+    """What ``convert_model`` did: converted layer names, skipped ones with the reason, and the names that reach
+    a layer already listed under another name (one module used twice stays one ``Fp8BlockLinear``)."""
 
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    shared: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        lines = [f"converted {len(self.converted)} linear layer(s), skipped {len(self.skipped)}"]
+        head = f"converted {len(self.converted)} linear layer(s), skipped {len(self.skipped)}"
+        if self.shared:
+            head += f" ({len(self.shared)} of these name(s) reach a layer listed under another name)"
+        lines = [head]
+        lines += [f"  {name} is the same layer as {first}" for name, first in self.shared.items()]
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
@@ -127,35 +149,51 @@ def matches_pattern(name: str, patterns: Iterable[str]) -> str | None:
     return None
 
 
-def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = False,
-                  backend: str | None = None) -> ConversionReport:
-    """Replace every ``nn.Linear`` in ``model`` (in place) by an ``Fp8BlockLinear``.
+def _skip_reason(name: str, skip: tuple[str, ...], default_skip: bool) -> str | None:
+    pat = matches_pattern(name, DEFAULT_SKIP) if default_skip else None
+    if pat is not None:
+        return f"default skip {pat!r}"
+    pat = matches_pattern(name, skip)
+    return None if pat is None else f"matches skip pattern {pat!r}"
 
-    ``skip`` holds glob patterns matched against each layer's qualified name or its last component
-    (e.g. ``"lm_head"``, ``"*.gate"``, ``"layers.0.*"``). Returns a ``ConversionReport``. A transformers model's
-    config then says block FP8, so ``save_pretrained`` writes a checkpoint that loads back (``hf_config``).
+
+def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = False,
+                  backend: str | None = None, *, default_skip: bool = True) -> ConversionReport:
+    """Replace every plain ``nn.Linear`` in ``model`` (in place) by an ``Fp8BlockLinear``.
+
+    Skipped, as ``convert_checkpoint`` skips them: layers matching ``DEFAULT_SKIP`` (embeddings, norms,
+    ``lm_head``, MoE routers named ``gate``; ``default_skip=False`` turns these off) or a pattern of ``skip``:
+    globs matched against each layer's qualified name or its last component (e.g. ``"*.gate"``,
+    ``"layers.0.*"``). A layer reached under several names (one module used twice) becomes one
+    ``Fp8BlockLinear`` under all of them, or stays float under all of them if any name is skipped. Returns a
+    ``ConversionReport`` listing every name.
+    A transformers model's config then says block FP8, so ``save_pretrained`` writes a checkpoint that loads
+    back (``hf_config``).
     """
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
     report = ConversionReport()
-    done: dict[int, Fp8BlockLinear] = {}  # a Linear shared by several parents stays shared
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if id(child) in done:
-                setattr(module, child_name, done[id(child)])
-                report.converted.append(full)
-                continue
-            if not is_convertible_linear(child):
-                continue
-            pat = matches_pattern(full, skip)
-            if pat is not None:
-                report.skipped[full] = f"matches skip pattern {pat!r}"
-                continue
-            layer = Fp8BlockLinear.from_linear(child, ue8m0=ue8m0, backend=backend, name=f"{full}.weight")
-            setattr(module, child_name, layer)
-            done[id(child)] = layer
-            report.converted.append(full)
+    # Every (parent, attribute, name) reaching each linear: named_modules/named_children list a module once, so a
+    # second use in one parent (Sequential(lin, act, lin)) or a shared parent would keep its float layer.
+    uses: dict[int, tuple[nn.Linear, list[tuple[nn.Module, str, str]]]] = {}
+    for parent_name, parent in model.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None and is_convertible_linear(child):
+                name = f"{parent_name}.{attr}" if parent_name else attr
+                uses.setdefault(id(child), (child, []))[1].append((parent, attr, name))
+    for lin, places in uses.values():
+        names = [name for _, _, name in places]
+        reasons = {name: _skip_reason(name, skip, default_skip) for name in names}
+        matched = next((name for name in names if reasons[name] is not None), None)
+        if matched is not None:
+            for name in names:
+                report.skipped[name] = reasons[name] or f"the same layer as {matched} ({reasons[matched]})"
+            continue
+        layer = Fp8BlockLinear.from_linear(lin, ue8m0=ue8m0, backend=backend, name=f"{names[0]}.weight")
+        for parent, attr, _ in places:
+            setattr(parent, attr, layer)
+        report.converted += names
+        report.shared.update({name: names[0] for name in names[1:]})
     mark_fp8_model(model)
     return report

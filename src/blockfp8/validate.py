@@ -10,8 +10,10 @@ Where they run:
   call (measured in docs/reliability.md). Under ``torch.compile`` Dynamo evaluates them while tracing and the
   graph holds only the op, so compiled calls skip them until a guard fails and the function is traced again.
 * Weights are checked once more, with their values, where they enter the project: ``Fp8BlockLinear.from_fp8``,
-  model conversion, checkpoint loading and sharding call ``check_fp8_linear`` / ``check_scale_values``, which
-  read the scales (NaN, Inf, zero or negative scales are refused there, never per call).
+  ``Fp8BlockLinear.load_state_dict``, model and checkpoint conversion, checkpoint loading and saving, and
+  sharding call ``check_fp8_linear`` or its parts ``check_scale_values`` (NaN, Inf, zero, negative or too
+  large scales), ``check_fp8_weight_values`` (NaN encodings among the fp8 bytes) and ``check_finite_values``
+  (NaN/Inf in float weights and biases). They read the data: once per weight, never per call.
 
 Layout rules: the persistent tensors (``weight``, ``weight_scale_inv``, ``bias``) must be contiguous -- fixing
 them per call would copy the whole weight every step, so they are refused with a hint to call ``.contiguous()``
@@ -21,9 +23,20 @@ once at load time. Activations may have any strides: the quantizers copy ``x`` a
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
-from .format import DEFAULT_BLOCK, DEFAULT_GROUP, FLOAT_DTYPES, FP8_DTYPE, cdiv, dtype_name
+from .format import (
+    DEFAULT_BLOCK,
+    DEFAULT_GROUP,
+    FLOAT_DTYPES,
+    FP8_DTYPE,
+    FP8_NAN_BITS,
+    MAX_WEIGHT_SCALE,
+    cdiv,
+    dtype_name,
+)
 
 
 def _one_of(names: list[str]) -> str:
@@ -206,20 +219,48 @@ def check_gemm_input(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.T
     return n, k
 
 
-def check_scale_values(scale: torch.Tensor, name: str = "weight_scale_inv") -> None:
-    """Reject NaN, Inf, zero or negative scales (reads the data: call at load/convert time, not per step).
+def _refuse_values(bad: torch.Tensor, name: str, what: str, values: torch.Tensor, rule: str,
+                   show: str = "{!r}") -> None:
+    """ValueError naming ``name``, how many elements ``bad`` marks, and the first one's index and value."""
+    if bool(bad.any()):
+        idx = tuple(int(i) for i in bad.nonzero()[0])
+        value = show.format(values[idx].item())
+        raise ValueError(f"{name} holds {int(bad.sum())} {what}; first at index {idx}: {value}. {rule}")
 
-    Meta tensors hold no values and pass (models are often built on "meta" before loading).
+
+def check_scale_values(scale: torch.Tensor, name: str = "weight_scale_inv") -> None:
+    """Reject NaN, Inf, zero, negative or too large weight scales (reads the data: call at load/convert time).
+
+    The upper bound is ``format.MAX_WEIGHT_SCALE`` (2^56): 448 * scale stays below 2^65, so dequantization and
+    the kernels' scale products cannot overflow fp32 for any activation below 2^56 in magnitude. Meta tensors
+    hold no values and pass (models are often built on "meta" before loading).
     """
     if scale.device.type == "meta":
         return
-    bad = ~torch.isfinite(scale) | (scale <= 0)
-    if bool(bad.any()):
-        idx = tuple(int(i) for i in bad.nonzero()[0])
-        raise ValueError(
-            f"{name} holds {int(bad.sum())} invalid value(s) (NaN, Inf, zero or negative); first at index "
-            f"{idx}: {scale[idx].item()!r}. Scales must be finite and > 0."
-        )
+    bad = ~((scale > 0) & (scale <= MAX_WEIGHT_SCALE))  # NaN fails both comparisons
+    _refuse_values(bad, name, "invalid value(s) (NaN, Inf, zero, negative or above 2^56)", scale,
+                   "Scales must be finite, > 0 and <= 2^56 (about 7.2e16), so that 448 * scale cannot overflow.")
+
+
+def check_fp8_weight_values(weight: torch.Tensor, name: str = "weight") -> None:
+    """Reject NaN encodings among the bytes of a float8_e4m3fn weight (0x7F, 0xFF; e4m3fn has no Inf).
+
+    No quantizer writes them, and backends disagree on them (the Triton path decodes them as finite values),
+    so they are refused where weights enter the project. Reads the data: load/convert time only.
+    """
+    if weight.device.type == "meta":
+        return
+    bits = weight.view(torch.uint8)
+    bad = (bits & FP8_NAN_BITS) == FP8_NAN_BITS
+    _refuse_values(bad, name, "NaN encoding(s) (byte 0x7F or 0xFF)", bits, "An fp8 weight must hold finite values.",
+                   show="byte 0x{:02X}")
+
+
+def check_finite_values(t: torch.Tensor, name: str) -> None:
+    """Reject NaN or Inf in a float tensor (a weight before quantization, a bias). Reads the data."""
+    if t.device.type == "meta":
+        return
+    _refuse_values(~torch.isfinite(t), name, "NaN or Inf value(s)", t, "It must hold finite values.")
 
 
 def check_fp8_linear(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None = None,
@@ -228,8 +269,9 @@ def check_fp8_linear(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias:
     """Everything a stored fp8 linear layer must satisfy, values included; returns (N, K).
 
     For load and convert time (``Fp8BlockLinear.from_fp8``, checkpoint loaders, converters): dtypes, ceil-div
-    scale shape, one device, contiguity, bias, and finite positive scales. ``name`` is the weight's tensor
-    name (e.g. ``"model.layers.0.mlp.up_proj.weight"``); the scale and bias names default to its siblings.
+    scale shape, one device, contiguity, bias, scales in (0, 2^56], no NaN fp8 bytes and a finite bias.
+    ``name`` is the weight's tensor name (e.g. ``"model.layers.0.mlp.up_proj.weight"``); the scale and bias
+    names default to its siblings.
     """
     prefix = name[: -len("weight")] if name.endswith("weight") else f"{name}."
     scale_name = scale_name or f"{prefix}weight_scale_inv"
@@ -239,4 +281,44 @@ def check_fp8_linear(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias:
     check_contiguous(weight_scale_inv, scale_name)
     check_bias(bias, n, weight.device, bias_name)
     check_scale_values(weight_scale_inv, scale_name)
+    check_fp8_weight_values(weight, name)
+    if bias is not None:
+        check_finite_values(bias, bias_name)
     return n, k
+
+
+_STATE_DTYPES = {"weight": (FP8_DTYPE,), "weight_scale_inv": (torch.float32,), "bias": FLOAT_DTYPES}
+
+
+def check_fp8_state_dict(state_dict: Mapping[str, object], prefix: str, shapes: Mapping[str, tuple[int, ...]],
+                         contiguous: bool = False) -> None:
+    """Check the entries ``prefix + "weight"`` / ``"weight_scale_inv"`` / ``"bias"`` a state dict loads into an fp8
+    layer whose buffers have ``shapes`` (attribute -> shape; no ``"bias"`` when the layer has none).
+
+    dtypes and shapes must equal the buffers' (a bf16 weight would otherwise be cast into the fp8 buffer), the
+    weight and its scales must come together (one without the other pairs new values with stale ones), and
+    values are checked like ``check_fp8_linear``'s. ``contiguous``: refuse non-contiguous tensors (they replace
+    the buffers with ``load_state_dict(..., assign=True)``). Entries that are absent are torch's to report.
+    """
+    keys = {attr: prefix + attr for attr in _STATE_DTYPES}
+    has_w, has_s = keys["weight"] in state_dict, keys["weight_scale_inv"] in state_dict
+    if has_w != has_s:
+        have, lack = (keys["weight"], keys["weight_scale_inv"]) if has_w else (keys["weight_scale_inv"], keys["weight"])
+        raise ValueError(f"state dict has {have!r} but not {lack!r}: an fp8 weight and its block scales must be "
+                         f"loaded together")
+    for attr, want in shapes.items():
+        t = state_dict.get(keys[attr])
+        if t is None:
+            continue
+        require_dtype(t, keys[attr], _STATE_DTYPES[attr])
+        if tuple(t.shape) != tuple(want):
+            hint = _scale_shape_hint(tuple(t.shape), tuple(want)) if attr == "weight_scale_inv" else ""
+            raise ValueError(f"{keys[attr]} must have shape {tuple(want)} (this layer's {attr}), got "
+                             f"{tuple(t.shape)}{hint}")
+        if contiguous:
+            check_contiguous(t, keys[attr])
+    if has_w:
+        check_scale_values(state_dict[keys["weight_scale_inv"]], keys["weight_scale_inv"])
+        check_fp8_weight_values(state_dict[keys["weight"]], keys["weight"])
+    if "bias" in shapes and state_dict.get(keys["bias"]) is not None:
+        check_finite_values(state_dict[keys["bias"]], keys["bias"])

@@ -27,11 +27,11 @@ from .files import (
     weight_map,
 )
 from .loading import LoadReport, load_fp8_model
-from .writing import DEFAULT_MAX_SHARD_BYTES, parse_size, save_fp8_checkpoint
+from .writing import DEFAULT_MAX_SHARD_BYTES, check_output_dir, parse_size, save_fp8_checkpoint
 
 __all__ = [
     "CONFIG_NAME", "DEFAULT_MAX_SHARD_BYTES", "DEFAULT_SKIP", "INDEX_NAME", "SCALE_SUFFIX", "SINGLE_NAME",
     "WEIGHT_SUFFIX", "ConvertSummary", "Fp8QuantConfig", "LoadReport", "TensorInfo", "check_fp8_tensors",
-    "convert_checkpoint", "iter_checkpoint", "load_fp8_model", "parse_size", "prefix_of", "read_quantization_config",
-    "read_tensor_infos", "save_fp8_checkpoint", "skip_reason", "weight_map",
+    "check_output_dir", "convert_checkpoint", "iter_checkpoint", "load_fp8_model", "parse_size", "prefix_of",
+    "read_quantization_config", "read_tensor_infos", "save_fp8_checkpoint", "skip_reason", "weight_map",
 ]

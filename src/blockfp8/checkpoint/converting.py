@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import math
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from ..format import DEFAULT_BLOCK, FLOAT_DTYPES
-from ..nn import matches_pattern
+from ..nn import DEFAULT_SKIP, matches_pattern
 from ..quant import dequantize_weight, quantize_weight
 from ..reference import rel_error
+from ..validate import check_finite_values, check_scale_values
 from .files import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -20,16 +23,14 @@ from .files import (
     Fp8QuantConfig,
     TensorInfo,
     iter_tensors,
+    json_type,
     prefix_of,
+    read_config,
     read_tensor_infos,
     write_config,
 )
 from .writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, atomic_output_dir, parse_size
 
-# Tensors ``convert_checkpoint`` keeps in their original dtype unless told otherwise, as glob patterns on the
-# layer name or its last component: embeddings and norms are not matmuls, lm_head and MoE routers ("gate",
-# not "gate_proj") are small but sensitive to quantization error.
-DEFAULT_SKIP = ("*embed*", "*norm*", "lm_head", "gate")
 # Files of other weight formats are not copied next to a converted checkpoint: they would hold the unquantized model.
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
 
@@ -50,18 +51,20 @@ class ConvertSummary:
 
     @property
     def worst(self) -> tuple[str, float] | None:
-        """The converted layer with the largest relative quantization error, and that error."""
+        """The converted layer with the largest relative quantization error, and that error (a NaN error counts
+        as the largest: ``max`` alone never picks a NaN)."""
         if not self.errors:
             return None
-        name = max(self.errors, key=self.errors.__getitem__)
+        name = max(self.errors, key=lambda k: (math.isnan(self.errors[k]), self.errors[k]))
         return name, self.errors[name]
 
 
-def skip_reason(info: TensorInfo, skip: Iterable[str] = ()) -> str | None:
+def skip_reason(info: TensorInfo, skip: Iterable[str] = (), default_skip: bool = True) -> str | None:
     """Why ``convert_checkpoint`` keeps a tensor as it is, or None when it quantizes it.
 
-    Quantized: 2-D float ``*.weight`` tensors of layers matching neither ``DEFAULT_SKIP`` nor ``skip`` (glob
-    patterns on the layer name or its last component). Everything else is copied unchanged.
+    Quantized: 2-D float ``*.weight`` tensors of layers matching neither ``DEFAULT_SKIP`` (unless
+    ``default_skip`` is False) nor ``skip`` (glob patterns on the layer name or its last component). Everything
+    else is copied unchanged.
     """
     if not info.name.endswith(WEIGHT_SUFFIX):
         return "not a .weight"
@@ -70,7 +73,7 @@ def skip_reason(info: TensorInfo, skip: Iterable[str] = ()) -> str | None:
     if info.torch_dtype not in FLOAT_DTYPES:
         return f"dtype {info.dtype}"
     prefix = prefix_of(info.name)
-    pat = matches_pattern(prefix, DEFAULT_SKIP)
+    pat = matches_pattern(prefix, DEFAULT_SKIP) if default_skip else None
     if pat is not None:
         return f"default skip {pat!r}"
     pat = matches_pattern(prefix, tuple(skip))
@@ -79,14 +82,20 @@ def skip_reason(info: TensorInfo, skip: Iterable[str] = ()) -> str | None:
     return None
 
 
-def _copy_side_files(in_dir: Path, out_dir: Path) -> list[str]:
-    copied = []
-    for path in sorted(in_dir.iterdir()):
-        if not path.is_file() or path.name in (CONFIG_NAME, INDEX_NAME) or path.suffix in _WEIGHT_FILE_SUFFIXES:
-            continue
-        shutil.copy2(path, out_dir / path.name)
-        copied.append(path.name)
-    return copied
+def _side_files(in_dir: Path) -> list[Path]:
+    """The top-level files copied next to a converted checkpoint (tokenizer, generation config, ...)."""
+    return [path for path in sorted(in_dir.iterdir()) if path.is_file() and path.name not in (CONFIG_NAME, INDEX_NAME)
+            and path.suffix not in _WEIGHT_FILE_SUFFIXES]
+
+
+def _check_input_config(config: dict, path: Path) -> None:
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict) and qc:
+        raise ValueError(f"{path} already has a quantization_config (quant_method {qc.get('quant_method')!r}); "
+                         f"convert reads bf16, fp16 or fp32 checkpoints")
+    if qc not in (None, {}):
+        raise ValueError(f"quantization_config in {path} must be an object (or absent in a float checkpoint), got "
+                         f"{json_type(qc)} {qc!r:.80}")
 
 
 def convert_checkpoint(
@@ -98,18 +107,19 @@ def convert_checkpoint(
     max_shard_bytes: int | str = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
     overwrite: bool = False,
+    default_skip: bool = True,
 ) -> ConvertSummary:
     """Convert a bf16/fp16/fp32 safetensors checkpoint (single file or sharded) into a block-FP8 checkpoint.
 
     Streams tensor by tensor: each 2-D float ``*.weight`` not skipped (see ``skip_reason``) is quantized to
     fp8 with 128x128 fp32 block scales (``ue8m0``: scales rounded up to powers of two, still stored as fp32);
-    every other tensor is copied unchanged. config.json gets ``quantization_config`` with the skipped 2-D
-    weights' layers as ``modules_to_not_convert``; other non-weight files (tokenizer, generation config) are
-    copied. Writes into a temporary folder renamed to ``out_dir`` at the end.
+    every other tensor is copied unchanged. A weight to quantize that holds NaN or Inf is refused, naming it.
+    config.json gets ``quantization_config`` with the skipped 2-D weights' layers as
+    ``modules_to_not_convert``; other non-weight files (tokenizer, generation config) are copied. Writes into
+    a temporary folder renamed to ``out_dir`` at the end; ``out_dir`` may not be, contain or lie inside
+    ``in_dir`` or any file read (symlinks resolved), so the input is never modified or deleted.
     """
     src, dst = Path(in_dir), Path(out_dir)
-    if src.resolve() == dst.resolve():
-        raise ValueError(f"out_dir must differ from in_dir, got {dst} for both")
     if isinstance(skip, str):
         skip = (skip,)
     skip = tuple(skip)
@@ -120,17 +130,17 @@ def convert_checkpoint(
             raise ValueError(f"{src} already holds fp8 tensors ({name!r} in {info.file.name}); convert reads "
                              f"bf16, fp16 or fp32 checkpoints")
     config_path = src / CONFIG_NAME
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method")
-        raise ValueError(f"{config_path} already has a quantization_config (quant_method {method!r}); convert "
-                         f"reads bf16, fp16 or fp32 checkpoints")
+    config = read_config(src)
+    _check_input_config(config, config_path)
+    side_files = _side_files(src)
+    # Everything read is protected: a weight file may be a symlink into a cache folder elsewhere.
+    inputs = [src, config_path, src / INDEX_NAME, *{info.file for info in infos.values()}, *side_files]
     summary = ConvertSummary(out_dir=dst)
-    with atomic_output_dir(dst, overwrite) as tmp:
+    with atomic_output_dir(dst, overwrite, inputs) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         for info, tensor in iter_tensors(infos, progress, f"converting {src.name}"):
             summary.bytes_before += info.nbytes
-            reason = skip_reason(info, skip)
+            reason = skip_reason(info, skip, default_skip)
             if reason is not None:
                 if info.name.endswith(WEIGHT_SUFFIX):
                     summary.skipped[prefix_of(info.name)] = reason
@@ -140,6 +150,15 @@ def convert_checkpoint(
                 continue
             prefix = prefix_of(info.name)
             w_fp8, scale = quantize_weight(tensor, DEFAULT_BLOCK, ue8m0)
+            # A block's scale is non-finite exactly when the block holds a NaN or Inf (its amax): only then
+            # is the whole weight read again, to name the element.
+            if not bool(torch.isfinite(scale).all()):
+                try:
+                    check_finite_values(tensor, f"tensor {info.name!r} in {info.file}")
+                except ValueError as e:
+                    raise ValueError(f"{e} Quantizing it would write NaN/Inf scales: fix the checkpoint or keep the "
+                                     f"layer in float (skip {prefix!r}).") from e
+            check_scale_values(scale, f"{prefix + SCALE_SUFFIX!r} (quantized from {info.name!r} in {info.file})")
             summary.errors[prefix] = rel_error(dequantize_weight(w_fp8, scale), tensor.float())
             summary.converted.append(prefix)
             writer.add({info.name: w_fp8, prefix + SCALE_SUFFIX: scale})
@@ -147,5 +166,7 @@ def convert_checkpoint(
         summary.bytes_after = writer.total_bytes
         not_converted = [p for p, r in summary.skipped.items() if len(infos[p + WEIGHT_SUFFIX].shape) == 2]
         write_config(tmp, config, Fp8QuantConfig(modules_to_not_convert=tuple(not_converted)))
-        summary.files_copied = _copy_side_files(src, tmp)
+        for path in side_files:
+            shutil.copy2(path, tmp / path.name)
+        summary.files_copied = [path.name for path in side_files]
     return summary

@@ -41,23 +41,57 @@ def _corrupt(path: Path, err: Exception, key: str | None = None) -> ValueError:
     return ValueError(f"cannot read {what}safetensors file {path}: {err} (truncated or corrupt file?)")
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+               float: "a number", type(None): "null"}
+
+
+def json_type(value: object) -> str:
+    """How JSON names the type of a parsed value: "an object", "an array", "a string", ..."""
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is not valid JSON or not an object
+    (``what`` says what the object should be, e.g. "the model config")."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({what}), got {json_type(data)}")
+    return data
+
+
+def _index_entries(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file, checked: a non-empty object of tensor name -> relative file name."""
+    entries = read_json_object(index, "with a 'weight_map'").get("weight_map")
+    if not isinstance(entries, dict):
+        raise ValueError(f"'weight_map' in {index} must be an object (tensor name -> file name), got "
+                         f"{json_type(entries)}")
+    if not entries:
+        raise ValueError(f"'weight_map' in {index} is empty: the index lists no tensor")
+    for name, fname in entries.items():
+        # A name leaving the folder would read (and ``convert`` would treat as input) a file elsewhere.
+        parts = Path(fname).parts if isinstance(fname, str) else ()
+        if not parts or Path(fname).is_absolute() or ".." in parts:
+            raise ValueError(f"'weight_map' in {index} maps tensor {name!r} to {fname!r} ({json_type(fname)}); "
+                             f"expected the name of a file in {index.parent}")
+    return entries
+
+
 def weight_map(checkpoint_dir: str | Path) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (sharded via the index file, or a single file).
 
-    Raises ``ValueError`` naming the tensor and file when the index points at a missing file, and naming the
-    file when a safetensors header cannot be read.
+    Raises ``ValueError`` naming the file and the field when the index is malformed (not JSON, not an object,
+    a ``weight_map`` that is not a non-empty object of file names), naming the tensor and file when the
+    index points at a missing file, and naming the file when a safetensors header cannot be read.
     """
     root = Path(checkpoint_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"checkpoint_dir {root} is not a folder")
     index = root / INDEX_NAME
     if index.is_file():
-        try:
-            with open(index) as f:
-                entries = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index} is not a valid index file (need a 'weight_map' object): {e}") from e
-        out = {name: root / fname for name, fname in entries.items()}
+        out = {name: root / fname for name, fname in _index_entries(index).items()}
         for name, path in out.items():
             if not path.is_file():
                 raise ValueError(f"{index} maps tensor {name!r} to file {path.name}, which does not exist in {root}")
@@ -169,22 +203,28 @@ def _expect(field_name: str, seen: object, allowed: tuple, path: Path) -> None:
         raise ValueError(f"quantization_config.{field_name} in {path} is {seen!r}; expected {want}")
 
 
+def read_config(checkpoint_dir: str | Path) -> dict:
+    """``checkpoint_dir/config.json`` as a dict ({} when there is none); ``ValueError`` naming the file when it
+    is not a JSON object."""
+    path = Path(checkpoint_dir) / CONFIG_NAME
+    return read_json_object(path, "the model config") if path.is_file() else {}
+
+
 def read_quantization_config(checkpoint_dir: str | Path) -> Fp8QuantConfig:
     """The validated ``quantization_config`` of ``checkpoint_dir/config.json``.
 
     Accepts what this project can run: ``quant_method "fp8"``, e4m3 weights, dynamic activation scales and
-    fp32 block scales. A missing ``weight_block_size`` means 128x128, as in Hugging Face's loader.
+    fp32 block scales. A missing ``weight_block_size`` means 128x128, as in Hugging Face's loader. Every
+    malformed field is a ``ValueError`` naming the file and the field.
     """
     path = Path(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {checkpoint_dir}: cannot tell the checkpoint's quantization")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
-    if not isinstance(qc, dict):
+    qc = read_json_object(path, "the model config").get("quantization_config")
+    if qc is None:
         raise ValueError(f"{path} has no quantization_config object: not an FP8 checkpoint")
+    if not isinstance(qc, dict):
+        raise ValueError(f"quantization_config in {path} must be an object, got {json_type(qc)} {qc!r:.80}")
     _expect("quant_method", qc.get("quant_method"), ("fp8",), path)
     _expect("fmt", qc.get("fmt", "e4m3"), ("e4m3",), path)
     _expect("activation_scheme", qc.get("activation_scheme", "dynamic"), ("dynamic",), path)
@@ -193,7 +233,10 @@ def read_quantization_config(checkpoint_dir: str | Path) -> Fp8QuantConfig:
         block = check_block_size(qc.get("weight_block_size", list(DEFAULT_BLOCK)), "weight_block_size")
     except ValueError as e:
         raise ValueError(f"quantization_config in {path}: {e}") from e
-    skip = qc.get("modules_to_not_convert") or ()
+    skip = qc.get("modules_to_not_convert") or []
+    if not isinstance(skip, list) or not all(isinstance(m, str) for m in skip):
+        raise ValueError(f"quantization_config.modules_to_not_convert in {path} must be a list of layer names, got "
+                         f"{skip!r:.80}")
     return Fp8QuantConfig(block, qc.get("activation_scheme", "dynamic"), qc.get("fmt", "e4m3"), tuple(skip))
 
 

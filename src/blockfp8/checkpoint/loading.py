@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..format import DEFAULT_BLOCK
+from ..format import DEFAULT_BLOCK, FP8_DTYPE
 from ..hf_config import mark_fp8_model
 from ..nn import Fp8BlockLinear, is_convertible_linear
-from ..validate import check_scale_values
+from ..validate import check_fp8_weight_values, check_scale_values
 from .files import (
     CONFIG_NAME,
     SCALE_SUFFIX,
@@ -32,6 +33,7 @@ class LoadReport:
     bytes_read: int = 0
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"loaded {self.loaded} tensor(s) ({self.bytes_read / 1e6:.1f} MB), "
@@ -40,7 +42,35 @@ class LoadReport:
             lines.append(f"  missing from the checkpoint: {', '.join(self.missing)}")
         if self.unexpected:
             lines.append(f"  not in the model (ignored): {', '.join(self.unexpected)}")
+        if self.ignored:
+            lines.append(f"  legacy or declared-optional keys (not an error): {', '.join(self.ignored)}")
         return "\n".join(lines)
+
+
+# Buffers transformers' loader always forgives in a checkpoint when the model has one of that name
+# (PreTrainedModel._adjust_missing_and_unexpected_keys): once persistent, now created by the model's code.
+_LEGACY_BUFFERS = {"position_ids": r"(^|\.)position_ids$", "rotary_emb.inv_freq": r"rotary_emb\.inv_freq"}
+
+
+def _key_filters(model: nn.Module) -> tuple[re.Pattern | None, re.Pattern | None, set[str]]:
+    """(regex of missing keys to forgive, regex of unexpected keys to forgive, names of non-persistent buffers),
+    as transformers decides: the ``_keys_to_ignore_on_load_missing`` / ``_unexpected`` patterns declared on any
+    module of the model, plus the legacy buffers above. A checkpoint key naming one of the model's non-persistent
+    buffers (a buffer that used to be saved) is forgiven too: the model's code creates it."""
+    missing: set[str] = set()
+    unexpected: set[str] = set()
+    non_persistent: set[str] = set()
+    for prefix, module in model.named_modules():
+        missing.update(getattr(module, "_keys_to_ignore_on_load_missing", None) or ())
+        unexpected.update(getattr(module, "_keys_to_ignore_on_load_unexpected", None) or ())
+        non_persistent.update(f"{prefix}.{b}" if prefix else b for b in module._non_persistent_buffers_set)
+    buffers = [name for name, _ in model.named_buffers()]
+    unexpected.update(pat for suffix, pat in _LEGACY_BUFFERS.items() if any(b.endswith(suffix) for b in buffers))
+
+    def either(patterns: set[str]) -> re.Pattern | None:
+        return re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
+
+    return either(missing), either(unexpected), non_persistent
 
 
 def _alias_groups(model: nn.Module) -> dict[str, set[str]]:
@@ -98,11 +128,15 @@ def load_fp8_model(
     Every ``nn.Linear`` whose ``<name>.weight_scale_inv`` is in the checkpoint becomes an ``Fp8BlockLinear``
     (``backend`` forces its GEMM backend); all other tensors are copied into the model's own (cast to its
     dtype). Everything checkable from the headers and config.json is checked before the model is touched;
-    scale values (NaN, Inf, <= 0) are checked as they stream in. ``strict`` raises on tensors missing from
-    the checkpoint or unknown to the model; otherwise they are listed in the report. Works with models on the
-    meta device (their tensors are replaced by the loaded ones; a tied weight stored once is installed under
-    all its names), except for non-persistent buffers such as rotary tables, which no checkpoint holds: the
-    model's own code must create those. A transformers model's config then says block FP8 (``hf_config``).
+    values (scales in (0, 2^56], no NaN fp8 weight bytes) are checked as they stream in. ``strict`` raises on
+    tensors missing from the checkpoint or unknown to the model; otherwise they are listed in the report. Keys
+    transformers forgives are not errors and are listed in ``report.ignored`` (not loaded): those matching a
+    module's ``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_load_unexpected``, legacy
+    ``position_ids`` / ``rotary_emb.inv_freq`` buffers, and any key naming a non-persistent buffer. Works with
+    models on the meta device (their tensors are replaced by the loaded ones; a tied weight stored once is
+    installed under all its names), except for non-persistent buffers such as rotary tables, which no
+    checkpoint holds: the model's own code must create those. A transformers model's
+    config then says block FP8 (``hf_config``).
     """
     root = Path(checkpoint_dir)
     qc = read_quantization_config(root)
@@ -132,8 +166,13 @@ def load_fp8_model(
     state = model.state_dict(keep_vars=True)
     expected = set(state) | {p + SCALE_SUFFIX for p in to_replace}
     aliases = _alias_groups(model)
-    report.unexpected = sorted(set(infos) - expected)
-    report.missing = sorted(k for k in expected - set(infos) if not (aliases.get(k, set()) & set(infos)))
+    forgive_missing, forgive_unexpected, non_persistent = _key_filters(model)
+    unexpected = set(infos) - expected
+    missing = {k for k in expected - set(infos) if not (aliases.get(k, set()) & set(infos))}
+    ignored = ({k for k in unexpected if k in non_persistent or (forgive_unexpected and forgive_unexpected.search(k))}
+               | {k for k in missing if forgive_missing and forgive_missing.search(k)})
+    report.unexpected, report.missing = sorted(unexpected - ignored), sorted(missing - ignored)
+    report.ignored = sorted(ignored)
     if strict and (report.missing or report.unexpected):
         raise ValueError(f"checkpoint {root} does not match the model: missing {report.missing[:8]}"
                          f"{'...' if len(report.missing) > 8 else ''}, unexpected {report.unexpected[:8]}"
@@ -143,6 +182,10 @@ def load_fp8_model(
         if target is not None and tuple(target.shape) != info.shape:
             raise ValueError(f"tensor {name!r} in {info.file} has shape {info.shape}; the model expects "
                              f"{tuple(target.shape)}")
+        if target is not None and target.dtype == FP8_DTYPE and info.torch_dtype != FP8_DTYPE:
+            # Copying into the model's fp8 buffer would cast the values (an already converted layer).
+            raise ValueError(f"tensor {name!r} in {info.file} is {info.dtype}; the model's {name!r} is an fp8 "
+                             f"weight and takes F8_E4M3 with its weight_scale_inv")
 
     for prefix, lin in to_replace.items():
         parent_name, _, child = prefix.rpartition(".")
@@ -161,6 +204,8 @@ def load_fp8_model(
     for info, tensor in iter_tensors(wanted, progress, f"loading {root.name}"):
         if info.name.endswith(SCALE_SUFFIX):
             check_scale_values(tensor, name=f"tensor {info.name!r} in {info.file}")
+        elif tensor.dtype == FP8_DTYPE:
+            check_fp8_weight_values(tensor, name=f"tensor {info.name!r} in {info.file}")
         owner, _, attr = info.name.rpartition(".")
         module = modules[owner] if owner else model
         installed = _set_tensor(module, attr, tensor)
