@@ -17,7 +17,7 @@ import torch
 
 from .backends import Backend, Problem, get_backend
 from .dispatch import check_backend_name, choose
-from .quant import quantize_activation
+from .quant import QuantizedActivation, quantize_activation
 from .validate import check_gemm_input, check_linear_input
 
 
@@ -101,7 +101,7 @@ def gemm(
 
 
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | QuantizedActivation,
     weight: torch.Tensor,
     weight_scale_inv: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -110,8 +110,12 @@ def linear(
 ) -> torch.Tensor:
     """Block-FP8 linear layer: quantize x [..., K] per 1x128 group, GEMM with the fp8 weight, add bias.
 
-    The output has x's dtype (bf16, fp16 or fp32). ``backend=None`` lets the dispatcher choose.
+    The output has x's dtype (bf16, fp16 or fp32). ``backend=None`` lets the dispatcher choose. A
+    ``QuantizedActivation`` (from a fused producer, ``blockfp8.fused``) skips the quantization: its values and
+    scales go straight to the GEMM, and the output has its original dtype.
     """
+    if isinstance(x, QuantizedActivation):
+        return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
     check_linear_input(x, weight, weight_scale_inv, bias)
     check_backend_name(backend)
     return _linear_op(x, weight, weight_scale_inv, bias, backend or "")
