@@ -39,7 +39,7 @@ class Fp8RMSNorm(nn.Module):
             raise TypeError(f"norm must have a 1-D weight, got {type(norm).__name__} with weight "
                             f"{None if weight is None else tuple(weight.shape)}")
         if eps is None:
-            # torch.nn.RMSNorm's eps=None means the dtype's machine epsilon.
+            # torch.nn.RMSNorm's eps=None means the input dtype's machine epsilon; the weight's dtype stands in.
             eps = torch.finfo(weight.dtype).eps
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
