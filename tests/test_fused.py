@@ -146,6 +146,8 @@ def test_linear_output_has_the_original_dtype_and_modules_take_it():
     out = layer(qa)
     assert out.dtype == torch.float16 and out.shape == (3, 136)
     assert torch.equal(out, layer(rms_norm(x, torch.ones(200, device=DEVICE), 1e-6)))
+    one = rms_norm_quant(x[0], torch.ones(200, device=DEVICE), 1e-6, layout="col")  # a single token, 1-D
+    assert one.scales.shape == (2,) and torch.equal(layer(one), out[0])
 
 
 def test_scale_layout_comes_from_the_dispatcher():
