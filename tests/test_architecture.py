@@ -18,7 +18,8 @@ LIBRARY_FORBIDDEN = (f"{ROOT}.testing", f"{ROOT}.cli", f"{ROOT}.__main__")
 # Leaves: the format constants and the device identity import nothing from the package.
 LEAVES = (f"{ROOT}.format", f"{ROOT}.device")
 # The work (backends) never reaches up to whoever decides, assembles or wraps it.
-ABOVE_BACKENDS = tuple(f"{ROOT}.{m}" for m in ("dispatch", "ops", "nn", "checkpoint", "distributed"))
+ABOVE_BACKENDS = tuple(f"{ROOT}.{m}" for m in ("dispatch", "ops", "nn", "checkpoint", "distributed", "fused",
+                                                "modules"))
 
 
 def _modules() -> dict[str, Path]:

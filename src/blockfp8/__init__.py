@@ -35,3 +35,10 @@ __all__ = [
     "rel_error",
     "save_fp8_checkpoint",
 ]
+
+# Fused quantizing producers and the modules built on them (docs/fused.md).
+from .fused import rms_norm_quant, silu_mul_quant  # noqa: E402
+from .modules import Fp8GatedMLP, Fp8RMSNorm  # noqa: E402
+from .quant import QuantizedActivation  # noqa: E402
+
+__all__ += ["Fp8GatedMLP", "Fp8RMSNorm", "QuantizedActivation", "rms_norm_quant", "silu_mul_quant"]

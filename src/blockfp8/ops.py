@@ -32,7 +32,7 @@ from .backends import Backend, Problem, get_backend
 from .device import current_raw_stream
 from .dispatch import ENV_VAR, check_backend_name, choose, generation
 from .format import FLOAT_DTYPES, is_decode
-from .quant import dequantize_weight, quantize_activation
+from .quant import QuantizedActivation, dequantize_weight, quantize_activation
 from .validate import check_gemm_input, check_linear_input
 
 # Eager decode calls replay a per-plan CUDA graph (GraphedLinear); BLOCKFP8_EAGER_GRAPHS=0 launches directly.
@@ -280,7 +280,10 @@ def _linear_planned(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
 def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  backend: str | None, plans: PlanCache) -> torch.Tensor:
     """``linear`` as a layer calls it, with the plans it keeps: per call, only the activation is checked (type,
-    dtype, K, device); the weight side is checked when a plan is built."""
+    dtype, K, device); the weight side is checked when a plan is built. A ``QuantizedActivation`` goes to
+    ``gemm`` as in ``linear``."""
+    if isinstance(x, QuantizedActivation):
+        return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
     if (type(x) is not torch.Tensor or x.dtype not in FLOAT_DTYPES or x.dim() < 1
             or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or x.device != weight.device):
@@ -315,7 +318,7 @@ def gemm(
 
 
 def linear(
-    x: torch.Tensor,
+    x: torch.Tensor | QuantizedActivation,
     weight: torch.Tensor,
     weight_scale_inv: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -324,8 +327,12 @@ def linear(
 ) -> torch.Tensor:
     """Block-FP8 linear layer: quantize x [..., K] per 1x128 group, GEMM with the fp8 weight, add bias.
 
-    The output has x's dtype (bf16, fp16 or fp32). ``backend=None`` lets the dispatcher choose.
+    The output has x's dtype (bf16, fp16 or fp32). ``backend=None`` lets the dispatcher choose. A
+    ``QuantizedActivation`` (from a fused producer, ``blockfp8.fused``) skips the quantization: its values and
+    scales go straight to the GEMM, and the output has its original dtype.
     """
+    if isinstance(x, QuantizedActivation):
+        return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
     check_linear_input(x, weight, weight_scale_inv, bias)
     check_backend_name(backend)
     return _linear_planned(x, weight, weight_scale_inv, bias, backend, _FUNCTIONAL_PLANS, check_weights=False)

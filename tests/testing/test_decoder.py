@@ -7,9 +7,18 @@ import torch
 
 import blockfp8
 from blockfp8.backends import Problem, backend_names, get_backend
+from blockfp8.modules import Fp8GatedMLP, Fp8RMSNorm
 from blockfp8.nn import Fp8BlockLinear
 from blockfp8.reference import TOLERANCE, rel_error
-from blockfp8.testing.decoder import decode_step, deepseek_v3, hidden_input, linear_shapes, make_model, tiny
+from blockfp8.testing.decoder import (
+    decode_step,
+    deepseek_v3,
+    hidden_input,
+    linear_shapes,
+    make_model,
+    tiny,
+    with_fused_producers,
+)
 from blockfp8.testing.timing import capture_graph
 
 DEEPSEEK_V3_SHAPES = {
@@ -131,3 +140,49 @@ def test_cuda_graph_replay_matches_eager(backend, config):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_error(static_out, model(new_x)) <= TOLERANCE
+
+
+def test_fused_producers_match_the_unfused_model_and_share_its_weights():
+    fp8 = make_model("tiny", 2)
+    blockfp8.convert_model(fp8)
+    fused = with_fused_producers(fp8)
+    blocks = fused.layers
+    assert all(isinstance(b.attn_norm, Fp8RMSNorm) and isinstance(b.mlp_norm, Fp8RMSNorm)
+               and isinstance(b.attn.q_a_norm, Fp8RMSNorm) and isinstance(b.mlp, Fp8GatedMLP) for b in blocks)
+    assert not isinstance(fp8.layers[0].attn_norm, Fp8RMSNorm)  # the original model is left as it was
+    ptrs = sorted(t.data_ptr() for t in (*fp8.parameters(), *fp8.buffers()))
+    assert ptrs == sorted(t.data_ptr() for t in (*fused.parameters(), *fused.buffers()))
+    x = hidden_input(fp8, 4)
+    unfused_out, fused_out = decode_step(fp8, x), decode_step(fused, x)
+    assert rel_error(fused_out, unfused_out) <= TOLERANCE
+    with torch.inference_mode():
+        torch._dynamo.reset()
+        compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(compiled, fused_out)
+
+
+def test_fused_producers_need_a_converted_model():
+    with pytest.raises(ValueError, match=r"layers.0.attn.fused_qkv_a_proj is not an Fp8BlockLinear"):
+        with_fused_producers(make_model("tiny", 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", ["tiny", "aligned"])
+def test_fused_producers_under_cuda_graphs(config):
+    cfg = tiny(1) if config == "tiny" else _gpu_friendly()
+    model = make_model(cfg, device="cuda")
+    blockfp8.convert_model(model)
+    fused = with_fused_producers(model)
+    static_x = hidden_input(model, 16)
+    with torch.inference_mode():
+        unfused = model(static_x)
+        eager = fused(static_x)
+        assert rel_error(eager, unfused) <= TOLERANCE
+        graph, static_out = capture_graph(lambda: fused(static_x), warmup=3)
+        static_x.copy_(hidden_input(model, 16, seed=7))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_error(static_out, fused(static_x)) <= TOLERANCE
+        torch._dynamo.reset()
+        compiled = torch.compile(fused, fullgraph=True, dynamic=False)(static_x)
+        assert rel_error(compiled, model(static_x)) <= TOLERANCE

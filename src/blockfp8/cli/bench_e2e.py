@@ -38,7 +38,7 @@ from ..backends import Problem, backend_names, get_backend
 from ..dispatch import ENV_VAR, clear_caches
 from ..nn import Fp8BlockLinear, convert_model
 from ..reference import rel_error
-from ..testing.decoder import PRESETS, Decoder, hidden_input, linear_shapes, make_model
+from ..testing.decoder import PRESETS, Decoder, hidden_input, linear_shapes, make_model, with_fused_producers
 from ..testing.environment import environment, environment_line
 from ..testing.timing import capture_graph, synchronize, time_steps
 from .common import positive_ints
@@ -46,6 +46,7 @@ from .common import positive_ints
 MODES = ("eager", "graph", "compiled")
 BF16 = "bf16"
 AUTO = "auto"
+FUSED = "fused"  # the FP8 model with fused quantizing producers, dispatched like "auto"
 
 
 # ------------------------------------------------------------------------------------------ measurement
@@ -136,16 +137,18 @@ def _run_cell(step: Callable[[], torch.Tensor], mode: str, s: Settings) -> tuple
 
 
 def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[str, str | None]],
-                  s: Settings, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, float]]:
+                  s: Settings, log: Callable[[str], None] = print,
+                  fused_model: Decoder | None = None) -> tuple[list[Row], dict[str, float]]:
     """Time every (batch, mode, variant). ``variants`` pairs a label with the forced backend (None: auto;
-    the label ``bf16`` runs the bf16 model). Returns the rows and one-time compile seconds by label."""
+    the label ``bf16`` runs the bf16 model, ``fused`` the ``fused_model``). Returns the rows and one-time
+    compile seconds by label."""
     rows: list[Row] = []
     compile_s: dict[str, float] = {}
-    bytes_of = {BF16: weight_bytes(bf16_model), "fp8": weight_bytes(fp8_model)}
+    models = {BF16: bf16_model, "fp8": fp8_model, **({FUSED: fused_model} if fused_model is not None else {})}
+    bytes_of = {key: weight_bytes(model) for key, model in models.items()}
     compiled: dict[str, Callable] = {}
     if "compiled" in s.modes:
-        compiled = {BF16: torch.compile(bf16_model, fullgraph=True, dynamic=False),
-                    "fp8": torch.compile(fp8_model, fullgraph=True, dynamic=False)}
+        compiled = {key: torch.compile(model, fullgraph=True, dynamic=False) for key, model in models.items()}
     with torch.inference_mode():
         for m in s.batches:
             x = hidden_input(bf16_model, m)
@@ -165,8 +168,8 @@ def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[
                         except Exception as e:  # noqa: BLE001 - reported in the table, never fatal
                             compile_error[key] = _short_error(e)
                 for label, backend in variants:
-                    key = BF16 if label == BF16 else "fp8"
-                    model = compiled.get(key) if mode == "compiled" else (bf16_model if key == BF16 else fp8_model)
+                    key = label if label in (BF16, FUSED) else "fp8"
+                    model = compiled.get(key) if mode == "compiled" else models[key]
                     row = Row(label, mode, m)
                     if key in compile_error:
                         row.note = f"compile failed: {compile_error[key]}"
@@ -249,6 +252,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="write rows and environment as JSON to this path")
     p.add_argument("--markdown", default=None, help="write the table as Markdown to this path")
+    p.add_argument("--fused", action="store_true",
+                   help="also run the FP8 model with fused quantizing producers (variant 'fused') and compare it "
+                        "with 'auto'")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -266,7 +272,21 @@ def _command(args: argparse.Namespace) -> str:
     """The command line that reproduces this run (every option spelled out)."""
     return (f"blockfp8 bench-e2e --preset {args.preset} --layers {args.layers} "
             f"--batch {','.join(map(str, args.batch))} --steps {args.steps} --backends {','.join(args.backends)} "
-            f"--modes {','.join(args.modes)}" + (f" --warmup {args.warmup}" if args.warmup is not None else ""))
+            f"--modes {','.join(args.modes)}" + (f" --warmup {args.warmup}" if args.warmup is not None else "")
+            + (" --fused" if args.fused else ""))
+
+
+def fusion_gains(rows: list[Row]) -> list[str]:
+    """One line per (mode, M): the fused model's step time against the unfused dispatched one ("auto")."""
+    auto = {(r.mode, r.batch): r for r in rows if r.variant == AUTO and r.tpot_ms}
+    lines = []
+    for r in rows:
+        base = auto.get((r.mode, r.batch))
+        if r.variant == FUSED and r.tpot_ms and base:
+            lines.append(f"fused vs auto, {r.mode}, M={r.batch}: {r.tpot_ms:.3f} vs {base.tpot_ms:.3f} ms, "
+                         f"step time {100 * (r.tpot_ms / base.tpot_ms - 1):+.1f}%; rel err vs bf16 "
+                         f"{_fmt(r.rel_err, '.2e')} (auto {_fmt(base.rel_err, '.2e')})")
+    return lines
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,16 +319,23 @@ def run(args: argparse.Namespace) -> int:
         else:
             variants.append((b, b))
     variants.append((AUTO, None))
+    fused_model = with_fused_producers(fp8_model) if args.fused else None
+    if args.fused:
+        variants.append((FUSED, None))
     for b, why in skipped.items():
         print(f"skipping {b}: {why}")
 
-    rows, compile_s = run_benchmark(bf16_model, fp8_model, variants, settings)
+    rows, compile_s = run_benchmark(bf16_model, fp8_model, variants, settings, fused_model=fused_model)
     title = (f"decode TPOT, {args.preset} x{args.layers} layers, median of {args.steps} steps "
              f"({', '.join(modes)}; graph = manual CUDA graph capture)")
     print_table(rows, compile_s, title)
+    gains = fusion_gains(rows)
+    for line in gains:
+        print(line)
 
     header = [f"# bench-e2e: {title}", "", f"- environment: {environment_line(env)}", f"- command: `{_command(args)}`"]
     header += [f"- skipped {b}: {why}" for b, why in skipped.items()]
+    header += [f"- {line}" for line in gains]
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(to_markdown(rows, compile_s, header))

@@ -15,16 +15,25 @@ So one decode step runs every linear once with M = batch size, and every tensor 
 ``.item()``, no data-dependent branch, no cache mutation. ``torch.compile(fullgraph=True)`` and CUDA-graph
 capture work by construction. Weights are random (seeded) with std 1/sqrt(K), so with RMSNorm before every
 projection the activations stay O(1) through the stack.
+
+``with_fused_producers`` gives a converted model the engines' fused producers (``blockfp8.fused``): every RMSNorm
+in front of a linear quantizes its output for it (the MLP's norm also takes the residual add), and the MLP's
+SiLU-mul quantizes for ``down_proj``; only ``o_proj`` (fed by attention) still quantizes its own input.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from ..modules import Fp8GatedMLP, Fp8RMSNorm
+from ..nn import Fp8BlockLinear
+from ..quant import QuantizedActivation
 
 
 @dataclass(frozen=True)
@@ -118,9 +127,9 @@ class LatentAttention(nn.Module):
         self.register_buffer("cache_k", torch.empty(cfg.n_heads, cfg.context_len, cfg.qk_dim))
         self.register_buffer("cache_v", torch.empty(cfg.n_heads, cfg.context_len, cfg.v_head_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         c = self.cfg
-        b, s, _ = x.shape
+        b, s, _ = (x.values if isinstance(x, QuantizedActivation) else x).shape
         q_lat, kv_lat, k_rope = self.fused_qkv_a_proj(x).split([c.q_lora_rank, c.kv_lora_rank, c.qk_rope_dim], -1)
         q = self.q_b_proj(self.q_a_norm(q_lat)).view(b, s, c.n_heads, c.qk_dim)
         kv = self.kv_b_proj(self.kv_a_norm(kv_lat)).view(b, s, c.n_heads, c.qk_nope_dim + c.v_head_dim)
@@ -131,7 +140,7 @@ class LatentAttention(nn.Module):
         values = torch.cat([self.cache_v.expand(b, -1, -1, -1), v.transpose(1, 2)], 2)
         scores = torch.matmul(q.transpose(1, 2), keys.transpose(-1, -2)).float() / math.sqrt(c.qk_dim)
         # Causal among the new tokens (decode has s == 1, so this mask is all True there).
-        mask = torch.ones(s, c.context_len + s, dtype=torch.bool, device=x.device).tril(c.context_len)
+        mask = torch.ones(s, c.context_len + s, dtype=torch.bool, device=q.device).tril(c.context_len)
         probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(values.dtype)
         out = torch.matmul(probs, values).transpose(1, 2).reshape(b, s, c.n_heads * c.v_head_dim)
         return self.o_proj(out)
@@ -159,6 +168,10 @@ class Block(nn.Module):
         self.mlp = GatedMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.mlp_norm, Fp8RMSNorm):
+            # Fused producers: the residual add happens inside the MLP norm's kernel, which returns the sum.
+            xq, x = self.mlp_norm(self.attn(self.attn_norm(x)), x)
+            return x + self.mlp(xq)
         x = x + self.attn(self.attn_norm(x))
         return x + self.mlp(self.mlp_norm(x))
 
@@ -228,6 +241,27 @@ def make_model(preset: str | DecoderConfig = "tiny", n_layers: int | None = None
     model = model.to_empty(device=device)
     init_weights(model, seed)
     return model.eval().requires_grad_(False)
+
+
+def with_fused_producers(model: Decoder) -> Decoder:
+    """A copy of a converted ``model`` (``convert_model``) that runs the fused producers: RMSNorms feeding linears
+    become ``Fp8RMSNorm`` (the MLP's with the residual add), the MLP an ``Fp8GatedMLP``. Every weight tensor is
+    shared with ``model``, not copied."""
+    feeds = ("attn.fused_qkv_a_proj", "attn.q_b_proj", "attn.kv_b_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    for i, block in enumerate(model.layers):
+        for name in feeds:
+            if not isinstance(block.get_submodule(name), Fp8BlockLinear):
+                raise ValueError(f"layers.{i}.{name} is not an Fp8BlockLinear: convert the model (convert_model) "
+                                 f"before fusing its producers")
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    fused = copy.deepcopy(model, memo=shared)
+    for block in fused.layers:
+        block.attn_norm = Fp8RMSNorm.from_norm(block.attn_norm)
+        block.mlp_norm = Fp8RMSNorm.from_norm(block.mlp_norm)
+        block.attn.q_a_norm = Fp8RMSNorm.from_norm(block.attn.q_a_norm)
+        block.attn.kv_a_norm = Fp8RMSNorm.from_norm(block.attn.kv_a_norm)
+        block.mlp = Fp8GatedMLP.from_linears(block.mlp.gate_up_proj, block.mlp.down_proj)
+    return fused
 
 
 def decode_step(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -35,12 +35,44 @@ def _round_to_e4m3(q):
     # The sign is OR-ed back in as a bit (a float negation may compile to 0 - x, which turns -0.0 into +0.0).
     sub = (tl.abs(q) + 24576.0) - 24576.0
     sub = (sub.to(tl.int32, bitcast=True) | (q.to(tl.int32, bitcast=True) & -0x80000000)).to(tl.float32, bitcast=True)
-    return tl.where(tl.abs(q) < 0.015625, sub, normal)
+    # NaN stays NaN: the GPU's NaN (0x7FFFFFFF) would carry out of the rounding add above and become -0.0.
+    return tl.where(q != q, q, tl.where(tl.abs(q) < 0.015625, sub, normal))
+
+
+@triton.jit
+def e4m3_bits(q):
+    """The float8_e4m3fn byte (as uint8) of fp32 ``q`` that already holds an e4m3 value or NaN, built from the bits:
+    exact on every target. The interpreter's cast to fp8 maps NaN to a finite value; torch and the hardware keep
+    it NaN (0x7F, with the sign bit)."""
+    bits = q.to(tl.int32, bitcast=True)
+    normal = ((((bits >> 23) & 0xFF) - 120) << 3) | ((bits >> 20) & 7)  # rebias the exponent from 127 to 7
+    subnormal = (tl.abs(q) * 512.0).to(tl.int32)  # |q| = m * 2^-9 below 2^-6
+    magnitude = tl.where(q != q, 0x7F, tl.where(tl.abs(q) < 0.015625, subnormal, normal))
+    return (((bits >> 24) & 0x80) | magnitude).to(tl.uint8)
 
 
 @triton.jit
 def _max_keep_nan(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr):
+    """(q, scale) of a (groups, GROUP) fp32 tile, one scale per row of the tile: q holds the e4m3 values as
+    fp32 (the store's cast is exact). Entries past K must be 0.0 so they leave the amax alone. Shared by every
+    kernel that quantizes activations (this quantizer, the fused producers), so they all round alike."""
+    # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
+    # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
+    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
+    scale = tl.math.div_rn(amax, QMAX)
+    if UE8M0:
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+        # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
+        scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
+    q = tl.math.div_rn(x, scale[:, None])
+    q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
+    return q, scale
 
 
 @triton.jit
@@ -54,17 +86,7 @@ def _act_quant_kernel(
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
     x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
-    # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
-    amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
-    scale = tl.math.div_rn(amax, QMAX)
-    if UE8M0:
-        bits = scale.to(tl.int32, bitcast=True)
-        exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-        # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
-        scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
-    q = tl.math.div_rn(x, scale[:, None])
-    q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
+    q, scale = quantize_groups(x, UE8M0, AMAX_MIN, QMAX)
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 

@@ -1,0 +1,185 @@
+"""Fused quantizing producers: RMSNorm (with the residual add) and SiLU(gate) * up, each quantized per 1x128
+group in the same pass, writing fp8 values and fp32 scales in the layout the consuming GEMM reads.
+
+Bit-identical to ``quantize_activation`` of the unfused result (``quant.rms_norm`` / ``quant.silu_mul``): the
+norm or SiLU-mul is computed with the same IEEE-exact steps as the torch definition, rounded to the input's
+dtype as the unfused op's output would be, quantized by ``act_quant.quantize_groups`` (the fused quantizer's own
+code) and stored as fp8 bytes (``act_quant.e4m3_bits``). Kernels are compiled without FMA contraction
+(``enable_fp_fusion=False``): a fused multiply-add rounds once where torch's separate ops round twice. The
+interpreter's casts to bf16 truncate, so values are rounded to the dtype in fp32 first (``gemm._round_bf16``).
+
+One launch per producer, reading the activation once: the RMSNorm kernel runs one program per row (the whole
+row must be seen before anything is scaled); the SiLU-mul kernel runs a few 128-groups per program.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
+from ...quant import EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_LOG2E, EXP_POLY, sum_bits
+from .act_quant import _max_keep_nan, e4m3_bits, quantize_groups
+from .gemm import _round_bf16
+
+_LOG2E = tl.constexpr(EXP_LOG2E)
+_LN2_HI = tl.constexpr(EXP_LN2_HI)
+_LN2_LO = tl.constexpr(EXP_LN2_LO)
+_HI = tl.constexpr(EXP_HI)
+_LO = tl.constexpr(EXP_LO)
+_P0, _P1, _P2, _P3, _P4, _P5 = (tl.constexpr(c) for c in EXP_POLY)
+
+
+@triton.jit
+def _round_to(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded to the nearest DTYPE value (ties to even), kept in fp32."""
+    if DTYPE == tl.bfloat16:
+        # NaN kept as is: the GPU's NaN (0x7FFFFFFF) would carry out of the rounding add into the sign.
+        x = tl.where(x != x, x, _round_bf16(x))
+    elif DTYPE == tl.float16:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _pow2_fp32(n):
+    return ((n + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp(t):
+    """``quant.exp_fp32``, step for step."""
+    tc = tl.where(t != t, 0.0, tl.minimum(tl.maximum(t, _LO), _HI))
+    n = tl.floor(tc * _LOG2E + 0.5)
+    r = tc - n * _LN2_HI
+    r = r - n * _LN2_LO
+    p = _P0 * r + _P1
+    p = p * r + _P2
+    p = p * r + _P3
+    p = p * r + _P4
+    p = p * r + _P5
+    p = p * (r * r) + r + 1.0
+    ni = n.to(tl.int32)
+    half = ni >> 1
+    e = p * _pow2_fp32(half) * _pow2_fp32(ni - half)
+    e = tl.where(t > _HI, float("inf"), tl.where(t < _LO, 0.0, e))
+    return tl.where(t != t, t, e)
+
+
+@triton.jit
+def _mean_square(x, K, SUM_BITS: tl.constexpr):
+    """``quant.mean_square`` of a tile holding one row (zeros past K): an exact fp64 sum of truncated squares."""
+    amax = tl.reduce(tl.abs(x), None, _max_keep_nan)
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    up = ((SUM_BITS - 2 * (e + 1) + 1023).to(tl.int64) << 52).to(tl.float64, bitcast=True)
+    xd = x.to(tl.float64)
+    ss = tl.sum(tl.floor(xd * xd * up))
+    return (ss / up / K).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_quant_kernel(
+    x_ptr, w_ptr, r_ptr, h_ptr, q_ptr, s_ptr, K, eps,
+    stride_xm, stride_rm, stride_qm, stride_sm, stride_sk,
+    GROUPS: tl.constexpr, GROUP: tl.constexpr, SUM_BITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_g = tl.arange(0, GROUPS)
+    cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        # The new residual is rounded to the dtype and stored, and that rounded value is what gets normalized.
+        r = tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round_to(x + r, dtype)
+        tl.store(h_ptr + row * K + cols, x.to(dtype), mask=mask)
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(_mean_square(x, K, SUM_BITS) + eps))
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(mask, _round_to(x * rstd * w, dtype), 0.0)
+    q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX)
+    tl.store(q_ptr + row * stride_qm + cols, e4m3_bits(q), mask=mask)
+    tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
+
+
+@triton.jit
+def _silu_mul_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
+    GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
+    cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    mask = cols < K
+    dtype = x_ptr.dtype.element_ty
+    gate = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_xm + K + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = _round_to(tl.math.div_rn(gate, _exp(-gate) + 1.0), dtype)
+    y = tl.where(mask, _round_to(silu * up, dtype), 0.0)
+    q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX)
+    tl.store(q_ptr + row * stride_qm + cols, e4m3_bits(q), mask=mask)
+    tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _rms_warps(groups: int) -> int:
+    # One program holds the whole row: spread its groups over more warps as K grows (8192 values at K=7168).
+    return 4 if groups <= 8 else 8 if groups <= 32 else 16
+
+
+def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                          layout: str = "row", ue8m0: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``quantize_activation(rms_norm(x [+ residual]))`` in one launch for 2-D ``x`` (M, K).
+
+    Returns fp8 (M, K), fp32 scales (M, ceil(K/128)) in ``layout``, and the new residual (M, K) in x's dtype
+    (None without ``residual``). Inputs are checked by the caller (``blockfp8.fused``).
+    """
+    x = _unit_stride(x)
+    m, k = x.shape
+    kb = cdiv(k, BLOCK)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
+    s = empty_scales(m, kb, layout, x.device)
+    h = None
+    if residual is not None:
+        residual = _unit_stride(residual)
+        h = torch.empty(m, k, dtype=x.dtype, device=x.device)
+    if m > 0:
+        groups = triton.next_power_of_2(kb)
+        _rms_norm_quant_kernel[(m,)](
+            x, weight.contiguous(), residual if residual is not None else x, h if h is not None else x,
+            q.view(torch.uint8), s, k,
+            float(eps), x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
+            s.stride(0), s.stride(1),
+            GROUPS=groups, GROUP=BLOCK, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None, UE8M0=ue8m0,
+            AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=_rms_warps(groups), enable_fp_fusion=False,
+        )
+    return q, s, h
+
+
+def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_activation(silu_mul(gate_up))`` in one launch for 2-D ``gate_up`` (M, 2I) = [gate, up].
+
+    Returns fp8 (M, I) and fp32 scales (M, ceil(I/128)) in ``layout``. Inputs are checked by the caller.
+    """
+    gate_up = _unit_stride(gate_up)
+    m, k = gate_up.shape[0], gate_up.shape[1] // 2
+    kb = cdiv(k, BLOCK)
+    q = torch.empty(m, k, dtype=FP8_DTYPE, device=gate_up.device)
+    s = empty_scales(m, kb, layout, gate_up.device)
+    if m > 0 and k > 0:
+        # Few rows (decode): 2 groups per program spread one row over many SMs; more rows fill them anyway.
+        per_prog = min(2 if m <= 64 else 8, triton.next_power_of_2(kb))
+        _silu_mul_quant_kernel[(m, cdiv(kb, per_prog))](
+            gate_up, q.view(torch.uint8), s, k, gate_up.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
+            num_warps=4, enable_fp_fusion=False,
+        )
+    return q, s

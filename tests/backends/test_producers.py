@@ -1,0 +1,120 @@
+"""The fused producer kernels equal quantize_activation of the unfused torch result, bit for bit: every dtype,
+both scale layouts, UE8M0 on and off, K not a multiple of 128, and rows of zeros, NaN, Inf and extreme values."""
+
+import pytest
+import torch
+
+from blockfp8 import quantize_activation
+from blockfp8.backends.triton.producers import rms_norm_quant_triton, silu_mul_quant_triton
+from blockfp8.quant import rms_norm, silu_mul
+from blockfp8.testing import default_device
+from blockfp8.testing.operands import random_activation
+
+DEVICE = default_device()
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's warnings on the NaN/Inf inputs
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SHAPES = [(1, 128), (3, 200), (5, 520)]
+
+
+def _special_rows(m: int, k: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    """Random rows with a magnitude per token, then (as far as m allows): an all-zero row, a row with a NaN, a
+    row with +Inf and -Inf, a row of tiny values with one huge outlier; and a -0.0."""
+    x = random_activation(m, k, seed=seed, device=DEVICE, dtype=torch.float32, spread=2.0)
+    if m > 1:
+        x[1] = 0.0
+    if m > 2:
+        x[2, k // 2] = float("nan")
+    if m > 3:
+        x[3, 0], x[3, -1] = float("inf"), float("-inf")
+    if m > 4:
+        x[4] *= 1e-3 if dtype == torch.float16 else 1e-20
+        x[4, 1] = torch.finfo(dtype).max / 4
+    x[0, -1] = -0.0
+    return x.to(dtype)
+
+
+def _assert_same(q, s, q_ref, s_ref):
+    """Bit for bit, except that a NaN matches any NaN: IEEE leaves a NaN's sign and payload to the hardware."""
+    assert q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+    nan, nan_ref = torch.isnan(q.float()), torch.isnan(q_ref.float())
+    assert torch.equal(nan, nan_ref), "NaN positions differ"
+    assert torch.equal(q.view(torch.uint8)[~nan], q_ref.view(torch.uint8)[~nan]), "fp8 bytes differ"
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0, equal_nan=True)
+
+
+def _check_layout(s, m, layout):
+    if layout == "col":
+        assert s.stride() == (1, (m + 3) // 4 * 4)
+    else:
+        assert s.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_rms_norm_quant_bit_exact(dtype, layout, ue8m0, m, k):
+    x = _special_rows(m, k, dtype)
+    w = random_activation(k, 1, seed=5, device=DEVICE, dtype=dtype).view(k)
+    q, s, h = rms_norm_quant_triton(x, w, 1e-6, None, layout, ue8m0)
+    assert h is None
+    _assert_same(q, s, *quantize_activation(rms_norm(x, w, 1e-6), ue8m0=ue8m0))
+    _check_layout(s, m, layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_rms_norm_quant_with_residual_bit_exact(dtype, layout, m, k):
+    x = _special_rows(m, k, dtype)
+    res = random_activation(m, k, seed=3, device=DEVICE, dtype=dtype)
+    w = torch.rand(k, device=DEVICE) + 0.5  # an fp32 weight with bf16/fp16 activations, as some models keep it
+    q, s, h = rms_norm_quant_triton(x, w, 1e-5, res, layout, False)
+    y_ref, h_ref = rms_norm(x, w, 1e-5, res)
+    assert h.dtype == dtype and torch.equal(h.view(torch.uint8), h_ref.view(torch.uint8))
+    _assert_same(q, s, *quantize_activation(y_ref))
+
+
+def test_rms_norm_quant_at_the_deepseek_hidden_size_and_on_strided_rows():
+    # K = 7168 (56 groups, the widest tile); rows of a wider tensor, like the latents split off fused_qkv_a.
+    wide = random_activation(2, 7168 + 576, device=DEVICE, spread=3.0)
+    x = wide[:, :7168]
+    w = random_activation(7168, 1, seed=9, device=DEVICE).view(7168)
+    q, s, _ = rms_norm_quant_triton(x, w, 1e-6, None, "col", False)
+    _assert_same(q, s, *quantize_activation(rms_norm(x, w, 1e-6)))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("m,k", SHAPES)
+def test_silu_mul_quant_bit_exact(dtype, layout, ue8m0, m, k):
+    gate = _special_rows(m, k, dtype) * 4  # |gate| up to ~100: SiLU's saturated tails and exp's range ends
+    up = _special_rows(m, k, dtype, seed=2)
+    gate_up = torch.cat([gate, up], -1)
+    q, s = silu_mul_quant_triton(gate_up, layout, ue8m0)
+    _assert_same(q, s, *quantize_activation(silu_mul(gate_up), ue8m0=ue8m0))
+    _check_layout(s, m, layout)
+
+
+def test_silu_mul_quant_over_the_whole_exp_range():
+    # Every gate from -100 to 100 in fine steps: the exp's cutoffs (EXP_LO/EXP_HI), its range reduction and the
+    # subnormal-free scaling are all crossed; the rows of a gate_up view with a padded row stride.
+    gate = torch.linspace(-100, 100, 4 * 640, device=DEVICE).view(4, 640)
+    buf = torch.zeros(4, 2 * 640 + 32, device=DEVICE)
+    buf[:, :640], buf[:, 640:1280] = gate, 1.0
+    gate_up = buf[:, :1280]
+    q, s = silu_mul_quant_triton(gate_up, "row", False)
+    _assert_same(q, s, *quantize_activation(silu_mul(gate_up)))
+
+
+def test_zero_rows_and_empty_batches():
+    x = torch.zeros(3, 300, device=DEVICE, dtype=torch.bfloat16)
+    q, s, _ = rms_norm_quant_triton(x, torch.ones(300, device=DEVICE), 0.0, None, "row", False)
+    # eps = 0 on an all-zero row: rstd = 1/0 = inf and 0 * inf = NaN, in the kernel as in torch.
+    assert torch.isnan(s).all()
+    q, s = silu_mul_quant_triton(torch.zeros(0, 256, device=DEVICE), "col", False)
+    assert q.shape == (0, 128) and s.shape == (0, 1)
+    q, s, h = rms_norm_quant_triton(torch.zeros(0, 64, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6,
+                                    torch.zeros(0, 64, device=DEVICE), "row", False)
+    assert q.shape == (0, 64) and s.shape == (0, 1) and h.shape == (0, 64)
