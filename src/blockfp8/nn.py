@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .autotune import tune_shapes
 from .dispatch import check_backend_name
 from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
 from .ops import linear
@@ -124,11 +125,13 @@ def matches_pattern(name: str, patterns: Iterable[str]) -> str | None:
 
 
 def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = False,
-                  backend: str | None = None) -> ConversionReport:
+                  backend: str | None = None, tune: bool = False) -> ConversionReport:
     """Replace every ``nn.Linear`` in ``model`` (in place) by an ``Fp8BlockLinear``.
 
     ``skip`` holds glob patterns matched against each layer's qualified name or its last component
-    (e.g. ``"lm_head"``, ``"*.gate"``, ``"layers.0.*"``). Returns a ``ConversionReport``.
+    (e.g. ``"lm_head"``, ``"*.gate"``, ``"layers.0.*"``). ``tune=True`` turns on online tuning for the shapes
+    created here (``autotune.py``): on CUDA, the first call of each (N, K, M bucket) times the backends on that
+    call's inputs and keeps the fastest in the user's tuning cache. Returns a ``ConversionReport``.
     """
     if isinstance(skip, str):
         skip = (skip,)
@@ -152,4 +155,6 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
             setattr(module, child_name, layer)
             done[id(child)] = layer
             report.converted.append(full)
+    if tune:
+        tune_shapes({(layer.out_features, layer.in_features) for layer in done.values()})
     return report

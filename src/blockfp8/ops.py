@@ -16,7 +16,7 @@ import math
 import torch
 
 from .backends import Backend, Problem, get_backend
-from .dispatch import check_backend_name, choose
+from .dispatch import Operands, check_backend_name, choose
 from .quant import quantize_activation
 from .validate import check_gemm_input, check_linear_input
 
@@ -25,9 +25,10 @@ def _rows(shape: torch.Size) -> int:
     return math.prod(shape[:-1])
 
 
-def _pick(m: int, n: int, k: int, t: torch.Tensor, out_dtype: torch.dtype, backend: str) -> Backend:
+def _pick(m: int, n: int, k: int, t: torch.Tensor, out_dtype: torch.dtype, backend: str,
+          operands: Operands | None = None) -> Backend:
     p = Problem.of(m, n, k, t.device, out_dtype)
-    return get_backend(choose(p, backend or None))
+    return get_backend(choose(p, backend or None, operands))
 
 
 def quantize_for(be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +51,8 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     m = x2.shape[0]
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    be = _pick(m, n, k, x, x.dtype, backend)
+    # The operands are built only if online tuning measures this cell (its first call, when tuning is on).
+    be = _pick(m, n, k, x, x.dtype, backend, lambda: (*quantize_activation(x2), weight, weight_scale_inv))
     xq, xs = quantize_for(be, x2)
     return be.run(xq, xs, weight, weight_scale_inv, bias, x.dtype).reshape(*x.shape[:-1], n)
 
@@ -68,10 +70,11 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     m = _rows(x_fp8.shape)
     if m == 0:
         return x_fp8.new_empty(*lead, n, dtype=out_dtype)
-    be = _pick(m, n, k, x_fp8, out_dtype, backend)
     # cuBLAS and DeepGEMM need x row-major; a strided x_fp8 is copied here (M*K bytes, what they read anyway).
     x2 = x_fp8.reshape(m, k).contiguous()
-    out = be.run(x2, x_scale.reshape(m, -1), weight, weight_scale_inv, bias, out_dtype)
+    xs = x_scale.reshape(m, -1)
+    be = _pick(m, n, k, x_fp8, out_dtype, backend, lambda: (x2, xs, weight, weight_scale_inv))
+    out = be.run(x2, xs, weight, weight_scale_inv, bias, out_dtype)
     return out.reshape(*lead, n)
 
 
