@@ -139,3 +139,14 @@ def test_online_rows_are_keyed_like_every_cache_row(online, monkeypatch):
     monkeypatch.setattr(tuning_cache, "library_versions", lambda: {**versions, "triton": "99.0"})
     dispatch.clear_caches()
     assert tables.lookup("dispatch", P.device_id, 4096, 512, 64) is None
+
+
+def test_unwritable_cache_keeps_the_ranking_in_memory(online, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(tuning_cache, "save", refuse)
+    with pytest.warns(UserWarning, match="cannot write the tuning cache.*in this process only"):
+        assert dispatch.choose(P, operands=lambda: ()) == "cublas"
+    assert dispatch.choose(P, operands=lambda: ()) == "cublas" and len(online) == 1
+    assert dispatch.explain_problem(P).source.startswith("recorded row")

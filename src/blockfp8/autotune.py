@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -153,11 +154,17 @@ def maybe_tune(p: Problem, operands: Operands) -> bool:
     best = ranked(trials)
     if not best:
         return False
+    order = [t.config for t in best]
     record = {"source": "online", "m": p.m, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
               "us": {t.config: t.us for t in best}, "bad": {t.config: t.reason or t.status for t in trials
                                                              if t.status != Status.OK}}
-    tuning_cache.save(dev, {"dispatch": {f"{n},{k}": {str(bucket): [t.config for t in best]}}},
-                      {f"{n},{k},{bucket}": record})
+    try:
+        tuning_cache.save(dev, {"dispatch": {f"{n},{k}": {str(bucket): order}}}, {f"{n},{k},{bucket}": record})
+    except OSError as e:
+        # A read-only home must not break a forward pass: keep the ranking for this process only.
+        warnings.warn(f"blockfp8: cannot write the tuning cache ({type(e).__name__}: {e}); the ranking measured "
+                      f"for N={n} K={k} M<={bucket} is used in this process only", stacklevel=4)
+        tables.record("dispatch", dev.name, n, k, bucket, order)
     tables.invalidate()
     return True
 

@@ -6,8 +6,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
 
-from blockfp8 import quantize_weight
+from blockfp8 import Fp8BlockLinear, quantize_weight
+from blockfp8.distributed import local_shape, shard
 from blockfp8.testing.shapes import (
     LinearLayer,
     checkpoint_linears,
@@ -71,9 +73,21 @@ def test_tp_rule_by_name():
     assert [parallel_style(n) for n in ("model.layers.0.self_attn.qkv_proj", "mlp.gate_up_proj", "x.q_b_proj",
                                         "self_attn.o_proj", "mlp.down_proj", "mlp.gate", "fused_qkv_a_proj")] == \
         ["column", "column", "column", "row", "row", None, None]
-    # gate_up's halves are split on their own: rank 0 holds half of gate and half of up.
+    # gate_up's halves are split on their own: rank 0 holds half of gate and half of up. Where the halves'
+    # split points fall inside 128-blocks, that gives other local shapes than one split of the whole.
     assert layer_shapes(LinearLayer("mlp.gate_up_proj", 36864, 7168), 8) == [(4608, 7168)]
+    assert layer_shapes(LinearLayer("mlp.gate_up_proj", 400, 256), 2) == [(304, 256), (400, 256)]
+    assert layer_shapes(LinearLayer("mlp.fused_proj", 400, 256), 2) == [(400, 256)]  # unknown name: replicated
     assert layer_shapes(LinearLayer("mlp.gate", 256, 7168), 8) == [(256, 7168)]  # replicated
+
+
+@pytest.mark.parametrize("n,k,tp,style,parts", [(400, 256, 2, "column", (200, 200)), (2112, 256, 8, "column", None),
+                                                 (256, 1000, 3, "row", None), (130, 520, 2, "row", None)])
+def test_local_shape_is_what_shard_builds(n, k, tp, style, parts):
+    layer = Fp8BlockLinear.from_linear(nn.Linear(k, n, bias=False))
+    for rank in range(tp):
+        built = shard(layer, rank, tp, style, parts=parts)
+        assert local_shape(n, k, rank, tp, style, parts) == tuple(built.weight.shape)
 
 
 def test_deepseek_tp8_set_is_the_tp_rule_applied():

@@ -80,7 +80,7 @@ def test_cell_rows_layout():
     default = Candidate("triton", slow)
     r = CellResult("qkv", 2112, 7168, 16, [
         Trial(default, "ok", 1e-3, 12.0), _trial("triton", 9.0, config=fast), _trial("deepgemm", 10.0),
-        _trial("cublas", None, "wrong"), Trial(Candidate("gluon", GluonConfig()), "crashed", reason="boom")],
+        _trial("cublas", 1.0, "wrong"), Trial(Candidate("gluon", GluonConfig()), "crashed", reason="boom")],
         default)
     tables, record = cell_rows(r)
     assert tables["dispatch"] == {"2112,7168": {"16": ["triton", "deepgemm"]}}  # wrong and crashed left out

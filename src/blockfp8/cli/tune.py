@@ -160,13 +160,19 @@ def run(args: argparse.Namespace) -> int:
         err.print(f"[bold red]DISCARDED {t.status.upper()} {t.config.label}: {why}[/]")
 
     t0 = time.perf_counter()
-    with _progress(err) as progress:
-        task = progress.add_task("tune", total=None)
-        result = tune(shapes, ms, device, backends=backends, max_configs=args.max_configs,
-                      gluon_configs=args.gluon_configs, reps=args.reps, force=args.force, warm_procs=args.warm_procs,
-                      on_plan=lambda total: progress.update(task, total=total, description="compiling candidates"),
-                      on_cell=lambda s: (progress.update(task, description=s), progress.advance(task)),
-                      on_bad=on_bad)
+    try:
+        with _progress(err) as progress:
+            task = progress.add_task("tune", total=None)
+            result = tune(shapes, ms, device, backends=backends, max_configs=args.max_configs,
+                          gluon_configs=args.gluon_configs, reps=args.reps, force=args.force,
+                          warm_procs=args.warm_procs,
+                          on_plan=lambda total: progress.update(task, total=total, description="compiling candidates"),
+                          on_cell=lambda s: (progress.update(task, description=s), progress.advance(task)),
+                          on_bad=on_bad)
+    except OSError as e:
+        err.print(f"[red]error:[/] cannot write the tuning cache in {tuning_cache.cache_dir()}: {e} (set "
+                  f"{tuning_cache.ENV_DIR} to a writable folder); the shapes finished before are kept")
+        return 2
     total_s = time.perf_counter() - t0
     return _report_tune(args, result, total_s, device, console)
 
