@@ -193,10 +193,11 @@ def _report_tune(args: argparse.Namespace, result: TuneRun, total_s: float, devi
     if args.install:
         console.print(f"merged into the package data: {', '.join(_install(dev))}")
     if args.json:
+        found = tuning_cache.load(dev)
+        cells = found.cells if found else {}
         report = {"environment": environment(device), "total_s": total_s, "warm_s": result.warm_s,
                   "measure_s": result.measure_s, "cache": path,
-                  "cells": {f"{r.n},{r.k},{r.m}": tuning_cache.load(dev).cells.get(f"{r.n},{r.k},{r.m}")
-                            for r in result.results}}
+                  "cells": {key: cells.get(key) for key in (f"{r.n},{r.k},{r.m}" for r in result.results)}}
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
         console.print(f"results written to {args.json}")
     return 1 if any(r.best is None for r in result.results) else 0
