@@ -15,8 +15,8 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT = "blockfp8"
 LIBRARY_FORBIDDEN = (f"{ROOT}.testing", f"{ROOT}.cli", f"{ROOT}.__main__")
-# Leaves: the format constants and the device identity import nothing from the package.
-LEAVES = (f"{ROOT}.format", f"{ROOT}.device")
+# Leaves: the format constants, the device identity and the status words import nothing from the package.
+LEAVES = (f"{ROOT}.format", f"{ROOT}.device", f"{ROOT}.status")
 # The work (backends) never reaches up to whoever decides, assembles or wraps it.
 ABOVE_BACKENDS = tuple(f"{ROOT}.{m}" for m in ("dispatch", "ops", "nn", "checkpoint", "distributed", "fused",
                                                 "modules"))

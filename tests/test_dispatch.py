@@ -121,7 +121,7 @@ def test_measured_table_wins_and_skips_unsupported(fake_available, table):
     # The table ranks deepgemm and cublas first for N=130, but neither can run it: never chosen.
     assert choose(16, 130, 1024, TABLE_GPU) == "triton"
     ex = dispatch.explain_problem(Problem(1, 2112, 7168, **TABLE_GPU))
-    assert ex.source.startswith("measured table")
+    assert ex.source.startswith("override row (Hopper GPU measured in this test, N=2112 K=7168, measured at M=16)")
 
 
 def test_cublas_never_gets_unpadded_small_m(monkeypatch):
@@ -187,7 +187,7 @@ def test_explain_output(fake_available):
     assert "M=1 N=130 K=1000" in text and "-> triton" in text
     for name in backend_names():
         assert name in ex.verdicts
-    assert "static order (decode)" in text
+    assert "static rule 'decode-small-weight'" in text
     ex = blockfp8.explain(16, 2112, 7168, device="cpu")
     assert ex.choice == "reference" and set(ex.verdicts) == set(backend_names())
 

@@ -1,6 +1,7 @@
 """Which device a tensor is on, in the terms the dispatcher and the measured tables use. A leaf.
 
 ``device_key`` is the one name the tables are keyed by ("NVIDIA H100 80GB HBM3", or the device type off CUDA);
+``DeviceId`` adds what the tuning cache and the family lookups need (compute capability, SM count);
 ``cuda_identity`` reads a CUDA device's properties once per process (``get_device_properties`` costs tens of
 microseconds, too much to pay per call).
 """
@@ -31,6 +32,23 @@ def cuda_identity(index: int | None = None) -> CudaIdentity:
                         int(getattr(props, "L2_cache_size", 0) or 0))
 
 
+@dataclass(frozen=True)
+class DeviceId:
+    """A device as the measured tables and the tuning cache know it: its name, compute capability (None off
+    CUDA) and SM count (0 when unknown)."""
+
+    name: str
+    arch: tuple[int, int] | None = None
+    sms: int = 0
+
+    @property
+    def family(self) -> tuple[tuple[int, int], int] | None:
+        """(compute capability, SM count): devices of one family run the same kernels on the same number of
+        SMs, so a ranking or launch config measured on one is the best guess for the other (H100 SXM and H200:
+        9.0 and 132 SMs; they differ in memory bandwidth only). None when either is unknown."""
+        return (self.arch, self.sms) if self.arch is not None and self.sms > 0 else None
+
+
 def as_device(device: torch.device | str | int | None) -> torch.device:
     """A ``torch.device`` with an index on CUDA; None means the current CUDA device, else the CPU."""
     if device is None:
@@ -45,6 +63,18 @@ def device_key(device: torch.device | str | int | None = None) -> str:
     """The name measured tables are keyed by: the CUDA device name, or the device type elsewhere."""
     device = as_device(device)
     return cuda_identity(device.index).name if device.type == "cuda" else device.type
+
+
+@cache
+def _cuda_device_id(index: int) -> DeviceId:
+    ident = cuda_identity(index)
+    return DeviceId(ident.name, ident.arch, ident.sms)
+
+
+def device_id(device: torch.device | str | int | None = None) -> DeviceId:
+    """The ``DeviceId`` of a device (the current CUDA device for None when there is one); cached per device."""
+    device = as_device(device)
+    return _cuda_device_id(device.index) if device.type == "cuda" else DeviceId(device.type)
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)

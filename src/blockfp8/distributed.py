@@ -54,8 +54,8 @@ STYLES = ("column", "row")
 
 Group = dist.ProcessGroup | None
 
-__all__ = ["ColumnParallelFp8Linear", "RowParallelFp8Linear", "Segment", "cut_group_amax", "load_shard", "shard",
-           "shard_range", "slice_input", "split_sizes"]
+__all__ = ["ColumnParallelFp8Linear", "RowParallelFp8Linear", "Segment", "cut_group_amax", "load_shard", "local_shape",
+           "shard", "shard_range", "slice_input", "split_sizes"]
 
 
 def split_sizes(total: int, world_size: int) -> list[int]:
@@ -405,6 +405,20 @@ def _row_tensors(segment: Segment, n: int, weight: Any, scale: Any) -> tuple[tor
     w = torch.zeros(n, _row_local_width(segment), dtype=torch.uint8, device=wp.device)
     w[:, segment.pad:segment.pad + segment.width] = wp.view(torch.uint8)
     return w.view(FP8_DTYPE), scale[:, first:stop].contiguous()
+
+
+def local_shape(n: int, k: int, rank: int, world_size: int, style: str = "column",
+                parts: Sequence[int] | None = None) -> tuple[int, int]:
+    """(N, K) of ``rank``'s local weight when an (N, K) layer is sharded ``style``-wise (what its GEMMs run):
+    column shards split N (each of ``parts`` on its own), row shards split K; either is padded onto its local
+    block grid and rounded up to ``LOCAL_MULTIPLE``, exactly as ``shard`` builds it."""
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if style == "column":
+        return _column_local_rows(_column_segments(_check_parts(parts, n), rank, world_size)), k
+    if parts is not None:
+        raise ValueError(f"parts= applies to style='column' only, got parts={parts!r} with style='row'")
+    return n, _row_local_width(Segment(*shard_range(k, rank, world_size)))
 
 
 def _check_style(style: str, gather_output: bool, parts: Sequence[int] | None,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .autotune import tune_shapes
 from .dispatch import check_backend_name
 from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
 from .hf_config import mark_fp8_model
@@ -158,7 +159,7 @@ def _skip_reason(name: str, skip: tuple[str, ...], default_skip: bool) -> str | 
 
 
 def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = False,
-                  backend: str | None = None, *, default_skip: bool = True) -> ConversionReport:
+                  backend: str | None = None, tune: bool = False, *, default_skip: bool = True) -> ConversionReport:
     """Replace every plain ``nn.Linear`` in ``model`` (in place) by an ``Fp8BlockLinear``.
 
     Skipped, as ``convert_checkpoint`` skips them: layers matching ``DEFAULT_SKIP`` (embeddings, norms,
@@ -166,7 +167,9 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
     globs matched against each layer's qualified name or its last component (e.g. ``"*.gate"``,
     ``"layers.0.*"``). A layer reached under several names (one module used twice) becomes one
     ``Fp8BlockLinear`` under all of them, or stays float under all of them if any name is skipped. Returns a
-    ``ConversionReport`` listing every name.
+    ``ConversionReport`` listing every name. ``tune=True`` turns on online tuning for the shapes created here
+    (``autotune.py``): on CUDA, the first call of each (N, K, M bucket) times the backends on that call's inputs
+    and keeps the fastest in the user's tuning cache.
     A transformers model's config then says block FP8, so ``save_pretrained`` writes a checkpoint that loads
     back (``hf_config``).
     """
@@ -177,6 +180,7 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
     # Every (parent, attribute, name) reaching each linear: named_modules/named_children list a module once, so a
     # second use in one parent (Sequential(lin, act, lin)) or a shared parent would keep its float layer.
     uses: dict[int, tuple[nn.Linear, list[tuple[nn.Module, str, str]]]] = {}
+    created: set[tuple[int, int]] = set()  # (N, K) of the layers made here, for tune=True
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         for attr, child in parent._modules.items():
             if child is not None and is_convertible_linear(child):
@@ -191,9 +195,12 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
                 report.skipped[name] = reasons[name] or f"the same layer as {matched} ({reasons[matched]})"
             continue
         layer = Fp8BlockLinear.from_linear(lin, ue8m0=ue8m0, backend=backend, name=f"{names[0]}.weight")
+        created.add((layer.out_features, layer.in_features))
         for parent, attr, _ in places:
             setattr(parent, attr, layer)
         report.converted += names
         report.shared.update({name: names[0] for name in names[1:]})
+    if tune:
+        tune_shapes(created)
     mark_fp8_model(model)
     return report

@@ -30,9 +30,10 @@ import torch
 
 from .backends import Backend, Problem, get_backend
 from .device import current_raw_stream
-from .dispatch import ENV_VAR, check_backend_name, choose, generation
+from .dispatch import ENV_VAR, Operands, check_backend_name, choose, generation
 from .format import FLOAT_DTYPES, is_decode
 from .quant import QuantizedActivation, dequantize_weight, quantize_activation
+from .timer import capture_graph
 from .validate import check_gemm_input, check_linear_input
 
 # Eager decode calls replay a per-plan CUDA graph (GraphedLinear); BLOCKFP8_EAGER_GRAPHS=0 launches directly.
@@ -43,8 +44,9 @@ def _rows(shape: torch.Size) -> int:
     return math.prod(shape[:-1])
 
 
-def _pick(m: int, n: int, k: int, device: torch.device, out_dtype: torch.dtype, backend: str | None) -> Backend:
-    return get_backend(choose(Problem.of(m, n, k, device, out_dtype), backend or None))
+def _pick(m: int, n: int, k: int, device: torch.device, out_dtype: torch.dtype, backend: str | None,
+          operands: Operands | None = None) -> Backend:
+    return get_backend(choose(Problem.of(m, n, k, device, out_dtype), backend or None, operands))
 
 
 def quantize_for(be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +61,17 @@ def quantize_for(be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return quantize_activation(x)
 
 
+def _linear_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor) -> Operands:
+    return lambda: (*quantize_activation(x.reshape(-1, x.shape[-1])), weight, weight_scale_inv)
+
+
+def _gemm_operands(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                   weight_scale_inv: torch.Tensor) -> Operands:
+    k = x_fp8.shape[-1]
+    return lambda: (x_fp8.reshape(-1, k).contiguous(), x_scale.reshape(-1, x_scale.shape[-1]), weight,
+                    weight_scale_inv)
+
+
 class LinearPlan:
     """One weight's GEMM at M rows, everything decided that does not depend on the activation: the backend, its
     bound launch (``Backend.plan``) and, for ``linear``, the quantizer's scale layout.
@@ -67,11 +80,13 @@ class LinearPlan:
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool) -> None:
+                 out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool,
+                 operands: Operands | None = None) -> None:
         n, k = weight.shape
         self.weight, self.weight_scale_inv, self.bias = weight, weight_scale_inv, bias
         self.m, self.n, self.out_dtype, self.quantize = m, n, out_dtype, quantize
-        self.backend = _pick(m, n, k, weight.device, out_dtype, backend)
+        # ``operands`` (built only if online tuning measures this cell, on its first call) are this call's.
+        self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands)
         self.launch = self.backend.plan(weight, weight_scale_inv, bias, out_dtype, m)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,19 +138,10 @@ class GraphedLinear:
     @classmethod
     def build(cls, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, stream: int) -> GraphedLinear:
         x = example.contiguous().clone()
+        pool = cls._pools.setdefault((x.device.index, stream), torch.cuda.graph_pool_handle())
         try:
-            fn(x)  # compiles and fills every cache outside the capture
-            pool = cls._pools.setdefault((x.device.index, stream), torch.cuda.graph_pool_handle())
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(side):
-                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-                try:
-                    out = fn(x)
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream(x.device).wait_stream(side)
+            # The warm-up call compiles and fills every cache outside the capture.
+            graph, out = capture_graph(lambda: fn(x), warmup=1, pool=pool, thread_local=True)
         except RuntimeError:  # a launch that cannot be captured here: keep the plain launches for this plan
             return cls(stream, False)
         return cls(stream, True, graph, x, out)
@@ -216,7 +222,8 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     m = _rows(x.shape)
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend or None, True).linear(x)
+    return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend or None, True,
+                      _linear_operands(x, weight, weight_scale_inv)).linear(x)
 
 
 @_linear_op.register_fake
@@ -249,7 +256,8 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     m = _rows(x_fp8.shape)
     if m == 0:
         return x_fp8.new_empty(*x_fp8.shape[:-1], n, dtype=out_dtype)
-    return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend or None, False).gemm(x_fp8, x_scale)
+    return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend or None, False,
+                      _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv)).gemm(x_fp8, x_scale)
 
 
 @_gemm_op.register_fake
@@ -272,7 +280,8 @@ def _linear_planned(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
     def build() -> LinearPlan:
         if check_weights:
             check_linear_input(x, weight, weight_scale_inv, bias)
-        return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend, True)
+        return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend, True,
+                          _linear_operands(x, weight, weight_scale_inv))
 
     return plans.get(weight, weight_scale_inv, bias, plan_key(x, x.dtype, m, backend, True), build).linear(x)
 
@@ -313,7 +322,8 @@ def gemm(
         return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
     key = plan_key(x_fp8, out_dtype, m, backend, False)
     plan = _FUNCTIONAL_PLANS.get(w_fp8, weight_scale_inv, bias, key, lambda: LinearPlan(
-        w_fp8, weight_scale_inv, bias, out_dtype, m, backend, False))
+        w_fp8, weight_scale_inv, bias, out_dtype, m, backend, False,
+        _gemm_operands(x_fp8, x_scale, w_fp8, weight_scale_inv)))
     return plan.gemm(x_fp8, x_scale)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..device import as_device, cuda_identity
+from ..device import DeviceId, as_device, cuda_identity
 from ..format import FLOAT_DTYPES
 
 
@@ -29,14 +29,20 @@ class Problem:
     arch: tuple[int, int] | None = None  # CUDA compute capability, None off CUDA
     out_dtype: torch.dtype = torch.bfloat16
     device_name: str = ""  # keys the measured tables ("NVIDIA H100 80GB HBM3"); device_type when empty
+    sms: int = 0  # SM count, with arch the device's family (device.DeviceId); 0 when unknown
 
     @staticmethod
     def of(m: int, n: int, k: int, device: torch.device | str, out_dtype: torch.dtype = torch.bfloat16) -> Problem:
         device = as_device(device)
         if device.type == "cuda":
             ident = cuda_identity(device.index)
-            return Problem(m, n, k, "cuda", ident.arch, out_dtype, ident.name)
+            return Problem(m, n, k, "cuda", ident.arch, out_dtype, ident.name, ident.sms)
         return Problem(m, n, k, device.type, None, out_dtype, device.type)
+
+    @property
+    def device_id(self) -> DeviceId:
+        """The device as the measured tables and the tuning cache know it."""
+        return DeviceId(self.device_name or self.device_type, self.arch, self.sms)
 
 
 @dataclass(frozen=True)

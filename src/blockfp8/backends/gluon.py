@@ -16,12 +16,14 @@ its tests run on the GPU.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, replace
+from functools import cache, lru_cache
 
 import torch
 import triton
 
+from .. import tables
+from ..device import DeviceId, device_id
 from ..format import is_decode
 from .base import HOPPER_ONLY, YES, Backend, Limits, Support, unit_stride_rows
 
@@ -68,6 +70,30 @@ def pick_config(m: int, n: int, k: int) -> GluonConfig:
     if is_decode(m):
         return GluonConfig(block_m=64, num_warps=4)
     return GluonConfig()
+
+
+def likely_configs(m: int, n: int, k: int) -> list[GluonConfig]:
+    """``pick_config`` and the variants ``blockfp8 tune`` times next: decode with narrower tiles (more CTAs on
+    few-tile shapes) and a deeper pipeline; prefill with one warpgroup per tile, a shallower and a deeper
+    pipeline. Wider tiles are left out: three fp32 128 x 256 tiles in flight do not fit the registers."""
+    base = pick_config(m, n, k)
+    if is_decode(m):
+        variants = [replace(base, block_n=64, stages=6), replace(base, stages=6)]
+    else:
+        variants = [replace(base, block_m=64, num_warps=4), replace(base, stages=3), replace(base, stages=5)]
+    return list(dict.fromkeys([base, *variants]))
+
+
+@lru_cache(maxsize=4096)
+def _launch_config(generation: int, device: DeviceId, m: int, n: int, k: int) -> GluonConfig:
+    # ``generation`` changes whenever a table may have changed (tuning wrote the cache): a new key, a new lookup.
+    found = tables.tuned_config("gluon", device, n, k, m)
+    return GluonConfig(**found) if found else pick_config(m, n, k)
+
+
+def launch_config(m: int, n: int, k: int, device: torch.device) -> GluonConfig:
+    """The config tuned for this device and shape (``blockfp8 tune``), else ``pick_config``."""
+    return _launch_config(tables.generation(), device_id(device), m, n, k)
 
 
 if not _IMPORT_ERROR:
@@ -228,7 +254,7 @@ def gluon_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, 
                config: GluonConfig | None = None) -> torch.Tensor:
     """Launch the wgmma kernel on 2-D operands (inputs already validated by the caller; K % 16 == 0)."""
     x_fp8, w_fp8, m, n, k = unit_stride_rows(x_fp8, w_fp8)
-    cfg = config or pick_config(m, n, k)
+    cfg = config or launch_config(m, n, k, x_fp8.device)
     a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128], _tile_layout(cfg.block_m))
     w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128], _tile_layout(cfg.block_n))
     out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)

@@ -16,7 +16,7 @@ COMMANDS = {
     "bench": "per-shape GEMM speed against peers and the hardware ceilings",
     "bench-e2e": "decode-step time (TPOT) of a DeepSeek-V3-shaped decoder stack",
     "bench-hf": "generate() tokens/s of a transformers model: bf16 vs transformers' FP8 vs blockfp8",
-    "tune": "search Triton launch configs on this GPU and write a config table",
+    "tune": "measure the fastest backend and launch config per shape on this GPU, kept for the dispatcher",
     "convert": "bf16/fp16/fp32 safetensors checkpoint -> block-FP8 checkpoint",
     "fidelity": "block-FP8 vs original on a real pretrained model (offline)",
     "reliability": "which bad inputs raise what (the table of docs/reliability.md)",

@@ -6,40 +6,20 @@ import importlib
 import os
 import platform
 import shlex
-import subprocess
 import sys
 from datetime import datetime, timezone
-from importlib import metadata
 
 import torch
 
 from ..backends import backend_names, get_backend
 from ..device import as_device, cuda_identity, device_key
-
-
-def dist_version(*names: str) -> str | None:
-    """Installed version of the first of ``names`` that is an installed distribution (None if none is)."""
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+from ..tuning_cache import dist_version, driver_version
 
 
 def _module_version(module: str) -> str | None:
     try:
         return getattr(importlib.import_module(module), "__version__", "unknown version")
     except Exception:  # noqa: BLE001 - an optional package may fail to import in any way
-        return None
-
-
-def _driver_version() -> str | None:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True).stdout
-        return out.strip().splitlines()[0] if out.strip() else None
-    except (OSError, subprocess.SubprocessError):
         return None
 
 
@@ -68,7 +48,7 @@ def environment(device: torch.device | str | None = None) -> dict:
         env["backends"][name] = {"available": verdict.ok, "reason": verdict.reason}
     if device.type == "cuda":
         ident = cuda_identity(device.index)
-        env["driver"] = _driver_version()
+        env["driver"] = driver_version()
         env["deep_gemm"] = env["deep_gemm"] or _module_version("deep_gemm")
         env["sms"] = ident.sms
         env["capability"] = f"{ident.arch[0]}.{ident.arch[1]}"

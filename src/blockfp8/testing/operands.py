@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..device import as_device, cuda_identity
+from ..device import as_device
 from ..format import BLOCK, cdiv, empty_scales
 from ..quant import dequantize_activation, expand_block_scales, quantize_activation, quantize_weight
 from ..reference import reference_gemm
-from .timing import cold_copies
+from ..timer import COLD_FACTOR, rotated_copies
 
 BF16 = torch.bfloat16
 
@@ -63,29 +63,18 @@ def random_problem(m: int | tuple[int, ...], n: int, k: int, *, spread: float = 
     return (x, *quantize_activation(x), wq, ws)
 
 
-def fp8_copy_bytes(n: int, k: int) -> int:
-    """Bytes of one fp8 (N, K) weight with its fp32 block scales."""
-    return n * k + 4 * cdiv(n, BLOCK) * cdiv(k, BLOCK)
-
-
-def weight_copies(wq: torch.Tensor, ws: torch.Tensor, copies: int | None = None
+def weight_copies(wq: torch.Tensor, ws: torch.Tensor, copies: int | None = None, factor: float = COLD_FACTOR
                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(wq, ws)`` and clones of it: by default enough that cycling through them reads every weight from HBM
-    (``timing.cold_copies``; one copy off CUDA)."""
-    if copies is None:
-        if wq.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(wq.device)
-            copies = cold_copies(fp8_copy_bytes(*wq.shape), cuda_identity(wq.device.index).l2_bytes, free)
-        else:
-            copies = 1
-    return [(wq, ws)] + [(wq.clone(), ws.clone()) for _ in range(copies - 1)]
+    (``timer.rotated_copies``: together more than ``factor`` x L2; one copy off CUDA)."""
+    return rotated_copies((wq, ws), copies, factor)
 
 
 def make_weight_copies(n: int, k: int, device: torch.device | str, copies: int | None = None,
-                       seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                       seed: int = 0, factor: float = COLD_FACTOR) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A random block-FP8 weight (``spread`` 1) and copies of it for L2-cold timing (``weight_copies``)."""
     device = as_device(device)
-    return weight_copies(*random_fp8_weight(n, k, spread=1.0, seed=seed, device=device), copies)
+    return weight_copies(*random_fp8_weight(n, k, spread=1.0, seed=seed, device=device), copies, factor)
 
 
 @dataclass

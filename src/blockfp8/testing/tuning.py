@@ -1,127 +1,317 @@
-"""Tuning the Triton GEMM's launch configs on the device (the engine of ``blockfp8 tune``).
+"""Tuning on the device, the engine of ``blockfp8 tune``: for every shape x M, which backend -- and which launch
+config of blockfp8's own kernels -- is fastest here, checked before it is timed, kept in the user's tuning cache.
 
-For each shape x M, the heuristic config (what runs untuned) and up to ``max_configs`` - 1 candidates from
-``backends.triton.configs.candidate_configs`` are each checked against the reference first -- a config that
-fails or gives a wrong result is reported and discarded -- then timed with L2-cold CUDA-graph replay
-(``timing.py``). The fastest correct config of each cell goes into a table in the ``data/triton_configs.json``
-layout (device name -> "N,K" -> str(M) -> config), which the Triton backend reads for the bucket of M values
-up to each tuned M.
+Per cell (shape, M) the candidates are: every available backend that supports the cell (but the reference), the
+Triton kernel with a few launch configs (the one that runs now, the heuristic, then ``likely_configs``, then a
+spread of ``candidate_configs`` up to ``max_configs``), and the Gluon kernel likewise (``gluon_configs``). The
+dispatcher's choice before tuning is among them, so every cell reports what tuning gained over it. Each
+candidate is checked against the cell's one reference result first (``autotune.tune_cell``: a wrong or crashing
+candidate is reported and never timed, so it can never be ranked), then timed L2-cold with the one CUDA-graph
+timer over weight copies that just exceed L2, a few replays each. The cell's rows: the backends ranked by their
+fastest correct candidate (the dispatcher's ranking) and the fastest config of each own kernel.
+
+Budget: before timing, every candidate of every cell can be compiled in parallel processes (``warm``): Triton,
+Gluon and DeepGEMM compile a kernel on its first use and keep it on disk, so the timing pass then loads kernels
+instead of compiling them one after the other.
+
+Resumable: the cache is written after each shape (atomically), and a cell the cache already holds for this
+device and software key is skipped unless ``force``.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 
-from ..backends import get_backend
-from ..backends.triton.configs import candidate_configs, heuristic_config
-from ..backends.triton.gemm import triton_gemm
-from ..reference import TOLERANCE, rel_error
-from . import Status
-from .operands import make_operands
+import torch
+
+from .. import dispatch, tuning_cache
+from ..autotune import Trial, ranked, tune_cell
+from ..backends import Problem, backend_names, get_backend
+from ..backends.triton.configs import candidate_configs, get_config, heuristic_config, likely_configs
+from ..device import DeviceId, device_id
+from ..reference import rel_error
+from ..status import Status
+from .operands import Operands, make_operands, make_weight_copies
+from .shapes import Shape
 from .timing import time_fn
 
+__all__ = ["Candidate", "CellResult", "TuneRun", "Trial", "cell_candidates", "cell_rows", "select_candidates",
+           "select_gluon", "tune", "tune_cell", "warm"]
 
-@dataclass
-class Trial:
-    """One config at one cell: ``status`` is ok, wrong (rel error above tolerance) or crashed (it raised)."""
-
-    config: object  # TritonConfig
-    status: str
-    rel_error: float | None = None
-    us: float | None = None
-    reason: str = ""
+OWN_KERNELS = ("triton", "gluon")  # backends whose launch configs are tuned too
 
 
-@dataclass
-class CellResult:
-    name: str
-    n: int
-    k: int
-    m: int
-    trials: list[Trial]  # trials[0] is the heuristic config
+@dataclass(frozen=True)
+class Candidate:
+    """One thing to time at a cell: a backend, with a launch config for blockfp8's own kernels."""
+
+    backend: str
+    config: object | None = None  # TritonConfig / GluonConfig; None: what the backend picks itself
 
     @property
-    def best(self) -> Trial | None:
-        ok = [t for t in self.trials if t.status == Status.OK and t.us is not None]
-        return min(ok, key=lambda t: t.us) if ok else None
+    def label(self) -> str:
+        if self.config is None:
+            return self.backend
+        return f"{self.backend}[{' '.join(f'{k}={v}' for k, v in asdict(self.config).items())}]"
 
-    @property
-    def baseline(self) -> Trial | None:
-        return self.trials[0] if self.trials else None
+
+def _spread(items: list, room: int) -> list:
+    """``room`` items spread evenly over ``items`` (its order sweeps tile shape, split and stages, so even spacing
+    samples every kind)."""
+    if room >= len(items):
+        return items
+    if room <= 0:
+        return []
+    if room == 1:
+        return [items[len(items) // 2]]
+    step = (len(items) - 1) / (room - 1)
+    return [items[round(i * step)] for i in range(room)]
 
 
 def select_candidates(m: int, n: int, k: int, max_configs: int, num_sms: int = 132,
                       incumbent: object | None = None) -> list:
-    """The heuristic config first, then the ``incumbent`` (the config the shipped table holds for this cell,
-    if any, so a re-tune never ends slower than what ships), then up to ``max_configs`` minus those
-    distinct candidates spread evenly over ``candidate_configs(m, n, k)`` (its order sweeps tile shape,
-    split and stages, so even spacing samples every kind). ``max_configs <= 0`` keeps all candidates."""
+    """Triton configs to time at one cell: the heuristic, the ``incumbent`` (the config the tables hold now, so a
+    re-tune never ends slower than what runs), then ``likely_configs``, then a spread of the rest of
+    ``candidate_configs``, up to ``max_configs`` in all (the first two are always kept; <= 0: all of them)."""
     base = heuristic_config(m, n, k, num_sms)
     head = list(dict.fromkeys([base] + ([incumbent] if incumbent is not None else [])))
-    rest = list(dict.fromkeys(c for c in candidate_configs(m, n, k, num_sms) if c not in head))
-    room = len(rest) if max_configs <= 0 else max(0, max_configs - len(head))
-    if room < len(rest):
-        if room == 0:
-            rest = []
-        elif room == 1:
-            rest = [rest[len(rest) // 2]]
+    likely = [c for c in likely_configs(m, n, k, num_sms) if c not in head]
+    rest = [c for c in dict.fromkeys(candidate_configs(m, n, k, num_sms)) if c not in head and c not in likely]
+    if max_configs <= 0:
+        return [*head, *likely, *rest]
+    room = max(0, max_configs - len(head))
+    return [*head, *likely[:room], *_spread(rest, room - len(likely[:room]))]
+
+
+def select_gluon(m: int, n: int, k: int, max_configs: int, incumbent: object | None = None) -> list:
+    """Gluon configs to time at one cell: ``pick_config``, the ``incumbent``, then ``likely_configs``, up to
+    ``max_configs`` (the first two always kept; <= 0: all)."""
+    from ..backends.gluon import likely_configs as gluon_likely
+
+    likely = gluon_likely(m, n, k)
+    head = list(dict.fromkeys([likely[0]] + ([incumbent] if incumbent is not None else [])))
+    rest = [c for c in likely if c not in head]
+    return [*head, *(rest if max_configs <= 0 else rest[:max(0, max_configs - len(head))])]
+
+
+def current_candidate(p: Problem, device: torch.device, backend: str) -> Candidate:
+    """``backend`` with the launch config it runs at ``p`` now (tables or heuristic)."""
+    if backend == "triton":
+        return Candidate(backend, get_config(p.m, p.n, p.k, device))
+    if backend == "gluon":
+        from ..backends.gluon import launch_config
+
+        return Candidate(backend, launch_config(p.m, p.n, p.k, device))
+    return Candidate(backend)
+
+
+def cell_candidates(p: Problem, device: torch.device, backends: list[str], max_configs: int,
+                    gluon_configs: int) -> list[Candidate]:
+    """Every candidate of one cell, the backends' current choices first (see the module docstring)."""
+    out: list[Candidate] = []
+    for name in backends:
+        if name == "reference" or not get_backend(name).supports(p):
+            continue
+        now = current_candidate(p, device, name)
+        if name == "triton":
+            out += [Candidate(name, c) for c in select_candidates(p.m, p.n, p.k, max_configs, p.sms or 132,
+                                                                    now.config)]
+        elif name == "gluon":
+            out += [Candidate(name, c) for c in select_gluon(p.m, p.n, p.k, gluon_configs, now.config)]
         else:
-            step = (len(rest) - 1) / (room - 1)
-            rest = [rest[round(i * step)] for i in range(room)]
-    return [*head, *rest]
+            out.append(now)
+    return out
 
 
-def tune_cell(configs: list, check: Callable[[object], float], measure: Callable[[object], float],
-              on_bad: Callable[[Trial], None] = lambda t: None, tol: float = TOLERANCE) -> list[Trial]:
-    """Check every config (``check(c)`` -> relative error), then time the correct ones (``measure(c)`` ->
-    microseconds). Wrong or failing configs are never timed; ``on_bad`` hears about each."""
-    trials = []
-    for c in configs:
-        try:
-            err = check(c)
-        except Exception as e:  # noqa: BLE001 - a config the kernel rejects is a result, not a crash
-            trial = Trial(c, Status.CRASHED, reason=f"{type(e).__name__}: {e}".splitlines()[0][:200])
-        else:
-            trial = Trial(c, Status.OK if err <= tol else Status.WRONG, rel_error=err)
-            if trial.status == Status.OK:
-                try:
-                    trial.us = measure(c)
-                except Exception as e:  # noqa: BLE001
-                    trial.status, trial.reason = Status.CRASHED, f"{type(e).__name__}: {e}".splitlines()[0][:200]
-        if trial.status != Status.OK:
-            on_bad(trial)
-        trials.append(trial)
-    return trials
+def run_candidate(c: Candidate, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
+                  weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """One call of a candidate (bf16 output)."""
+    if c.backend == "triton" and c.config is not None:
+        from ..backends.triton.gemm import triton_gemm
+
+        return triton_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, config=c.config)
+    if c.backend == "gluon" and c.config is not None:
+        from ..backends.gluon import gluon_gemm
+
+        return gluon_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, config=c.config)
+    return get_backend(c.backend).run(x_fp8, x_scale, w_fp8, weight_scale_inv, None, torch.bfloat16)
 
 
-def tuned_table(results: list[CellResult], device: str) -> dict:
-    """device -> "N,K" -> str(M) -> best config as a dict (cells with no correct config are left out)."""
-    table: dict = {}
-    for r in results:
-        best = r.best
-        if best is not None:
-            table.setdefault(device, {}).setdefault(f"{r.n},{r.k}", {})[str(r.m)] = best.config.to_json()
-    return table
-
-
-def tune_triton_cell(weights, m: int, configs: list, reps: int, on_bad: Callable[[Trial], None]) -> list[Trial]:
-    """Check and time every Triton config in ``configs`` at M=``m`` on ``weights`` (L2-cold copies)."""
-    ops = make_operands(weights, m)
+def measure_cell(weights: list[tuple[torch.Tensor, torch.Tensor]], m: int, candidates: list[Candidate], reps: int,
+                 on_bad: Callable[[Trial], None]) -> list[Trial]:
+    """Check every candidate against one reference result at M=``m``, then time the correct ones L2-cold."""
+    ops: Operands = make_operands(weights, m)
     ref = ops.reference()
-    xs = ops.scales(get_backend("triton").scale_layout)  # the layout the backend hands the kernel
-    arg_sets = [(ops.x_fp8, xs, w, s) for w, s in ops.weights]
 
-    def check(c) -> float:
-        out = triton_gemm(ops.x_fp8, xs, *ops.weights[0], config=c)
-        return rel_error(out, ref)
+    def scales(c: Candidate) -> torch.Tensor:
+        return ops.scales(get_backend(c.backend).scale_layout)  # the layout the backend is fed in a model
 
-    def measure(c) -> float:
-        def fn(xq, xsc, w, s):
-            return triton_gemm(xq, xsc, w, s, config=c)
+    def check(c: Candidate) -> float:
+        return rel_error(run_candidate(c, ops.x_fp8, scales(c), *ops.weights[0]), ref)
 
-        return time_fn(fn, rotate=arg_sets, reps=reps, hot=False).median_us
+    def measure(c: Candidate) -> float:
+        xs = scales(c)
+        return time_fn(lambda w, s: run_candidate(c, ops.x_fp8, xs, w, s), rotate=ops.weights, reps=reps,
+                       hot=False).median_us
 
-    return tune_cell(configs, check, measure, on_bad)
+    return tune_cell(candidates, check, measure, on_bad)
 
 
+@dataclass
+class CellResult:
+    """What tuning measured at one (shape, M): every trial, and the dispatcher's choice before tuning."""
+
+    name: str
+    n: int
+    k: int
+    m: int
+    trials: list[Trial]
+    default: Candidate | None = None
+
+    @property
+    def best(self) -> Trial | None:
+        fastest = ranked(self.trials)
+        return fastest[0] if fastest else None
+
+    @property
+    def default_trial(self) -> Trial | None:
+        return next((t for t in self.trials if t.config == self.default), None)
+
+    def ranking(self) -> list[str]:
+        """Backends by their fastest correct candidate, fastest first."""
+        return list(dict.fromkeys(t.config.backend for t in ranked(self.trials)))
+
+    def best_config(self, backend: str) -> object | None:
+        return next((t.config.config for t in ranked(self.trials) if t.config.backend == backend), None)
+
+
+def cell_rows(r: CellResult) -> tuple[dict, dict]:
+    """(tables in the cache's layout, the cell's record) of one tuned cell; empty tables when nothing was correct."""
+    nk, m = f"{r.n},{r.k}", str(r.m)
+    tables: dict = {}
+    if r.ranking():
+        tables["dispatch"] = {nk: {m: r.ranking()}}
+    for kernel in OWN_KERNELS:
+        config = r.best_config(kernel)
+        if config is not None:
+            tables[kernel] = {nk: {m: asdict(config)}}
+    default = r.default_trial
+    record = {"source": "tune", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "shape": r.name,
+              "us": {t.config.label: t.us for t in ranked(r.trials)},
+              "bad": {t.config.label: t.reason or f"rel error {t.rel_error:.3g}" for t in r.trials
+                      if t.status != Status.OK},
+              "best": r.best.config.label if r.best else None,
+              "default": r.default.label if r.default else None,
+              "default_us": default.us if default else None}
+    return tables, record
+
+
+@dataclass
+class TuneRun:
+    """What one ``tune`` call did."""
+
+    results: list[CellResult] = field(default_factory=list)
+    skipped: list[tuple[Shape, int]] = field(default_factory=list)  # already in the cache
+    path: str = ""
+    warm_s: float = 0.0
+    measure_s: float = 0.0
+    warm_failures: dict = field(default_factory=dict)
+
+
+def _cached_cells(dev: DeviceId) -> set[str]:
+    """Cells ``blockfp8 tune`` already measured for this key (online tuning measures backends only: not counted)."""
+    found = tuning_cache.load(dev)
+    cells = found.cells if found else {}
+    return {key for key, rec in cells.items() if isinstance(rec, dict) and rec.get("source") == "tune"}
+
+
+def tune(shapes: list[Shape], ms: list[int], device: torch.device, *, backends: list[str] | None = None,
+         max_configs: int = 4, gluon_configs: int = 3, reps: int = 5, force: bool = False, warm_procs: int = 0,
+         dev: DeviceId | None = None, on_plan: Callable[[int], None] = lambda total: None,
+         on_cell: Callable[[str], None] = lambda s: None, on_bad: Callable[[Trial], None] = lambda t: None,
+         measure: Callable[..., list[Trial]] = measure_cell) -> TuneRun:
+    """Tune every (shape, M) cell not yet in this device's cache (all with ``force``), writing the cache after
+    each shape. ``dev`` names the device for the cache (default: ``device``'s); ``on_plan`` hears how many cells
+    will be measured, ``on_cell`` each cell as it starts; ``measure`` measures one cell (tests pass a fake)."""
+    dev = dev or device_id(device)
+    names = list(backends or backend_names())
+    done = set() if force else _cached_cells(dev)
+    run = TuneRun()
+    plan: list[tuple[Shape, list[tuple[int, Problem, list[Candidate], Candidate | None]]]] = []
+    for shape in shapes:
+        cells = []
+        for m in ms:
+            if f"{shape.n},{shape.k},{m}" in done:
+                run.skipped.append((shape, m))
+                continue
+            p = Problem(m, shape.n, shape.k, "cuda" if dev.arch else device.type, dev.arch, torch.bfloat16,
+                        dev.name, dev.sms)
+            try:
+                default = current_candidate(p, device, dispatch.choose(p))
+            except ValueError:
+                default = None
+            cells.append((m, p, cell_candidates(p, device, names, max_configs, gluon_configs), default))
+        if cells:
+            plan.append((shape, cells))
+    on_plan(sum(len(cells) for _, cells in plan))
+    t0 = time.perf_counter()
+    if warm_procs > 0 and device.type == "cuda":
+        jobs = [(m, shape.n, shape.k, cands) for shape, cells in plan for m, _, cands, _ in cells]
+        run.warm_failures = warm(jobs, warm_procs)
+    run.warm_s = time.perf_counter() - t0
+    for shape, cells in plan:
+        weights = make_weight_copies(shape.n, shape.k, device, factor=1)
+        shape_results = []
+        for m, _, cands, default in cells:
+            on_cell(f"{shape.name} M={m}")
+            shape_results.append(CellResult(shape.name, shape.n, shape.k, m, measure(weights, m, cands, reps, on_bad),
+                                             default))
+        del weights
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        run.path = str(_save(dev, shape_results))
+        run.results += shape_results
+    run.measure_s = time.perf_counter() - t0 - run.warm_s
+    dispatch.clear_caches()
+    return run
+
+
+def _save(dev: DeviceId, results: list[CellResult]) -> object:
+    tables: dict = {}
+    cells = {}
+    for r in results:
+        rows, record = cell_rows(r)
+        for kind, table in rows.items():
+            for nk, by_m in table.items():
+                tables.setdefault(kind, {}).setdefault(nk, {}).update(by_m)
+        cells[f"{r.n},{r.k},{r.m}"] = record
+    return tuning_cache.save(dev, tables, cells)
+
+
+# ------------------------------------------------------------------------------------------------ warming
+
+
+def _warm_job(job: tuple[int, int, int, list[Candidate]]) -> list[str]:
+    """Run every candidate of one cell once on small operands (one weight copy): each kernel is compiled and
+    kept in its library's disk cache. Returns the labels that failed (the timing pass reports why)."""
+    m, n, k, candidates = job
+    ops = make_operands(make_weight_copies(n, k, "cuda", copies=1), m)
+    failed = []
+    for c in candidates:
+        try:
+            run_candidate(c, ops.x_fp8, ops.scales(get_backend(c.backend).scale_layout), *ops.weights[0])
+            torch.cuda.synchronize()
+        except Exception:  # noqa: BLE001 - a failing candidate is reported by the timing pass
+            failed.append(c.label)
+    return failed
+
+
+def warm(jobs: list[tuple[int, int, int, list[Candidate]]], procs: int) -> dict:
+    """Compile every candidate of every cell in ``procs`` processes (spawned, each with its own CUDA context);
+    returns {(m, n, k): labels that failed there}."""
+    with mp.get_context("spawn").Pool(procs) as pool:
+        failures = pool.map(_warm_job, jobs, chunksize=1)
+    return {(m, n, k): f for (m, n, k, _), f in zip(jobs, failures, strict=True) if f}

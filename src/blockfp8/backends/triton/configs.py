@@ -1,21 +1,24 @@
-"""Launch configurations for the Triton GEMM: a tuned table (data) with a heuristic default.
+"""Launch configurations for the Triton GEMM: measured tables (data) with a heuristic default.
 
-The table lives in ``data/triton_configs.json``, keyed by device name, then ``"N,K"``, then the M it was
-tuned at. A query uses the entry tuned at the smallest M >= its own M (else the largest), so each tuned M
-stands for the bucket below it. ``blockfp8 tune`` writes new entries; ``BLOCKFP8_TRITON_CONFIGS`` may point
-at another JSON file with the same layout (it is merged over the shipped one).
+A device's tuned configs come from the layered tables of ``tables.py`` (kind ``"triton"``): the shipped
+``data/triton_configs.json``, the user's tuning cache written by ``blockfp8 tune``, and
+``BLOCKFP8_TRITON_CONFIGS`` (a JSON file with the shipped layout, merged over the rest). A query uses the entry
+tuned at the smallest M >= its own in its phase (else the largest of that phase). Without an entry for this
+device, the entry for the same shape on a device of the same family (same compute capability and SM count:
+H100 and H200) is used, and without that the heuristic below. ``likely_configs`` is the short list
+``blockfp8 tune`` times first.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from functools import cache, lru_cache
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 
 import torch
 
-from ...device import cuda_identity
+from ... import tables
+from ...device import DeviceId, device_id
 from ...format import cdiv, is_decode
-from ...tables import load_table, pick_row
 
 
 @dataclass(frozen=True)
@@ -101,25 +104,40 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[Triton
     return list(dict.fromkeys(out))
 
 
-@cache
-def config_table() -> dict:
-    """device name -> "N,K" -> {tuned M (str): config dict}."""
-    return load_table("triton_configs.json", "BLOCKFP8_TRITON_CONFIGS")
+def likely_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[TritonConfig]:
+    """The few configs most likely to win at (M, N, K), best guess first: the heuristic and its variants that
+    won cells of the H100 tuning run (``benchmarks/results/tune_h100.txt`` and ``data/triton_configs.json``).
+
+    Decode: deeper pipelines (6 stages), the paired-K TMA loop, no split and 8 warps; prefill: the 64x128 tile
+    with 4 stages and the 128x128 tile with 8 warps. ``blockfp8 tune`` times these before sampling the rest of
+    ``candidate_configs``, so a short tuning budget goes to the likely winners."""
+    base = heuristic_config(m, n, k, num_sms)
+    if is_decode(m):
+        variants = [replace(base, num_stages=6), replace(base, pair_k=True), replace(base, split_k=1),
+                    replace(base, num_warps=8)]
+        # Two groups in flight double the staged tiles (pair_k), six stages hold 1.5x four: stay within shared
+        # memory (228 KB per SM on Hopper, part of it reserved).
+        variants = [c for c in variants if (2 if c.pair_k else 1) * (c.block_m + c.block_n) * 128 * c.num_stages
+                    <= 200_000]
+    else:
+        variants = [TritonConfig(64, 128, base.split_k, 8, False, 4, 4, True),
+                    TritonConfig(128, 128, 1, 8, False, 8, 4, True),
+                    TritonConfig(64, 128, base.split_k, 8, False, 4, 3, True)]
+    return list(dict.fromkeys([base, *variants]))
 
 
-def lookup(device_name: str, m: int, n: int, k: int) -> TritonConfig | None:
-    row = pick_row(config_table(), device_name, n, k, m)
-    return TritonConfig.from_json(row[1]) if row else None
+def lookup(device: DeviceId, m: int, n: int, k: int) -> TritonConfig | None:
+    """The tuned config for (M, N, K): this device's row, else the same shape on a device of its family."""
+    found = tables.tuned_config("triton", device, n, k, m)
+    return TritonConfig.from_json(found) if found else None
 
 
 @lru_cache(maxsize=4096)
-def _cached_config(device_name: str, num_sms: int, m: int, n: int, k: int) -> TritonConfig:
-    return lookup(device_name, m, n, k) or heuristic_config(m, n, k, num_sms)
+def _cached_config(generation: int, device: DeviceId, m: int, n: int, k: int) -> TritonConfig:
+    # ``generation`` changes whenever a table may have changed (tuning wrote the cache): a new key, a new lookup.
+    return lookup(device, m, n, k) or heuristic_config(m, n, k, device.sms or 132)
 
 
 def get_config(m: int, n: int, k: int, device: torch.device) -> TritonConfig:
     """Tuned config for this device and shape if there is one, else the heuristic."""
-    if device.type == "cuda":
-        ident = cuda_identity(device.index)
-        return _cached_config(ident.name, ident.sms, m, n, k)
-    return _cached_config("cpu", 132, m, n, k)
+    return _cached_config(tables.generation(), device_id(device), m, n, k)

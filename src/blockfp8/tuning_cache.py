@@ -1,0 +1,226 @@
+"""The per-device tuning cache: what ``blockfp8 tune`` and online tuning measured on this machine, kept in the
+user's cache folder and read by the dispatcher and the launch-config lookups with no setting needed.
+
+Where: ``$BLOCKFP8_CACHE_DIR`` if set, else ``platformdirs.user_cache_dir("blockfp8")`` when platformdirs is
+installed, else ``$XDG_CACHE_HOME/blockfp8`` or ``~/.cache/blockfp8``. platformdirs is optional: on Linux, where
+the GPUs this library serves are, it gives the same XDG folder, so the library does not depend on it.
+
+What: one JSON file per *key*. The key names the device (name, compute capability, SM count) and the software
+that ran the measurement (NVIDIA driver, CUDA runtime, blockfp8, torch, triton, deep_gemm), so rows measured on
+another GPU, another driver or another version of any kernel library are never reused: they live in another
+file, found by a hash of the key. The file::
+
+    {"schema": 1, "key": {...}, "tables": {"dispatch": {"N,K": {"M": [backends, fastest first]}},
+                                           "triton": {"N,K": {"M": config}}, "gluon": {"N,K": {"M": config}}},
+     "cells": {"N,K,M": {what was measured there}}}
+
+A file that cannot be read, is not JSON, has another schema version, names another key or holds malformed rows
+is ignored with a warning -- never an error: the dispatcher then falls back to the shipped tables and its
+rules. Writes merge into the file and replace it atomically (a temporary file in the same folder, then
+``os.replace``), so an interrupted ``blockfp8 tune`` keeps what it finished and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+
+from .device import DeviceId
+
+ENV_DIR = "BLOCKFP8_CACHE_DIR"
+SCHEMA = 1
+KINDS = ("dispatch", "triton", "gluon")
+
+
+def cache_dir() -> Path:
+    """The folder the tuning cache lives in (see the module docstring for the rule)."""
+    override = os.environ.get(ENV_DIR)
+    if override:
+        return Path(override).expanduser()
+    try:
+        import platformdirs
+    except ImportError:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return Path(base) / "blockfp8"
+    return Path(platformdirs.user_cache_dir("blockfp8", appauthor=False))
+
+
+def dist_version(*names: str) -> str | None:
+    """Installed version of the first of ``names`` that is an installed distribution (None if none is)."""
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (Linux, read from /proc without running nvidia-smi), else the CUDA
+    driver API version torch reports, else None (no NVIDIA driver)."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        text = ""
+    found = re.search(r"Kernel Module\s+(?:for \S+\s+)?([0-9][0-9.]+)", text)
+    if found:
+        return found.group(1)
+    import torch
+
+    get = getattr(torch._C, "_cuda_getDriverVersion", None)  # CUDA builds of torch only
+    if get is None or not torch.cuda.is_available():
+        return None
+    try:
+        return f"cuda driver api {get()}"
+    except RuntimeError:
+        return None
+
+
+@cache
+def library_versions() -> dict[str, str | None]:
+    """The software a measurement depends on besides the device, read once per process."""
+    import torch
+    import triton
+
+    from . import __version__
+
+    return {
+        "driver": driver_version(),
+        "cuda": torch.version.cuda,
+        "blockfp8": __version__,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "deep_gemm": dist_version("deep_gemm", "deep-gemm", "deepinfer-gemm"),
+    }
+
+
+def cache_key(dev: DeviceId) -> dict:
+    """Everything a measured row depends on: the device and the software versions."""
+    arch = f"{dev.arch[0]}.{dev.arch[1]}" if dev.arch else None
+    return {"device": dev.name, "capability": arch, "sms": dev.sms, **library_versions()}
+
+
+def cache_path(key: dict) -> Path:
+    """The file of one key: ``tuning-<device>-<hash of the key>.json`` in ``cache_dir()``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", str(key.get("device", ""))).strip("-").lower() or "device"
+    return cache_dir() / f"tuning-{slug}-{digest}.json"
+
+
+@dataclass
+class TuningCache:
+    """The rows one key holds (empty when its file is missing or was ignored)."""
+
+    path: Path
+    key: dict
+    tables: dict = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    cells: dict = field(default_factory=dict)
+
+
+def _check_value(kind: str, value: object) -> bool:
+    if kind == "dispatch":
+        return isinstance(value, list) and bool(value) and all(isinstance(b, str) for b in value)
+    return isinstance(value, dict)
+
+
+def _is_int_key(text: object, parts: int) -> bool:
+    return isinstance(text, str) and bool(re.fullmatch(r"\d+" + r",\d+" * (parts - 1), text))
+
+
+def table_problem(kind: str, table: object) -> str | None:
+    """Why ``table`` is not a valid "N,K" -> "M" -> value table of ``kind`` (None when it is)."""
+    if not isinstance(table, dict):
+        return f"{kind} table is a {type(table).__name__}, expected an object"
+    for nk, by_m in table.items():
+        if not _is_int_key(nk, 2) or not isinstance(by_m, dict):
+            return f"{kind} table has a malformed shape entry {nk!r}"
+        for m, value in by_m.items():
+            if not _is_int_key(m, 1) or not _check_value(kind, value):
+                return f"{kind} table row {nk} M={m!r} is malformed: {value!r}"
+    return None
+
+
+def _file_problem(data: object, key: dict) -> str | None:
+    if not isinstance(data, dict):
+        return f"expected a JSON object, found a {type(data).__name__}"
+    if data.get("schema") != SCHEMA:
+        return f"schema {data.get('schema')!r}, this blockfp8 reads schema {SCHEMA} (stale cache from another version)"
+    if data.get("key") != key:
+        return f"it was measured for another device or software version: {data.get('key')!r}"
+    tables = data.get("tables")
+    if not isinstance(tables, dict) or not isinstance(data.get("cells", {}), dict):
+        return "'tables' and 'cells' must be objects"
+    for kind in KINDS:
+        problem = table_problem(kind, tables.get(kind, {}))
+        if problem:
+            return problem
+    return None
+
+
+def _read(path: Path, key: dict) -> TuningCache:
+    found = TuningCache(path, key)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return found
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = f"cannot read it ({type(e).__name__}: {e}; truncated or corrupt?)"
+    else:
+        problem = _file_problem(data, key)
+        if problem is None:
+            found.tables.update({kind: data["tables"].get(kind, {}) for kind in KINDS})
+            found.cells = data.get("cells", {})
+            return found
+    warnings.warn(f"blockfp8: ignoring the tuning cache {path}: {problem}. The dispatcher uses the shipped tables "
+                  f"and its rules instead; run `blockfp8 tune` to measure this device again.", stacklevel=3)
+    return found
+
+
+def load(dev: DeviceId) -> TuningCache | None:
+    """What the cache holds for this device with the software installed now; None off CUDA (nothing is tuned
+    there, and no file is looked for)."""
+    if dev.arch is None:
+        return None
+    key = cache_key(dev)
+    return _read(cache_path(key), key)
+
+
+def save(dev: DeviceId, tables: dict | None = None, cells: dict | None = None) -> Path:
+    """Merge rows (``{kind: {"N,K": {"M": value}}}``) and cell records into this device's cache file, atomically;
+    returns the file's path. A file that was ignored on reading is replaced."""
+    current = load(dev)
+    if current is None:
+        raise ValueError(f"device {dev.name!r} has no compute capability: only CUDA devices are tuned")
+    for kind, table in (tables or {}).items():
+        if kind not in KINDS:
+            raise ValueError(f"tables has kind {kind!r}; expected one of {KINDS}")
+        problem = table_problem(kind, table)
+        if problem:
+            raise ValueError(f"cannot save: {problem}")
+        for nk, by_m in table.items():
+            current.tables[kind].setdefault(nk, {}).update(by_m)
+    current.cells.update(cells or {})
+    data = {"schema": SCHEMA, "key": current.key, "tables": current.tables, "cells": current.cells}
+    write_atomic(current.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    return current.path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
