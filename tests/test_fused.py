@@ -45,7 +45,7 @@ def test_exp_is_within_an_ulp_and_saturates_like_exp():
 def test_definitions_agree_with_the_plain_torch_ops():
     # The exact definitions differ from torch's own fp32 ops by rounding only: at most one ulp of the dtype.
     x = _x(8, 7168, seed=4)
-    w = random_activation(7168, 1, seed=5).view(7168)
+    w = random_activation(7168, 1, seed=5, device=x.device).view(7168)
     xf = x.float()
     plain = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float()).to(x.dtype)
     ours = rms_norm(x, w, 1e-6)
@@ -59,7 +59,7 @@ def test_definitions_agree_with_the_plain_torch_ops():
 
 def test_mean_square_does_not_depend_on_the_summation_order():
     x = _x(4, 5000, dtype=torch.float32, seed=7) * torch.tensor([1.0, 1e-30, 1e30, 1.0]).view(4, 1)
-    perm = torch.randperm(5000)
+    perm = torch.randperm(5000, device=x.device)
     assert torch.equal(mean_square(x), mean_square(x[:, perm]))
     assert torch.equal(mean_square(x), mean_square(x.flip(-1)))
 

@@ -12,6 +12,7 @@ import torch
 
 from blockfp8 import dequantize_weight, gemm, linear, quantize_activation, quantize_weight
 from blockfp8.dispatch import check_backend_name
+from blockfp8.testing import default_device
 from blockfp8.testing.reliability import cases, collect, render
 from blockfp8.validate import (
     check_bias,
@@ -25,6 +26,7 @@ from blockfp8.validate import (
 )
 
 HAS_CUDA = torch.cuda.is_available()
+DEVICE = default_device()
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 CASES = cases()
 BAD = [c for c in CASES if c.bad]
@@ -231,18 +233,18 @@ def test_kernels_stay_finite_at_the_scale_bound(backend):
     exact result (up to 1.75 * 2^127) fits fp32, and the backends give it (no intermediate overflows). Above the
     bound dequantization itself leaves fp32 for a large enough scale (1e36 * 448 = inf): those are refused."""
     n, k = 128, 256
-    w = torch.full((n, k), 0x7E, dtype=torch.uint8).view(torch.float8_e4m3fn)
-    s = torch.full((1, 2), 2.0**56)
+    w = torch.full((n, k), 0x7E, dtype=torch.uint8, device=DEVICE).view(torch.float8_e4m3fn)
+    s = torch.full((1, 2), 2.0**56, device=DEVICE)
     check_fp8_linear(w, s)
-    x = torch.full((4, k), 2.0**40)
+    x = torch.full((4, k), 2.0**40, device=DEVICE)
     x[1] = -(2.0**30)
     x[2] = 2.0**55
     xq, xs = quantize_activation(x)
     y = gemm(xq, xs, w, s, backend=backend, out_dtype=torch.float32)
-    exact = x.double() @ (torch.full((n, k), 448.0).double() * 2.0**56).t()
+    exact = x.double() @ (torch.full((n, k), 448.0, device=DEVICE).double() * 2.0**56).t()
     assert torch.isfinite(y).all()
     assert torch.allclose(y.double(), exact, rtol=1e-6)
-    assert torch.isinf(dequantize_weight(w, torch.full((1, 2), 1e36))).all()  # what the bound keeps out
+    assert torch.isinf(dequantize_weight(w, torch.full((1, 2), 1e36, device=DEVICE))).all()  # what the bound keeps out
 
 
 def test_every_fp8_byte_but_the_two_nans_passes():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -102,7 +103,9 @@ class LinearPlan:
 
     def _graphed(self, x2: torch.Tensor) -> GraphedLinear | None:
         """The plan's CUDA graph for eager decode calls (built on first use), or None where it does not apply."""
-        if not (EAGER_GRAPHS and x2.is_cuda and is_decode(self.m)) or torch.cuda.is_current_stream_capturing():
+        if not (GraphedLinear.enabled and x2.is_cuda and is_decode(self.m) and self.backend.capturable):
+            return None
+        if torch.cuda.is_current_stream_capturing():  # the caller's graph records the plain launches
             return None
         stream = current_raw_stream(x2.device.index)
         graphed = self.__dict__.get("_graph")
@@ -130,6 +133,7 @@ class GraphedLinear:
     """
 
     _pools: dict[tuple, object] = {}
+    enabled = EAGER_GRAPHS  # cleared for the process after a capture fails (see build)
 
     def __init__(self, stream: int, ok: bool, graph=None, x: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> None:
@@ -142,7 +146,12 @@ class GraphedLinear:
         try:
             # The warm-up call compiles and fills every cache outside the capture.
             graph, out = capture_graph(lambda: fn(x), warmup=1, pool=pool, thread_local=True)
-        except RuntimeError:  # a launch that cannot be captured here: keep the plain launches for this plan
+        except RuntimeError as e:
+            # A failed capture can leave torch's CUDA state (its RNG's capture bookkeeping) unusable for further
+            # captures: stop trying for the rest of the process and say so once.
+            cls.enabled = False
+            warnings.warn(f"blockfp8: capturing an eager linear into a CUDA graph failed ({type(e).__name__}: {e}); "
+                          "eager calls launch their kernels directly from now on", RuntimeWarning, stacklevel=2)
             return cls(stream, False)
         return cls(stream, True, graph, x, out)
 
@@ -283,6 +292,10 @@ def _linear_planned(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
         return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend, True,
                           _linear_operands(x, weight, weight_scale_inv))
 
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # A choice made while a caller captures a graph is the static one (nothing is timed inside a capture):
+        # used for this capture, never kept for later eager calls.
+        return build().linear(x)
     return plans.get(weight, weight_scale_inv, bias, plan_key(x, x.dtype, m, backend, True), build).linear(x)
 
 
@@ -321,6 +334,8 @@ def gemm(
     if m == 0 or not can_skip_op(x_fp8, x_scale, bias):
         return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
     key = plan_key(x_fp8, out_dtype, m, backend, False)
+    if x_fp8.is_cuda and torch.cuda.is_current_stream_capturing():  # not kept: see _linear_planned
+        return LinearPlan(w_fp8, weight_scale_inv, bias, out_dtype, m, backend, False).gemm(x_fp8, x_scale)
     plan = _FUNCTIONAL_PLANS.get(w_fp8, weight_scale_inv, bias, key, lambda: LinearPlan(
         w_fp8, weight_scale_inv, bias, out_dtype, m, backend, False,
         _gemm_operands(x_fp8, x_scale, w_fp8, weight_scale_inv)))

@@ -74,7 +74,7 @@ def test_layer_eager_equals_the_op(n, k):
 
 
 def test_eager_graph_outputs_are_never_shared():
-    from blockfp8.ops import EAGER_GRAPHS
+    from blockfp8.ops import GraphedLinear
 
     wq, ws = random_fp8_weight(2112, 7168, device="cuda")
     layer = Fp8BlockLinear.from_fp8(wq, ws, None)
@@ -86,7 +86,7 @@ def test_eager_graph_outputs_are_never_shared():
         assert torch.equal(y1, want1) and not torch.equal(y1, y2)  # a later replay never rewrites an output
         assert torch.equal(y2, torch.ops.blockfp8.linear(x2, wq, ws, None, ""))
     plan = next(iter(layer._plans._plans.values()))[1]
-    assert (plan.__dict__.get("_graph") is not None) == EAGER_GRAPHS
+    assert (plan.__dict__.get("_graph") is not None) == GraphedLinear.enabled
 
 
 def test_eager_graphs_stay_out_of_a_callers_capture():

@@ -146,6 +146,7 @@ def test_online_cells_are_tuned_again(cache):
     assert len(run.results) == 1 and tuning_cache.load(GPU).cells["256,512,1"]["source"] == "tune"
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs on CPU only under the interpreter (no GPU here)")
 def test_tune_measures_for_real_on_cpu(cache):
     """The real check-then-time path end to end (Triton under the interpreter, wall-clock timer)."""
     run = tune([Shape(64, 256, "tiny")], [1], torch.device("cpu"), dev=GPU, backends=["triton"], max_configs=2,

@@ -115,12 +115,15 @@ class Backend:
 
     ``external`` marks a backend that wraps another library (cuBLAS, DeepGEMM): benchmarks count it as a peer.
     ``scale_layout`` is the activation-scale layout the backend reads best (``format.SCALE_LAYOUTS``).
+    ``capturable``: its ``run`` may be recorded into a CUDA graph (no host synchronization, no allocation
+    outside torch's allocator); eager decode calls replay such graphs (``ops.GraphedLinear``).
     """
 
     name: str
     limits: Limits = field(default_factory=Limits)
     scale_layout: str = "row"
     external: bool = False
+    capturable: bool = True
     _availability: Support | None = field(default=None, repr=False)
 
     def availability(self) -> Support:

@@ -16,4 +16,6 @@ class ReferenceBackend(Backend):
 BACKEND = ReferenceBackend(
     name="reference",
     limits=Limits(device_types=("cpu", "cuda"), evidence="dequantize + fp32 matmul; defines correctness"),
+    # repeat_interleave (block scales to elements) synchronizes with the host on CUDA to size its output.
+    capturable=False,
 )
