@@ -6,20 +6,25 @@
   load/convert time instead, with the tensor name).
 * All-zero activation groups quantize to zeros and contribute exactly zero (the AMAX_FLOOR).
 * M = 0, with or without batch dims, returns an empty (..., 0, N) tensor for every backend forced.
+* Pinned against values written here: groups whose amax is 448 quantize exactly, so ``linear`` on them gives
+  exact sums, and ``convert`` stores known fp8 bytes and scales.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from blockfp8 import Fp8BlockLinear, convert_model, gemm, linear, quantize_activation, quantize_weight
 from blockfp8.backends import Problem, backend_names, get_backend
 from blockfp8.backends.triton.act_quant import quantize_activation_fused
+from blockfp8.checkpoint import SINGLE_NAME, convert_checkpoint
 from blockfp8.quant import dequantize_weight
-from blockfp8.reference import TOLERANCE, reference_gemm, rel_error
+from blockfp8.reference import reference_gemm, rel_error
 from blockfp8.testing import default_device
+from blockfp8.testing.conformance import tolerance_for
 from blockfp8.validate import check_fp8_linear
 
 DEVICE = default_device()
@@ -88,7 +93,7 @@ def test_nonfinite_activation_poisons_its_row_only(backend, value, quantizer):
     _assert_rows_policy(out, x, w, s)
     good = [i for i in range(M) if i not in BAD_ROWS]
     ref = reference_gemm(xq[good], xs[good], w, s)
-    assert rel_error(out[good], ref) <= TOLERANCE
+    assert rel_error(out[good], ref) <= tolerance_for(ref)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -127,7 +132,8 @@ def test_zero_and_tiny_groups(backend):
     out = gemm(xq, xs, w, s, bias=bias, backend=backend)
     assert torch.isfinite(out.float()).all()
     assert torch.equal(out[0], bias) and torch.equal(out[3], bias)  # exactly the bias, never NaN
-    assert rel_error(out, reference_gemm(xq, xs, w, s, bias)) <= TOLERANCE
+    ref = reference_gemm(xq, xs, w, s, bias)
+    assert rel_error(out, ref) <= tolerance_for(ref)
 
 
 def _empty_case_backends() -> list[str]:
@@ -186,3 +192,49 @@ def test_quantizers_keep_nan_scales(quantizer):
     _, s = _quantize(x, quantizer, "reference")
     assert torch.isnan(s[1, 0]), f"scale of the NaN group is {s[1, 0].item()}"
     assert torch.isfinite(s[1, 1]) and torch.isfinite(s[[0, 2]]).all()
+
+
+# --------------------------------------------------------------------------- pinned to literal values
+
+# Two tokens, K = 256 (two groups): each group's amax is 448 and every value is exact in e4m3, so the quantizer
+# gives scale 1 and the fp8 values are the inputs themselves; any other FP8_MAX would round them.
+EXACT_X = [[(0, 448.0), (1, 2.0), (128, -448.0), (129, 0.5)],
+           [(0, -3.0), (1, 448.0), (128, 0.25), (129, 448.0), (130, -1.0)]]
+EXACT_N = 256
+EXACT_SCALES = [[2.0, 0.5], [0.25, 4.0]]  # per 128 x 128 block of an all-ones weight
+# Per token: 2 * (group-0 sum) + 0.5 * (group-1 sum) for columns 0..127, 0.25 * ... + 4 * ... for 128..255.
+EXACT_Y = [[676.25, -1677.5], [1113.625, 1900.25]]
+
+
+def _exact_backends() -> list[str]:
+    return [n for n in backend_names() if get_backend(n).supports(Problem.of(2, EXACT_N, 256, DEVICE, torch.float32))]
+
+
+@pytest.mark.parametrize("backend", _exact_backends())
+def test_exact_groups_give_exact_sums(backend):
+    x = torch.zeros(2, 256)
+    for row, entries in enumerate(EXACT_X):
+        for col, value in entries:
+            x[row, col] = value
+    w = torch.ones(EXACT_N, 256).to(torch.float8_e4m3fn)
+    s = torch.tensor(EXACT_SCALES)
+    y = linear(x.to(DEVICE), w.to(DEVICE), s.to(DEVICE), backend=backend)
+    want = torch.tensor(EXACT_Y).repeat_interleave(128, dim=1)
+    assert torch.equal(y.cpu(), want), f"{backend}: {y[:, ::128].tolist()} != {EXACT_Y}"
+
+
+def test_convert_stores_known_bytes_and_scales(tmp_path):
+    """A converted checkpoint holds the e4m3 bytes of exact values and the scales amax / 448 of their blocks."""
+    w = torch.zeros(130, 8)
+    w[0, :6] = torch.tensor([448.0, -448.0, 1.0, -2.0, 0.5, 3.0])  # block (0, 0): amax 448, scale 1
+    w[128:, :3] = torch.tensor([1.0, -1.0, 0.5])  # the partial block (1, 0): amax 1, scale 1/448
+    name = "model.layers.0.mlp.up_proj"
+    src = tmp_path / "float"
+    src.mkdir()
+    save_file({f"{name}.weight": w}, src / SINGLE_NAME, metadata={"format": "pt"})
+    convert_checkpoint(src, tmp_path / "fp8", progress=False)
+    out = load_file(tmp_path / "fp8" / SINGLE_NAME)
+    assert out[f"{name}.weight_scale_inv"].tolist() == [[1.0], [float.fromhex("0x1.24924ap-9")]]
+    stored = out[f"{name}.weight"].view(torch.uint8)
+    assert stored[0, :6].tolist() == [0x7E, 0xFE, 0x38, 0xC0, 0x30, 0x44]
+    assert stored[128:, :3].tolist() == [[0x7E, 0xFE, 0x76]] * 2

@@ -2,8 +2,49 @@ import pytest
 import torch
 
 from blockfp8 import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
-from blockfp8.format import AMAX_FLOOR, FP8_MAX, weight_scale_shape
-from blockfp8.quant import round_scale_ue8m0
+from blockfp8.format import AMAX_FLOOR, BLOCK, DEFAULT_BLOCK, DEFAULT_GROUP, FP8_DTYPE, FP8_MAX, weight_scale_shape
+from blockfp8.quant import round_scale_ue8m0, scales_from_amax
+
+# ------------------------------------------------------------------ the format, pinned to values written here
+
+# fp8 e4m3fn encodings (sign, 4 exponent bits with bias 7, 3 mantissa bits) of values exact in it.
+E4M3_BYTES = {448.0: 0x7E, -448.0: 0xFE, 1.0: 0x38, -2.0: 0xC0, 0.5: 0x30, 3.0: 0x44, 2.0**-9: 0x01, 0.0: 0x00}
+
+
+def test_format_constants():
+    assert FP8_DTYPE == torch.float8_e4m3fn
+    assert FP8_MAX == 448.0 == torch.finfo(torch.float8_e4m3fn).max  # the largest finite e4m3fn value
+    assert AMAX_FLOOR == 1e-10
+    assert BLOCK == DEFAULT_GROUP == 128 and DEFAULT_BLOCK == (128, 128)
+
+
+def test_scales_of_known_groups():
+    amax = torch.tensor([448.0, 1.0, 896.0, 3.5, 0.0, 1e-12])
+    want = [1.0, float.fromhex("0x1.24924ap-9"), 2.0, 2.0**-7,  # 1/448 correctly rounded to fp32
+            float.fromhex("0x1.f6a246p-43"), float.fromhex("0x1.f6a246p-43")]  # below the floor: fp32(1e-10)/448
+    assert scales_from_amax(amax).tolist() == want
+    # UE8M0: rounded up to a power of two (1/448 -> 2^-8, 500/448 -> 2), exact powers kept.
+    ue8m0 = scales_from_amax(torch.tensor([448.0, 1.0, 500.0, 3.5]), ue8m0=True)
+    assert ue8m0.tolist() == [1.0, 2.0**-8, 2.0, 2.0**-7]
+
+
+@pytest.mark.parametrize("quantize", ["activation", "weight"])
+def test_known_group_bytes(quantize):
+    """A group whose amax is 448 gets scale 1 and its fp8-exact values encode to the bytes of the format."""
+    values = torch.tensor(list(E4M3_BYTES))
+    row = torch.cat([values, torch.zeros(BLOCK - len(values))])
+    if quantize == "activation":
+        q, s = quantize_activation(row[None])
+    else:
+        q, s = quantize_weight(row.repeat(3, 1))
+    assert s.flatten().tolist() == [1.0]
+    assert q[0, :len(values)].view(torch.uint8).tolist() == list(E4M3_BYTES.values())
+    # amax 1.0: scale 1/448, and 1.0 itself encodes to 448's byte.
+    q, _ = quantize_activation(torch.tensor([[1.0, -1.0, 0.5]]))
+    assert q.view(torch.uint8).tolist() == [[0x7E, 0xFE, 0x76]]  # 0.5 / (1/448) = 224 = 1.75 * 2^7
+
+
+# ------------------------------------------------------------------------------------------ shapes and rounding
 
 SIZES = [1, 8, 64, 127, 128, 129, 200, 576, 1000, 2112, 7168]
 

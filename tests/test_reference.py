@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from blockfp8 import quantize_activation, quantize_weight, reference_gemm, rel_error
+from blockfp8.testing.conformance import tolerance_for
+from blockfp8.testing.operands import random_weight
 
 
 def _float64_gemm(xq, xs, wq, ws, bias=None):
@@ -20,18 +22,21 @@ def _float64_gemm(xq, xs, wq, ws, bias=None):
     return y + bias.to(torch.float64) if bias is not None else y
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 8, 100), (5, 130, 1000), (33, 200, 257), (4, 576, 2048)])
+# (256, 256) and (300, 300): square 2 x 2 and 3 x 3 scale grids, where a transposed grid has the right shape.
+@pytest.mark.parametrize("m,n,k", [(1, 8, 100), (5, 130, 1000), (33, 200, 257), (4, 576, 2048), (7, 256, 256),
+                                   (3, 300, 300)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_reference_matches_float64(m, n, k, out_dtype):
     xq, xs = quantize_activation(torch.randn(m, k))
-    wq, ws = quantize_weight(torch.randn(n, k) * 0.1)
+    # Every 128 x 128 block with its own magnitude, so a scale applied to the wrong block cannot hide.
+    wq, ws = quantize_weight(random_weight(n, k, spread=2.0) * 0.1)
     bias = torch.randn(n)
     got = reference_gemm(xq, xs, wq, ws, bias, out_dtype)
     want = _float64_gemm(xq, xs, wq, ws, bias)
     assert got.dtype == out_dtype and got.shape == (m, n)
-    # fp32 accumulation is exact to ~1e-6; the output cast adds its own rounding (bf16 ~ 2e-3 worst case).
-    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}[out_dtype]
-    assert rel_error(got, want) < tol
+    # Rounded to the output dtype, the fp32 sum and the float64 one differ only where a rounding flips.
+    assert rel_error(got, want.to(out_dtype)) <= tolerance_for(want.to(out_dtype))
+    assert rel_error(got.double(), want) < {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 5e-3}[out_dtype]
 
 
 def test_reference_batched_leading_dims():

@@ -10,12 +10,17 @@ from blockfp8.cli import main
 from blockfp8.cli.bench_e2e import forced_backend, unsupported_reason
 from blockfp8.cli.common import positive_ints
 from blockfp8.dispatch import ENV_VAR
-from blockfp8.reference import TOLERANCE
+from blockfp8.testing.conformance import dtype_tolerance
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def test_demo_prints_the_table_and_writes_json(capsys, tmp_path):
+def test_demo_prints_the_table_and_writes_json(capsys, tmp_path, monkeypatch):
+    # On CPU the dispatcher runs every layer on the reference; under the interpreter the layers go to the Triton
+    # kernel instead, so the errors against the bf16 model and the probe's comparison with the reference
+    # backend are made by a kernel other than the reference.
+    layer_backend = "triton" if INTERPRETER else "reference"
+    monkeypatch.setenv(ENV_VAR, layer_backend)
     out_json = tmp_path / "demo.json"
     assert main(["demo", "--device", "cpu", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
@@ -25,12 +30,14 @@ def test_demo_prints_the_table_and_writes_json(capsys, tmp_path):
     result = json.loads(out_json.read_text())
     assert result["cosine"] > 0.99
     assert len(result["layers"]) == 12
-    assert all(r["backend"] == "reference" and r["rel_err"] < 0.2 for r in result["layers"])
-    probe = {r["backend"]: r for r in result["probe"]["results"]}
-    assert probe["reference"]["rel_err"] == 0.0
+    # fp8 layers against the bf16 model: the quantization error (a few percent), never zero.
+    assert all(r["backend"] == layer_backend and 1e-3 < r["rel_err"] < 0.2 for r in result["layers"])
+    ran = {r["backend"]: r["rel_err"] for r in result["probe"]["results"] if r["rel_err"] is not None}
+    others = {name: err for name, err in ran.items() if name != "reference"}
     if INTERPRETER:
         assert "Triton interpreter" in text
-        assert probe["triton"]["rel_err"] <= TOLERANCE
+        assert set(others) == {"triton"}
+    assert all(err <= dtype_tolerance(torch.bfloat16) for err in others.values()), others
 
 
 def test_bench_e2e_tiny_on_cpu(capsys, tmp_path):

@@ -1,23 +1,86 @@
-"""``blockfp8 check`` / ``explain`` on CPU (reference + Triton interpreter) and its failure classification."""
+"""``blockfp8 check`` / ``explain`` on CPU (reference + Triton interpreter) and its failure classification.
+
+On CPU the dispatcher's static order picks the reference, so the matrix test installs a measured ranking row
+that puts Triton first: every checked cell then runs a kernel other than the reference it is compared with.
+"""
 
 import json
 
 import pytest
 import torch
 
+from blockfp8 import dispatch
 from blockfp8.backends import Backend, get_backend
+from blockfp8.backends.triton.gemm import tma_ok
 from blockfp8.cli import main
+from blockfp8.device import device_key
+from blockfp8.reference import TOLERANCE, reference_gemm
 from blockfp8.testing import default_device
-from blockfp8.testing.conformance import check_matrix
+from blockfp8.testing.conformance import check_matrix, dtype_tolerance, tolerance_for
+from blockfp8.testing.operands import random_problem
 from blockfp8.testing.shapes import Shape, parse_ints, parse_shapes
 
 DEVICE = default_device()
 
+# 130 x 1000: K = 1000 is no multiple of 16, so TMA cannot read it and the Triton kernel takes its masked
+# pointer loads for the partial last K group (and split-K at M = 1, 7); N has a partial block too.
+# 200 x 240: a square 2 x 2 weight-scale grid (a transposed grid goes unseen on a non-square one), read through
+# TMA under the interpreter, with tails in N and K.
+MATRIX_SHAPES = [Shape(130, 1000), Shape(200, 240)]
+MATRIX_MS = [1, 7]
 
-def test_cpu_matrix_all_correct():
-    result = check_matrix([Shape(130, 1000), Shape(8, 256)], [1, 7], ["reference", "triton"], DEVICE, progress=False)
-    assert len(result.cells) == 2 * 2 * 3
+
+@pytest.fixture
+def triton_first(monkeypatch, tmp_path):
+    """A measured ranking table (BLOCKFP8_DISPATCH_TABLE) that routes the matrix shapes to Triton here."""
+    rows = {f"{s.n},{s.k}": {"1": ["triton", "reference"]} for s in MATRIX_SHAPES}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({device_key(DEVICE): rows}))
+    monkeypatch.setenv(dispatch.ENV_TABLE, str(path))
+    dispatch.clear_caches()
+    yield
+    dispatch.clear_caches()
+
+
+def test_matrix_shapes_take_the_masked_k_path():
+    _, xq, _, wq, _ = random_problem(7, 130, 1000, device=DEVICE)
+    assert not tma_ok(xq, wq)
+
+
+def test_cpu_matrix_all_correct(triton_first):
+    result = check_matrix(MATRIX_SHAPES, MATRIX_MS, ["triton"], DEVICE, progress=False)
+    assert len(result.cells) == 2 * 2 * 2
     assert all(c.status == "ok" for c in result.cells), result.cells
+    assert {c.reason for c in result.cells if c.backend == "dispatched"} == {"-> triton"}
+    assert result.tolerance == dtype_tolerance(torch.bfloat16)
+
+
+def test_tolerance_per_output_dtype():
+    """0.2123 eps (one rounding's RMS) + 2^-12 (accumulation), pinned to the values the docs quote."""
+    assert dtype_tolerance(torch.bfloat16) == pytest.approx(1.9029e-3, rel=1e-4)
+    assert dtype_tolerance(torch.float16) == pytest.approx(4.5148e-4, rel=1e-4)
+    assert dtype_tolerance(torch.float32) == pytest.approx(2.4417e-4, rel=1e-4)
+    assert dtype_tolerance(torch.bfloat16) < 2.3e-3 < TOLERANCE
+    # One element: a single flip is one ulp (2^-7 relative at 1.0), so tolerance_for lets it through.
+    assert tolerance_for(torch.tensor([1.0], dtype=torch.bfloat16)) == pytest.approx(1.9029e-3 + 2**-7, rel=1e-4)
+    big = torch.ones(100, 100, dtype=torch.bfloat16)
+    assert tolerance_for(big) == pytest.approx(1.9029e-3 + 2**-7 / 100, rel=1e-4)
+
+
+def test_error_rounding_does_not_explain_is_wrong(monkeypatch):
+    """A backend off by 2.3e-3 (what a K-tail mask bug gave on 130 x 1000, M = 7) passed the flat 5e-3; it is
+    wrong against the rounded reference."""
+    be = get_backend("triton")
+
+    def off_by(self, x, xs, w, ws, b, dt):
+        exact = reference_gemm(x, xs, w, ws, b, torch.float32)
+        noise = torch.randn(exact.shape, generator=torch.Generator().manual_seed(0)).to(exact.device)
+        return (exact + noise * (2.3e-3 * exact.norm() / noise.norm())).to(dt)
+
+    monkeypatch.setattr(type(be), "run", off_by)
+    monkeypatch.setattr(type(be), "plan", Backend.plan)  # the bound launch goes through run as well
+    cells = check_matrix([Shape(130, 1000)], [7], ["triton"], DEVICE, progress=False).cells
+    assert cells[0].status == "wrong" and 2.0e-3 < cells[0].error < 3e-3, cells[0]
 
 
 def test_wrong_and_crashed_backends_are_caught(monkeypatch):
