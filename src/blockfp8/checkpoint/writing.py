@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import uuid
@@ -110,16 +111,25 @@ class ShardWriter:
             self._flush()
         n = len(self.shards)
         if n == 1:
-            (self.root / "shard-00000.tmp").rename(self.root / SINGLE_NAME)
+            _publish(self.root / "shard-00000.tmp", self.root / SINGLE_NAME)
             return 1
         entries = {}
         for i, names in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.root / f"shard-{i:05d}.tmp").rename(self.root / final)
+            _publish(self.root / f"shard-{i:05d}.tmp", self.root / final)
             entries.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(entries.items()))}
         (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return n
+
+
+def _publish(shard: Path, final: Path) -> None:
+    """Give a written shard its final name and the mode any new file gets under the umask, as config.json and
+    the copied files have: safetensors writes through a private temporary file, which leaves it 0600."""
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    os.chmod(shard, 0o666 & ~mask)
+    shard.rename(final)
 
 
 def _fp8_prefixes(state: Mapping[str, torch.Tensor]) -> list[str]:
