@@ -11,6 +11,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from ..backends.triton.configs import lookup
 from ..device import cuda_identity, device_key
@@ -21,7 +22,7 @@ from ..testing.operands import make_weight_copies
 from ..testing.shapes import load_shapes, parse_m_values
 from ..testing.tuning import CellResult, Trial, select_candidates, tune_triton_cell, tuned_table
 
-NEEDS_CUDA = ("blockfp8 tune needs a CUDA device: Triton launch configs are tuned on the GPU that runs them, "
+NEEDS_CUDA = ("this command needs a CUDA device: Triton launch configs are tuned on the GPU that runs them, "
               "and none was found")
 
 
@@ -60,16 +61,11 @@ def run(args: argparse.Namespace) -> int:
     if not console.is_terminal:
         console = Console(width=200)
     if not torch.cuda.is_available():
-        err.print(f"[red]error:[/] {NEEDS_CUDA}")
-        return 2
-    try:
-        shapes = load_shapes(args.shapes)
-        ms = parse_m_values(args.m)
-        if args.reps < 1:
-            raise ValueError(f"--reps must be >= 1, got {args.reps}")
-    except ValueError as e:
-        err.print(f"[red]error:[/] {e}")
-        return 2
+        raise ValueError(NEEDS_CUDA)
+    shapes = load_shapes(args.shapes)
+    ms = parse_m_values(args.m)
+    if args.reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {args.reps}")
 
     device = torch.device("cuda", torch.cuda.current_device())
     name = device_key(device)
@@ -77,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     def on_bad(t: Trial) -> None:
         why = f"rel error {t.rel_error:.3g} > {TOLERANCE}" if t.status == Status.WRONG else t.reason
-        err.print(f"[bold red]DISCARDED {t.status.upper()} config {t.config}: {why}[/]")
+        err.print(Text(f"DISCARDED {t.status.upper()} config {t.config}: {why}", style="bold red"))
 
     results: list[CellResult] = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
