@@ -61,7 +61,6 @@ def int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
         return value
 
-    parse.__name__ = f"int >= {low}"  # argparse names the type in some messages
     return parse
 
 
