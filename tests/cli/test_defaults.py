@@ -132,8 +132,8 @@ def test_fidelity_defaults_on_cpu(monkeypatch, capsys, argv, sentences):
 
 
 def test_demo_times_with_one_cpu_thread(monkeypatch):
-    """With the default pool, small CPU matmuls stalled for whole scheduler ticks (8-16 ms instead of 0.02-0.2 ms
-    on a 2-core machine): the demo measures on one thread, and gives the pool back afterwards."""
+    """With the default pool, small CPU matmuls stalled for whole scheduler ticks on a 2-core machine
+    (docs/e2e.md): the demo measures on one thread, and gives the pool back afterwards."""
     seen = []
 
     def fake_demo(device, preset, layers, batch):

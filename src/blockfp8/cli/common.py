@@ -94,8 +94,8 @@ def cpu_timing_note(what: str) -> str:
 @contextmanager
 def one_cpu_thread(device: torch.device) -> Iterator[None]:
     """Run the block with one intra-op thread when ``device`` is the CPU. Small matmuls timed with the default
-    pool on a 2-core machine stalled for whole scheduler ticks (8-16 ms for calls that take 0.02-0.2 ms with one
-    thread, ``blockfp8 demo`` runs), so the times were noise."""
+    pool on a 2-core machine stalled for whole scheduler ticks (8-60 ms for calls that take 0.02-1.1 ms with one
+    thread, ``blockfp8 demo`` runs in docs/e2e.md), so the times were noise."""
     if device.type != "cpu":
         yield
         return
