@@ -93,7 +93,7 @@ def test_cli_prints_summary_and_refuses_overwrite(plain_dir, tmp_path, capsys):
 
 def test_cli_reports_bad_input(tmp_path, capsys):
     rc, _, err = run_cli(capsys, tmp_path, tmp_path / "out")
-    assert rc == 1 and "no model.safetensors.index.json" in err
+    assert rc == 2 and "no model.safetensors.index.json" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
 
 

@@ -130,7 +130,8 @@ def test_cli_prints_table_and_writes_json(result, monkeypatch, tmp_path, capsys)
     monkeypatch.setattr(cli_fidelity, "measure_fidelity", fake)
     out = tmp_path / "fid.json"
     assert main(["fidelity", "--sentences", "42", "--ue8m0", "--backend", "reference", "--json", str(out)]) == 0
-    assert calls == [(42, {"backend": "reference", "ue8m0": True, "device": None, "dtype": torch.float32})]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert calls == [(42, {"backend": "reference", "ue8m0": True, "device": device, "dtype": torch.float32})]
     assert "top-1 neighbour agreement" in capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["cosine_mean"] == result.cosine_mean and saved["converted"] == BERT_LINEARS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,8 +32,10 @@ from .files import (
 )
 from .writing import DEFAULT_MAX_SHARD_BYTES, ShardWriter, atomic_output_dir, parse_size
 
-# Files of other weight formats are not copied next to a converted checkpoint: they would hold the unquantized model.
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+# Files of other weight formats are not copied next to a converted checkpoint: they would hold the unquantized model
+# (PyTorch, TensorFlow/Keras, Flax, GGUF, NumPy, ONNX and its external data, rust-bert, TF Lite).
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".keras", ".msgpack", ".gguf", ".npz",
+                         ".onnx", ".onnx_data", ".ot", ".tflite")
 
 
 @dataclass
@@ -83,9 +86,39 @@ def skip_reason(info: TensorInfo, skip: Iterable[str] = (), default_skip: bool =
 
 
 def _side_files(in_dir: Path) -> list[Path]:
-    """The top-level files copied next to a converted checkpoint (tokenizer, generation config, ...)."""
-    return [path for path in sorted(in_dir.iterdir()) if path.is_file() and path.name not in (CONFIG_NAME, INDEX_NAME)
-            and path.suffix not in _WEIGHT_FILE_SUFFIXES]
+    """Every file (and empty folder) of ``in_dir``'s tree that is copied next to a converted checkpoint.
+
+    Subfolders count: a sentence-transformers model keeps its pooling and normalization in ``1_Pooling/``,
+    ``2_Normalize/`` (which may be empty). Left out: the top-level config.json and index (rewritten), weight files
+    of any format (``_WEIGHT_FILE_SUFFIXES``) and hidden folders (``.git`` holds every weight file the repository
+    ever had, ``.cache`` a download's bookkeeping).
+    """
+    paths = []
+    for root, dirs, names in os.walk(in_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        paths += [Path(root) / d for d in dirs if not any((Path(root) / d).iterdir())]  # others come with their files
+        for name in sorted(names):
+            path = Path(root) / name
+            rel = path.relative_to(in_dir).as_posix()
+            if path.is_file() and rel not in (CONFIG_NAME, INDEX_NAME) and path.suffix not in _WEIGHT_FILE_SUFFIXES:
+                paths.append(path)
+    return paths
+
+
+def _copy_side_files(in_dir: Path, paths: list[Path], out_dir: Path) -> list[str]:
+    """Recreate ``paths`` (from ``_side_files``) under ``out_dir``: folders made, files copied with their modes
+    (links followed: a Hugging Face cache snapshot links every file to its blob). Returns the files' relative
+    paths."""
+    copied = []
+    for path in paths:
+        target = out_dir / path.relative_to(in_dir)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        copied.append(path.relative_to(in_dir).as_posix())
+    return copied
 
 
 def _check_input_config(config: dict, path: Path) -> None:
@@ -114,10 +147,11 @@ def convert_checkpoint(
     Streams tensor by tensor: each 2-D float ``*.weight`` not skipped (see ``skip_reason``) is quantized to
     fp8 with 128x128 fp32 block scales (``ue8m0``: scales rounded up to powers of two, still stored as fp32);
     every other tensor is copied unchanged. A weight to quantize that holds NaN or Inf is refused, naming it.
-    config.json gets ``quantization_config`` with the skipped 2-D weights' layers as
-    ``modules_to_not_convert``; other non-weight files (tokenizer, generation config) are copied. Writes into
-    a temporary folder renamed to ``out_dir`` at the end; ``out_dir`` may not be, contain or lie inside
-    ``in_dir`` or any file read (symlinks resolved), so the input is never modified or deleted.
+    config.json gets ``quantization_config`` with the skipped 2-D weights' layers as ``modules_to_not_convert``;
+    every other non-weight file (tokenizer, generation config, subfolders such as sentence-transformers'
+    ``1_Pooling/``) is copied with its mode (``_side_files``). Writes into a temporary folder renamed to
+    ``out_dir`` at the end; ``out_dir`` may not be, contain or lie inside ``in_dir`` or any file read (symlinks
+    resolved), so the input is never modified or deleted.
     """
     src, dst = Path(in_dir), Path(out_dir)
     if isinstance(skip, str):
@@ -166,7 +200,5 @@ def convert_checkpoint(
         summary.bytes_after = writer.total_bytes
         not_converted = [p for p, r in summary.skipped.items() if len(infos[p + WEIGHT_SUFFIX].shape) == 2]
         write_config(tmp, config, Fp8QuantConfig(modules_to_not_convert=tuple(not_converted)))
-        for path in side_files:
-            shutil.copy2(path, tmp / path.name)
-        summary.files_copied = [path.name for path in side_files]
+        summary.files_copied = _copy_side_files(src, side_files, tmp)
     return summary

@@ -19,7 +19,16 @@ from ..format import FP8_DTYPE
 from ..hf_config import check_saveable
 from ..nn import is_convertible_linear
 from ..validate import check_fp8_linear, require_tensor
-from .files import INDEX_NAME, SCALE_SUFFIX, SINGLE_NAME, WEIGHT_SUFFIX, Fp8QuantConfig, prefix_of, write_config
+from .files import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SCALE_SUFFIX,
+    SINGLE_NAME,
+    WEIGHT_SUFFIX,
+    Fp8QuantConfig,
+    prefix_of,
+    write_config,
+)
 
 # Hugging Face's default shard size; "GB" is 10**9 bytes there too.
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -92,9 +101,19 @@ def _check_replaceable(out: Path, given: str | Path) -> None:
     if cwd is not None and cwd.is_relative_to(out):
         raise ValueError(f"out_dir {given} holds the current working directory {cwd}; refusing to replace it")
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    if folders:
+    if folders and not _written_by_a_writer(out):
         raise ValueError(f"out_dir {given} holds sub-folders ({', '.join(folders[:5])}); overwrite replaces only an "
                          f"output folder, which holds files alone: remove it yourself or choose another folder")
+
+
+def _written_by_a_writer(out: Path) -> bool:
+    """Whether ``out`` looks like a folder a writer here produced: a config.json whose quantization_config says
+    block FP8 (a converted model keeps its sub-folders, e.g. sentence-transformers' ``1_Pooling/``)."""
+    try:
+        qc = json.loads((out / CONFIG_NAME).read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "fp8"
 
 
 def _written_here(e: OSError, tmp: Path) -> bool:
@@ -203,16 +222,25 @@ class ShardWriter:
             self._flush()
         n = len(self.shards)
         if n == 1:
-            (self.root / "shard-00000.tmp").rename(self.root / SINGLE_NAME)
+            _publish(self.root / "shard-00000.tmp", self.root / SINGLE_NAME)
             return 1
         entries = {}
         for i, names in enumerate(self.shards):
             final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.root / f"shard-{i:05d}.tmp").rename(self.root / final)
+            _publish(self.root / f"shard-{i:05d}.tmp", self.root / final)
             entries.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(entries.items()))}
         (self.root / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         return n
+
+
+def _publish(shard: Path, final: Path) -> None:
+    """Give a written shard its final name and the mode any new file gets under the umask, as config.json and
+    the copied files have: safetensors writes through a private temporary file, which leaves it 0600."""
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    os.chmod(shard, 0o666 & ~mask)
+    shard.rename(final)
 
 
 def _fp8_prefixes(state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -7,12 +7,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from ..backends import backend_names
 from ..format import cdiv
@@ -36,21 +35,37 @@ from ..testing.host import measure_host
 from ..testing.methods import PEERS, methods_for
 from ..testing.shapes import load_shapes, parse_m_values
 from ..testing.timing import Ceilings, measure_ceilings
-from .common import parse_names
+from .common import (
+    CellProgress,
+    announce,
+    cpu_timing_note,
+    naming_path,
+    one_cpu_thread,
+    parse_names,
+    plain,
+    positive_int,
+    stdout_console,
+    write_text,
+)
+
+# Without --full, a machine without CUDA gets a smoke test: two small shapes with tails in N and K, two M.
+CPU_SHAPES, CPU_M = "200:300,130:1000", "1,16"
+PLOT_HINT = "--plot needs matplotlib: pip install 'blockfp8[plot]'"
 
 
-def _cell(r: Record | None, markdown: bool) -> str:
+def _cell(r: Record | None, markdown: bool) -> str | Text:
+    """One time cell: markdown text, or rich ``Text`` with the style of its status."""
     if r is None:
         return ""
     if r.status in (Status.REFUSED, Status.UNAVAILABLE):
         return "-" if r.status == Status.REFUSED else "n/a"
     if r.status == Status.CRASHED:
-        return "**error**" if markdown else "[red]error[/]"
+        return "**error**" if markdown else Text("error", style="red")
     mark = "*" if r.timing and r.timing.method == "events" else ""
     text = f"{r.us:.1f}{mark}"
     if r.status == Status.WRONG:
         err = f"WRONG {r.rel_error:.0e}"
-        return f"**{text} {err}**" if markdown else f"[bold red]{text} {err}[/]"
+        return f"**{text} {err}**" if markdown else Text(f"{text} {err}", style="bold red")
     return text
 
 
@@ -59,8 +74,9 @@ def _pct(v: float | None) -> str:
 
 
 def table_model(records: list[Record], rows: list[dict], mode: str,
-                markdown: bool) -> tuple[list[str], list[list[str]]]:
-    """Headers and cell strings of the per-mode results table (rich markup, or markdown when asked)."""
+                markdown: bool) -> tuple[list[str], list[list[str | Text]]]:
+    """Headers and cells of the per-mode results table: markdown strings, or (for rich) plain strings and
+    styled ``Text``."""
     names = list(dict.fromkeys(r.method for r in records if r.mode == mode))
     by_key = {(r.shape, r.m, r.method): r for r in records if r.mode == mode}
     headers = ["shape", "N", "K", "M", *[f"{n} us" for n in names], "dispatch", "best peer", "speedup",
@@ -71,7 +87,7 @@ def table_model(records: list[Record], rows: list[dict], mode: str,
         if row["speedup"] is not None:
             speed = f"{row['speedup']:.2f}x"
             if not markdown:
-                speed = f"[{'green' if row['speedup'] >= 1 else 'red'}]{speed}[/]"
+                speed = Text(speed, style="green" if row["speedup"] >= 1 else "red")
         dispatch = (row["dispatch"] or "-").replace("blockfp8->", "")
         out.append([row["shape"], str(row["n"]), str(row["k"]), str(row["m"]),
                     *[_cell(by_key.get((row["shape"], row["m"], n)), markdown) for n in names],
@@ -85,16 +101,16 @@ MODE_TITLES = {"gemm": "GEMM (fp8 activation + scales in, bf16 out)",
 
 
 def print_report(console, records: list[Record], rows: list[dict], env: dict, ceilings: Ceilings) -> None:
-    console.print(f"[bold]{env['device']}[/]  torch {env['torch']}  triton {env['triton']}  "
-                  f"DeepGEMM {env['deep_gemm']}  torchao {env['torchao']}")
-    console.print(_ceilings_line(ceilings))
+    console.print(f"[bold]{escape(env['device'])}[/]  " + escape(f"torch {env['torch']}  triton {env['triton']}  "
+                  f"DeepGEMM {env['deep_gemm']}  torchao {env['torchao']}"))
+    console.print(plain(_ceilings_line(ceilings)))
     for mode in dict.fromkeys(r.mode for r in records):
         headers, cells = table_model(records, rows, mode, markdown=False)
         t = Table(title=MODE_TITLES[mode], title_justify="left")
         for i, h in enumerate(headers):
             t.add_column(h, justify="left" if i == 0 else "right", no_wrap=i > 0)
         for line in cells:
-            t.add_row(*line)
+            t.add_row(*(plain(c) for c in line))
         console.print(t)
     _print_footnotes(console, records)
 
@@ -113,21 +129,21 @@ def _print_footnotes(console, records: list[Record]) -> None:
             seen.add(id(r.timing))
             jit[r.method] = jit.get(r.method, 0.0) + r.timing.jit_s
     if jit:
-        console.print("first calls (compilation, autotuning, JIT), seconds in total: "
-                      + ", ".join(f"{k} {v:.1f}" for k, v in jit.items()))
+        console.print(plain("first calls (compilation, autotuning, JIT), seconds in total: "
+                            + ", ".join(f"{k} {v:.1f}" for k, v in jit.items())))
     if any(r.timing and r.timing.method == "events" for r in records):
         console.print("* CUDA-graph capture failed for this op: timed with events around eager launches")
     reasons = {(r.method, r.reason) for r in records if r.status == Status.UNAVAILABLE}
     for name, why in sorted(reasons):
-        console.print(f"[dim]{name}: unavailable ({why})[/]")
+        console.print(plain(f"{name}: unavailable ({why})", style="dim"))
     for r in (r for r in records if r.status == Status.CRASHED):
-        console.print(f"[red]crashed[/] {r.method} {r.mode} {r.shape} M={r.m}: {r.reason}")
+        console.print(Text.assemble(("crashed", "red"), f" {r.method} {r.mode} {r.shape} M={r.m}: {r.reason}"))
     bad = wrong_results(records)
     if bad:
         console.print(f"[bold red]WRONG RESULTS ({len(bad)}): relative error above {TOLERANCE}[/]")
         for r in bad:
-            console.print(f"[bold red]  {r.method} {r.mode} {r.shape} (N={r.n} K={r.k}) M={r.m}: "
-                          f"rel error {r.rel_error:.3g}[/]")
+            console.print(plain(f"  {r.method} {r.mode} {r.shape} (N={r.n} K={r.k}) M={r.m}: "
+                                f"rel error {r.rel_error:.3g}", style="bold red"))
 
 
 def markdown_report(records: list[Record], rows: list[dict], env: dict, ceilings: Ceilings, timing: dict) -> str:
@@ -150,16 +166,22 @@ def markdown_report(records: list[Record], rows: list[dict], env: dict, ceilings
     return "\n".join(lines) + "\n"
 
 
-def plot_report(records: list[Record], ceilings: Ceilings, path: str, title: str) -> str:
-    """Per shape, time vs M for every method (linear mode where measured), log-log, with the roofline.
-    Returns a message saying what was written (or why not)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend; an ImportError with the install hint without it."""
     try:
         import matplotlib
+    except ImportError as e:
+        raise ImportError(PLOT_HINT) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "--plot needs matplotlib: pip install 'blockfp8[plot]'; no plot written"
+    return plt
+
+
+def plot_report(records: list[Record], ceilings: Ceilings, path: str, title: str) -> str:
+    """Per shape, time vs M for every method (linear mode where measured), log-log, with the roofline.
+    Returns a message saying what was written."""
+    plt = _pyplot()
     mode = "linear" if any(r.mode == "linear" for r in records) else "gemm"
     recs = [r for r in records if r.mode == mode]
     shapes = list(dict.fromkeys((r.shape, r.n, r.k) for r in recs))
@@ -192,7 +214,8 @@ def plot_report(records: list[Record], ceilings: Ceilings, path: str, title: str
     fig.legend(handles, labels, loc="lower center", ncol=min(8, len(labels)), fontsize=8)
     fig.suptitle(f"{title} ({mode}; red x = wrong result)", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    fig.savefig(path, dpi=120)
+    with naming_path(path):
+        fig.savefig(path, dpi=120)
     plt.close(fig)
     return f"plot written to {path}"
 
@@ -201,10 +224,15 @@ def plot_report(records: list[Record], ceilings: Ceilings, path: str, title: str
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shapes", default="deepseek-v3",
+    p.add_argument("--shapes", default=None,
                    help="shape sets from data/shapes.json (deepseek-v3, deepseek-v3-tp8, qwen3-30b-a3b, edge) "
-                        "and/or N:K pairs, comma-separated (default: deepseek-v3)")
-    p.add_argument("--m", default=None, help="token counts M, comma-separated (default: the m_sweep of shapes.json)")
+                        f"and/or N:K pairs, comma-separated (default: deepseek-v3 on CUDA or with --full, "
+                        f"{CPU_SHAPES} on CPU)")
+    p.add_argument("--m", default=None, help="token counts M, comma-separated (default: the m_sweep of shapes.json "
+                                             f"on CUDA or with --full, {CPU_M} on CPU)")
+    p.add_argument("--full", action="store_true",
+                   help="the GPU-sized defaults (DeepSeek-V3 shapes x the whole M sweep) even on CPU, where they "
+                        "take hours")
     p.add_argument("--backends", default=None,
                    help=f"blockfp8 backends to time (default: {','.join(gpu_backends())} on CUDA, reference on CPU)")
     p.add_argument("--peers", default=None,
@@ -213,7 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", default="gemm,linear", help="gemm, linear or both (default: gemm,linear)")
     p.add_argument("--no-l2-cold", dest="l2_cold", action="store_false",
                    help="time repeated calls on one weight (L2-hot) instead of rotating L2-cold copies")
-    p.add_argument("--reps", type=int, default=None, help="timed graph replays per op (default: 20 on CUDA, 3 on CPU)")
+    p.add_argument("--reps", type=positive_int, default=None,
+                   help="timed graph replays per op (default: 20 on CUDA, 3 on CPU)")
     p.add_argument("--save", help="write every record, the ceilings and the environment to this JSON file")
     p.add_argument("--plot", help="write a PNG plot (time vs M per shape) to this file (needs matplotlib)")
     p.add_argument("--save-table", help="merge the measured backend ranking into this dispatch-table JSON file")
@@ -228,7 +257,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_host(args: argparse.Namespace, device: torch.device) -> int:
     """``bench --host``: host microseconds per eager call, and the layer's ratio to F.linear in bf16."""
-    shapes = load_shapes(args.shapes if args.shapes != "deepseek-v3" else "2112:7168,7168:2048")
+    shapes = load_shapes(args.shapes or "2112:7168,7168:2048")
     ms = parse_m_values(args.m or "1,16")
     calls, runs = (2000, 5) if device.type == "cuda" else (20, 1)
     rows = measure_host(shapes, ms, device, calls, runs)
@@ -240,15 +269,15 @@ def run_host(args: argparse.Namespace, device: torch.device) -> int:
     for r in rows:
         table.add_row(r.shape, str(r.m), f"{r.bf16_us:.1f}", f"{r.layer_us:.1f}", f"{r.linear_us:.1f}",
                       f"{r.ratio:.2f}x", r.backend)
-    Console(width=160).print(table)
+    stdout_console(160).print(table)
     if args.save:
-        Path(args.save).write_text(json.dumps({"environment": env, "host": [r.to_json() for r in rows]}, indent=1))
+        write_text(args.save, json.dumps({"environment": env, "host": [r.to_json() for r in rows]}, indent=1) + "\n")
     return 0
 
 
 def _timing_description(device: torch.device, l2_cold: bool, reps: int) -> dict:
     if device.type != "cuda":
-        text = f"CPU wall clock, median of {reps} repeats (smoke test only: not a GPU measurement)"
+        text = cpu_timing_note(f"wall clock, median of {reps} repeats") + " (a smoke test, not a GPU measurement)"
     elif l2_cold:
         text = (f"CUDA-graph replay; one graph calls the op once per weight copy, copies together > 4x L2 "
                 f"(weights L2-cold); median of {reps} replays per op, divided by the copies")
@@ -258,43 +287,46 @@ def _timing_description(device: torch.device, l2_cold: bool, reps: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    console, err = Console(), Console(stderr=True)
-    if not console.is_terminal:
-        console = Console(width=240)  # a log file gets the whole table, not an 80-column squeeze
+    console = stdout_console(240)  # a log file gets the whole table, not an 80-column squeeze
     cuda = torch.cuda.is_available()
+    big = cuda or args.full
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if args.host:
         return run_host(args, device)
-    try:
-        shapes = load_shapes(args.shapes)
-        ms = parse_m_values(args.m)
-        backends = parse_names(args.backends, gpu_backends() if cuda else ("reference",), backend_names(),
-                               "--backends")
-        peers = parse_names(args.peers, GPU_PEERS if cuda else ("bf16",), PEERS, "--peers")
-        modes = parse_names(args.mode, MODES, MODES, "--mode")
-        reps = args.reps or (20 if cuda else 3)
-        if reps < 1:
-            raise ValueError(f"--reps must be >= 1, got {reps}")
-        methods = methods_for(backends, peers)
-    except ValueError as e:
-        err.print(f"[red]error:[/] {e}")
-        return 2
+    shapes = load_shapes(args.shapes or ("deepseek-v3" if big else CPU_SHAPES))
+    ms = parse_m_values(args.m or (None if big else CPU_M))
+    backends = parse_names(args.backends, gpu_backends() if cuda else ("reference",), backend_names(), "--backends")
+    peers = parse_names(args.peers, GPU_PEERS if cuda else ("bf16",), PEERS, "--peers")
+    modes = parse_names(args.mode, MODES, MODES, "--mode")
+    reps = args.reps or (20 if cuda else 3)
+    methods = methods_for(backends, peers)
+    if args.plot:
+        _pyplot()  # fail now, not after the whole run
 
+    small = not big and args.shapes is None and args.m is None
+    announce(f"bench: {len(shapes)} shapes x {len(ms)} M values x {len(methods)} methods x {len(modes)} modes on "
+             f"{device.type}" + (" (CPU-sized smoke test)" if small else ""),
+             "blockfp8 bench --full (DeepSeek-V3 shapes x the M sweep, meant for a GPU)" if small else None)
     env = environment(device)
     t0 = time.perf_counter()
     ceilings = measure_ceilings(device)
-    err.print(_ceilings_line(ceilings))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err) as progress:
-        task = progress.add_task("bench", total=len(shapes) * len(ms))
+    announce(_ceilings_line(ceilings))
+    current = {"cell": ""}
+
+    def on_step(text: str) -> None:
+        current["cell"] = text.rsplit(" ", 2)[0]  # "shape M=m" without the method and mode
+        progress.step(text)
+
+    with CellProgress(len(shapes) * len(ms), "bench") as progress, one_cpu_thread(device):
         records = measure_all(shapes, ms, methods, modes, device=device, reps=reps, l2_cold=args.l2_cold,
-                              ceilings=ceilings, rank_in_run=args.rank_in_run,
-                              on_step=lambda s: progress.update(task, description=s),
-                            on_cell=lambda: progress.advance(task))
+                              ceilings=ceilings, rank_in_run=args.rank_in_run, on_step=on_step,
+                              on_cell=lambda: progress.advance(current["cell"]))
     wall_s = time.perf_counter() - t0
     rows = row_summaries(records)
     timing = _timing_description(device, args.l2_cold, reps)
     print_report(console, records, rows, env, ceilings)
+    if device.type != "cuda":
+        console.print(plain(timing["description"]))
     console.print(f"total {wall_s:.0f} s")
 
     if args.save:
@@ -302,17 +334,17 @@ def run(args: argparse.Namespace) -> int:
                   "ceilings": ceilings.to_json(), "timing": timing, "definitions": DEFINITIONS,
                   "wall_s": wall_s, "wrong": len(wrong_results(records)),
                   "records": [r.to_json() for r in records], "rows": rows}
-        Path(args.save).write_text(json.dumps(report, indent=1) + "\n")
-        console.print(f"results written to {args.save}")
+        write_text(args.save, json.dumps(report, indent=1) + "\n")
+        console.print(plain(f"results written to {args.save}"))
     if args.markdown:
-        Path(args.markdown).write_text(markdown_report(records, rows, env, ceilings, timing))
-        console.print(f"markdown written to {args.markdown}")
+        write_text(args.markdown, markdown_report(records, rows, env, ceilings, timing))
+        console.print(plain(f"markdown written to {args.markdown}"))
     if args.plot:
-        console.print(plot_report(records, ceilings, args.plot, f"blockfp8 bench, {env['device']}"))
+        console.print(plain(plot_report(records, ceilings, args.plot, f"blockfp8 bench, {env['device']}")))
     if args.save_table:
         table = dispatch_table(records, env["device"])
         merge_table_file(args.save_table, table)
-        console.print(f"dispatch table ({sum(len(v) for s in table.values() for v in s.values())} rows) merged "
-                      f"into {args.save_table}; use it with BLOCKFP8_DISPATCH_TABLE={args.save_table}")
+        console.print(plain(f"dispatch table ({sum(len(v) for s in table.values() for v in s.values())} rows) "
+                            f"merged into {args.save_table}; use it with BLOCKFP8_DISPATCH_TABLE={args.save_table}"))
     # A wrong result from blockfp8 itself (its backends or the dispatched op) fails the command.
     return 1 if any(r.kind in ("backend", "dispatch") for r in wrong_results(records)) else 0

@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -41,7 +40,20 @@ from ..reference import rel_error
 from ..testing.decoder import PRESETS, Decoder, hidden_input, linear_shapes, make_model, with_fused_producers
 from ..testing.environment import environment, environment_line
 from ..testing.timing import capture_graph, synchronize, time_steps
-from .common import positive_ints
+from .common import (
+    add_row,
+    announce,
+    cpu_timing_note,
+    int_at_least,
+    one_cpu_thread,
+    parse_names,
+    plain,
+    positive_int,
+    positive_ints,
+    resolve_device,
+    stdout_console,
+    write_text,
+)
 
 MODES = ("eager", "graph", "compiled")
 BF16 = "bf16"
@@ -220,35 +232,44 @@ def to_markdown(rows: list[Row], compile_s: dict[str, float], header: list[str])
 
 
 def print_table(rows: list[Row], compile_s: dict[str, float], title: str) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    table = Table(title=title)
+    console = stdout_console(160)
+    table = Table(title=plain(title))
     for c in COLUMNS:
         table.add_column(c, justify="left" if c in ("variant", "mode", "note") else "right",
                          overflow="fold")
     for r in rows:
-        table.add_row(*_cells(r))
+        add_row(table, *_cells(r))
     console.print(table)
     for k, v in compile_s.items():
-        console.print(f"compile: {k}: {v:.1f} s")
+        console.print(plain(f"compile: {k}: {v:.1f} s"))
 
 
 # -------------------------------------------------------------------------------------------------- CLI
 
 
-def _name_list(text: str) -> list[str]:
-    return [v.strip() for v in text.split(",") if v.strip()]
+GPU_SIZES = {"preset": "deepseek-v3", "batch": [1, 16], "steps": 50, "warmup": 5}
+# CPU: the tiny preset; the forced Triton variant runs in its interpreter (about 2 s a step), so few steps.
+CPU_SIZES = {"preset": "tiny", "batch": [1], "steps": 3, "warmup": 1}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="deepseek-v3", help="model shapes")
-    p.add_argument("--layers", type=int, default=2, help="decoder blocks (default 2; ~1.75 GB each for deepseek-v3)")
-    p.add_argument("--batch", type=positive_ints, default=[1, 16], help="decode batch sizes M, comma-separated")
-    p.add_argument("--steps", type=int, default=50, help="timed decode steps per cell (median reported)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps before timing (default 5; CPU 1)")
-    p.add_argument("--backends", type=_name_list, default=[b for b in backend_names() if b != "reference"],
-                   help="FP8 backends to force, comma-separated (the dispatched 'auto' variant always runs)")
-    p.add_argument("--modes", type=_name_list, default=list(MODES),
-                   help=f"comma-separated subset of {','.join(MODES)} (CPU: eager only)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="model shapes (default: deepseek-v3 on CUDA or with --full, tiny on CPU)")
+    p.add_argument("--layers", type=positive_int, default=2,
+                   help="decoder blocks (default 2; ~1.75 GB each for deepseek-v3)")
+    p.add_argument("--batch", type=positive_ints, default=None,
+                   help="decode batch sizes M, comma-separated (default: 1,16 on CUDA or with --full, 1 on CPU)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="timed decode steps per cell, median reported (default: 50 on CUDA or with --full, 3 on CPU)")
+    p.add_argument("--warmup", type=int_at_least(0), default=None,
+                   help="untimed steps before timing (default: 5 on CUDA or with --full, 1 on CPU)")
+    p.add_argument("--full", action="store_true",
+                   help="the GPU-sized defaults even on CPU (the deepseek-v3 preset: 2.3 GB a layer, very slow there)")
+    p.add_argument("--backends", default=None,
+                   help="FP8 backends to force, comma-separated (default: every one but reference; the dispatched "
+                        "'auto' variant always runs)")
+    p.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} (default: all; "
+                                                 "CPU: eager only)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--json", default=None, help="write rows and environment as JSON to this path")
     p.add_argument("--markdown", default=None, help="write the table as Markdown to this path")
@@ -257,23 +278,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "with 'auto'")
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    for b in args.backends:
-        if b not in backend_names():
-            raise ValueError(f"--backends: {b!r} is not a backend; known: {', '.join(backend_names())}")
-    for mode in args.modes:
-        if mode not in MODES:
-            raise ValueError(f"--modes: {mode!r} is not a mode; known: {', '.join(MODES)}")
-    if args.layers < 1 or args.steps < 1:
-        raise ValueError(f"--layers and --steps must be >= 1, got {args.layers} and {args.steps}")
-
-
-def _command(args: argparse.Namespace) -> str:
+def _command(args: argparse.Namespace, sizes: dict, backends: list[str], modes: list[str]) -> str:
     """The command line that reproduces this run (every option spelled out)."""
-    return (f"blockfp8 bench-e2e --preset {args.preset} --layers {args.layers} "
-            f"--batch {','.join(map(str, args.batch))} --steps {args.steps} --backends {','.join(args.backends)} "
-            f"--modes {','.join(args.modes)}" + (f" --warmup {args.warmup}" if args.warmup is not None else "")
-            + (" --fused" if args.fused else ""))
+    return (f"blockfp8 bench-e2e --preset {sizes['preset']} --layers {args.layers} "
+            f"--batch {','.join(map(str, sizes['batch']))} --steps {sizes['steps']} --warmup {sizes['warmup']} "
+            f"--backends {','.join(backends)} --modes {','.join(modes)}" + (" --fused" if args.fused else ""))
 
 
 def fusion_gains(rows: list[Row]) -> list[str]:
@@ -290,29 +299,36 @@ def fusion_gains(rows: list[Row]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    _check_args(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    modes = [m for m in args.modes if device.type == "cuda" or m == "eager"]
-    settings = Settings(args.batch, args.steps, args.warmup if args.warmup is not None else
-                        (5 if device.type == "cuda" else 1), modes, device)
+    device = resolve_device(args.device)
+    backends = parse_names(args.backends, [b for b in backend_names() if b != "reference"], backend_names(),
+                           "--backends")
+    modes = [m for m in parse_names(args.modes, MODES, MODES, "--modes") if device.type == "cuda" or m == "eager"]
+    big = device.type == "cuda" or args.full
+    defaults = GPU_SIZES if big else CPU_SIZES
+    given = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}
+    sizes = {k: defaults[k] if v is None else v for k, v in given.items()}
+    small = not big and all(v is None for v in given.values())
+    announce(f"bench-e2e: {sizes['preset']} x{args.layers} layers, batch {','.join(map(str, sizes['batch']))}, "
+             f"{sizes['steps']} timed steps per variant ({', '.join(modes)}) on {device.type}"
+             + (" (CPU-sized)" if small else ""),
+             "blockfp8 bench-e2e --full (DeepSeek-V3 shapes, 50 steps, meant for a GPU)" if small else None)
+    settings = Settings(sizes["batch"], sizes["steps"], sizes["warmup"], modes, device)
     env = environment(device)
     print(environment_line(env))
     clear_caches()
 
     t0 = time.perf_counter()
-    bf16_model = make_model(args.preset, args.layers, torch.bfloat16, device)
+    bf16_model = make_model(sizes["preset"], args.layers, torch.bfloat16, device)
     fp8_model = copy.deepcopy(bf16_model)
     convert_model(fp8_model)
     synchronize(device)
-    print(f"built {args.preset} x{args.layers} layers and its FP8 copy in {time.perf_counter() - t0:.1f} s "
+    print(f"built {sizes['preset']} x{args.layers} layers and its FP8 copy in {time.perf_counter() - t0:.1f} s "
           f"(bf16 weights {weight_bytes(bf16_model) / 1e9:.2f} GB, fp8 {weight_bytes(fp8_model) / 1e9:.2f} GB)")
 
     shapes = list(dict.fromkeys(linear_shapes(bf16_model.cfg).values()))
     variants: list[tuple[str, str | None]] = [(BF16, None)]
     skipped: dict[str, str] = {}
-    for b in args.backends:
+    for b in backends:
         why = unsupported_reason(b, shapes, settings.batches, device)
         if why:
             skipped[b] = why
@@ -325,23 +341,29 @@ def run(args: argparse.Namespace) -> int:
     for b, why in skipped.items():
         print(f"skipping {b}: {why}")
 
-    rows, compile_s = run_benchmark(bf16_model, fp8_model, variants, settings, fused_model=fused_model)
-    title = (f"decode TPOT, {args.preset} x{args.layers} layers, median of {args.steps} steps "
+    def log(line: str) -> None:  # progress, one line per finished cell, on stderr with the other commands'
+        print(line, file=sys.stderr, flush=True)
+
+    with one_cpu_thread(device):
+        rows, compile_s = run_benchmark(bf16_model, fp8_model, variants, settings, log=log, fused_model=fused_model)
+    title = (f"decode TPOT, {sizes['preset']} x{args.layers} layers, median of {sizes['steps']} steps "
              f"({', '.join(modes)}; graph = manual CUDA graph capture)")
     print_table(rows, compile_s, title)
     gains = fusion_gains(rows)
     for line in gains:
         print(line)
+    if device.type == "cpu":
+        print(cpu_timing_note(f"median of {sizes['steps']} steps"))
 
-    header = [f"# bench-e2e: {title}", "", f"- environment: {environment_line(env)}", f"- command: `{_command(args)}`"]
+    command = _command(args, sizes, backends, modes)
+    header = [f"# bench-e2e: {title}", "", f"- environment: {environment_line(env)}", f"- command: `{command}`"]
     header += [f"- skipped {b}: {why}" for b, why in skipped.items()]
     header += [f"- {line}" for line in gains]
     if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(to_markdown(rows, compile_s, header))
+        write_text(args.markdown, to_markdown(rows, compile_s, header))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": env, "preset": args.preset, "layers": args.layers, "steps": args.steps,
-                       "warmup": settings.warmup, "modes": modes, "skipped": skipped, "compile_s": compile_s,
-                       "rows": [asdict(r) for r in rows]}, f, indent=1)
+        write_text(args.json, json.dumps({
+            "environment": env, "preset": sizes["preset"], "layers": args.layers, "steps": sizes["steps"],
+            "warmup": sizes["warmup"], "modes": modes, "skipped": skipped, "compile_s": compile_s,
+            "rows": [asdict(r) for r in rows]}, indent=1))
     return 0

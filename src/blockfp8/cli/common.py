@@ -1,9 +1,31 @@
-"""What every subcommand shares: argument parsing helpers."""
+"""What every subcommand shares: argument parsing, output files, progress and plain-text rendering."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+
+class UsageError(ValueError):
+    """A bad command line (what argparse reports): printed as one line, like every other user error."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` instead of printing usage and exiting, so that ``main`` reports a bad
+    argument in one line like any other user error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def parse_names(spec: str | None, default: Iterable[str], allowed: Iterable[str] | None = None,
@@ -26,3 +48,151 @@ def positive_ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
     return values
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: one int >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def resolve_device(spec: str | None, option: str = "--device") -> torch.device:
+    """The device a ``--device`` option names (None: CUDA when available, else the CPU); a ``ValueError``
+    naming the option for anything else than cpu or an existing CUDA device."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:  # torch's own message lists every device type it knows
+        raise ValueError(f"{option} {spec!r} is not a device; expected cpu or cuda[:INDEX]") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{option} {spec!r}: expected cpu or cuda[:INDEX]")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {spec}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def cpu_timing_note(what: str) -> str:
+    """The line that goes under CPU times: how they were taken (``what``) and what they cannot say."""
+    return f"CPU times: one thread, {what}; small CPU matmuls measure Python and dispatch overhead, not a GPU's speed"
+
+
+@contextmanager
+def one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run the block with one intra-op thread when ``device`` is the CPU. Small matmuls timed with the default
+    pool on a 2-core machine stalled for whole scheduler ticks (8-60 ms for calls that take 0.02-1.1 ms with one
+    thread, ``blockfp8 demo`` runs in docs/e2e.md), so the times were noise."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ output files
+
+
+@contextmanager
+def naming_path(path: str | Path) -> Iterator[None]:
+    """Give an operating-system error raised inside the block ``path`` as its file name when neither its file
+    name nor its message names a file: a full disk (``ENOSPC``) or a failed flush reports only the error number,
+    and the one-line message must say where."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno is not None and e.filename is None and str(path) not in str(e):
+            e.filename = str(path)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write one of a command's output files (``--json``, ``--markdown``, ...)."""
+    with naming_path(path):
+        Path(path).write_text(text)
+
+
+# ----------------------------------------------------------------------------------------- what gets printed
+
+
+def plain(value: object, style: str = "") -> Text:
+    """``value`` as text that rich prints as written: a plain string would be read as markup, and an install
+    hint such as ``pip install 'blockfp8[plot]'`` would lose its ``[plot]``."""
+    return value if isinstance(value, Text) else Text(str(value), style=style)
+
+
+def add_row(table: Table, *cells: object) -> None:
+    """Add a row of plain-text cells (``plain``) to a rich table."""
+    table.add_row(*(plain(c) for c in cells))
+
+
+def stdout_console(width: int = 160) -> Console:
+    """The console a command prints its result on; a log file gets ``width`` columns instead of the
+    80-column squeeze rich applies when stdout is not a terminal."""
+    console = Console()
+    return console if console.is_terminal else Console(width=width)
+
+
+def announce(what: str, full: str | None = None) -> None:
+    """Say on stderr, before the work starts, what the command is about to do and (for the CPU-sized defaults)
+    how to run the full version: a user on a slow machine knows at once what to expect."""
+    line = what if full is None else f"{what}; the full version: {full}"
+    print(line, file=sys.stderr, flush=True)
+
+
+class CellProgress:
+    """Progress over a known number of cells on stderr: a rich bar on a terminal, otherwise one plain line per
+    finished cell with the time so far and an estimate of the time left (what a log file or CI can show)."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label, self.done = total, label, 0
+        self.console = Console(stderr=True)
+        self.t0 = time.perf_counter()
+        self.bar: Progress | None = None
+        if self.console.is_terminal:
+            self.bar = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.task = self.bar.add_task(label, total=total)
+
+    def __enter__(self) -> CellProgress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def step(self, description: str) -> None:
+        """What is running now (shown on the bar only: a log gets a line per finished cell)."""
+        if self.bar is not None:
+            self.bar.update(self.task, description=description)
+
+    def advance(self, description: str = "") -> None:
+        """One cell finished."""
+        self.done += 1
+        if self.bar is not None:
+            self.bar.advance(self.task)
+            return
+        elapsed = time.perf_counter() - self.t0
+        left = elapsed / self.done * (self.total - self.done)
+        what = f" {description}" if description else ""
+        print(f"{self.label} {self.done}/{self.total}{what} done: {elapsed:.0f} s so far, about {left:.0f} s left",
+              file=sys.stderr, flush=True)

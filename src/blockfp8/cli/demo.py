@@ -14,11 +14,9 @@ import argparse
 import copy
 import json
 import statistics
-import sys
 import time
 
 import torch
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -30,8 +28,20 @@ from ..reference import rel_error
 from ..testing.decoder import PRESETS, Decoder, hidden_input, make_model
 from ..testing.environment import environment, environment_line
 from ..testing.timing import synchronize, time_steps
+from .common import (
+    add_row,
+    announce,
+    cpu_timing_note,
+    one_cpu_thread,
+    plain,
+    positive_int,
+    resolve_device,
+    stdout_console,
+    write_text,
+)
 
 PROBE_LAYER = "layers.0.attn.fused_qkv_a_proj"
+REPS = 20  # timed calls per layer; on the CPU (one thread) the tiny model's 12 layers take well under a second
 
 
 def _record(model: nn.Module, kinds: tuple[type, ...]) -> tuple[dict, list]:
@@ -84,37 +94,41 @@ def _fmt(v: float | None, spec: str) -> str:
 
 
 def _print_report(result: dict) -> None:
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    console.print(result["environment_line"])
+    console = stdout_console(140)
+    console.print(plain(result["environment_line"]))
     cfg = result["model"]
-    table = Table(title=f"{cfg['preset']} decoder, {cfg['layers']} layer(s), batch {cfg['batch']}: "
-                        "block-FP8 vs bf16, layer by layer")
+    table = Table(title=plain(f"{cfg['preset']} decoder, {cfg['layers']} layer(s), batch {cfg['batch']}: "
+                              "block-FP8 vs bf16, layer by layer"))
     for col in ("layer", "N x K", "backend", "rel err vs bf16", "fp8 ms", "bf16 ms"):
         table.add_column(col, justify="left" if col in ("layer", "backend") else "right")
     for r in result["layers"]:
-        table.add_row(r["layer"], f"{r['n']} x {r['k']}", r["backend"], _fmt(r["rel_err"], ".2e"),
-                      _fmt(r["fp8_ms"], ".3f"), _fmt(r["bf16_ms"], ".3f"))
+        add_row(table, r["layer"], f"{r['n']} x {r['k']}", r["backend"], _fmt(r["rel_err"], ".2e"),
+                _fmt(r["fp8_ms"], ".3f"), _fmt(r["bf16_ms"], ".3f"))
     console.print(table)
     for name, why in result["skipped"].items():
-        console.print(f"kept in bf16: {name} ({why})")
+        console.print(plain(f"kept in bf16: {name} ({why})"))
     console.print(f"model output vs bf16: cosine similarity {result['cosine']:.5f}, "
                   f"relative error {result['output_rel_err']:.2e}")
     probe = result["probe"]
-    ptable = Table(title=f"{probe['layer']} (M={probe['m']}, N={probe['n']}, K={probe['k']}) through every backend")
+    ptable = Table(title=plain(f"{probe['layer']} (M={probe['m']}, N={probe['n']}, K={probe['k']}) through every "
+                               "backend"))
     for col in ("backend", "rel err vs reference", "ms", "note"):
         ptable.add_column(col, justify="right" if col in ("rel err vs reference", "ms") else "left")
     for r in probe["results"]:
-        ptable.add_row(r["backend"], _fmt(r["rel_err"], ".2e"), _fmt(r["ms"], ".3f"), r["note"])
+        add_row(ptable, r["backend"], _fmt(r["rel_err"], ".2e"), _fmt(r["ms"], ".3f"), r["note"])
     console.print(ptable)
+    if result["environment"]["device"] == "cpu":
+        console.print(plain(cpu_timing_note(f"median of {result['reps']} calls")))
     console.print(f"demo finished in {result['seconds']:.1f} s")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
+    p.add_argument("--device", default=None, help="cpu or cuda[:INDEX] (default: cuda when available)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="model shapes (default: tiny on CPU, deepseek-v3 on CUDA)")
-    p.add_argument("--layers", type=int, default=None, help="decoder blocks (default: 2 for tiny, 1 for deepseek-v3)")
-    p.add_argument("--batch", type=int, default=4, help="tokens per decode step (M)")
+    p.add_argument("--layers", type=positive_int, default=None,
+                   help="decoder blocks (default: 2 for tiny, 1 for deepseek-v3)")
+    p.add_argument("--batch", type=positive_int, default=4, help="tokens per decode step (M)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this path")
 
 
@@ -133,7 +147,6 @@ def demo(device: torch.device, preset: str, layers: int, batch: int) -> dict:
         y = fp8_model(x).float()
         for h in (*ref_hooks, *fp8_hooks):
             h.remove()
-        reps = 20 if device.type == "cuda" else 3
         modules = dict(fp8_model.named_modules())
         ref_modules = dict(bf16_model.named_modules())
         rows = []
@@ -147,35 +160,34 @@ def demo(device: torch.device, preset: str, layers: int, batch: int) -> dict:
                 "layer": name, "n": n, "k": k, "m": m,
                 "backend": explain(m, n, k, device, x_in.dtype).choice or "none",
                 "rel_err": rel_error(out.float(), ref_out.float()),
-                "fp8_ms": _ms_per_call(lambda layer=layer, x_in=x_in: layer(x_in), device, reps),
-                "bf16_ms": _ms_per_call(lambda n=name, r=ref_in: ref_modules[n](r), device, reps),
+                "fp8_ms": _ms_per_call(lambda layer=layer, x_in=x_in: layer(x_in), device, REPS),
+                "bf16_ms": _ms_per_call(lambda n=name, r=ref_in: ref_modules[n](r), device, REPS),
             })
         probe_layer = modules[PROBE_LAYER]
         probe_in = fp8_store[PROBE_LAYER][0]
         probe = {"layer": PROBE_LAYER, "m": probe_in.numel() // probe_layer.in_features,
                  "n": probe_layer.out_features, "k": probe_layer.in_features,
-                 "results": _probe(probe_layer, probe_in, device, reps)}
+                 "results": _probe(probe_layer, probe_in, device, REPS)}
     synchronize(device)
     cosine = torch.nn.functional.cosine_similarity(y.flatten(), y_ref.flatten(), dim=0).item()
     return {
         "environment": env, "environment_line": environment_line(env),
         "model": {"preset": preset, "layers": layers, "batch": batch},
         "layers": rows, "skipped": report.skipped, "cosine": cosine, "output_rel_err": rel_error(y, y_ref),
-        "probe": probe, "seconds": time.perf_counter() - t0,
+        "probe": probe, "reps": REPS, "seconds": time.perf_counter() - t0,
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     preset = args.preset or ("deepseek-v3" if device.type == "cuda" else "tiny")
     layers = args.layers if args.layers is not None else (1 if preset == "deepseek-v3" else 2)
-    if layers < 1 or args.batch < 1:
-        raise ValueError(f"--layers and --batch must be >= 1, got {layers} and {args.batch}")
-    result = demo(device, preset, layers, args.batch)
+    announce(f"demo: {preset} decoder, {layers} layer(s), batch {args.batch}, on {device.type}"
+             + (" (CPU-sized: a few seconds; --preset deepseek-v3 has the real layer shapes, for a GPU)"
+                if preset == "tiny" else ""))
+    with one_cpu_thread(device):
+        result = demo(device, preset, layers, args.batch)
     _print_report(result)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "environment_line"}, f, indent=1)
+        write_text(args.json, json.dumps({k: v for k, v in result.items() if k != "environment_line"}, indent=1))
     return 0

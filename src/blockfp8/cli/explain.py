@@ -6,19 +6,22 @@ from __future__ import annotations
 import argparse
 
 from .. import tuning_cache
-from ..dispatch import explain
+from ..dispatch import check_backend_name, explain
+from .common import positive_int, resolve_device
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("m", type=int)
-    p.add_argument("n", type=int)
-    p.add_argument("k", type=int)
-    p.add_argument("--device", default=None)
+    # M = 0 is a valid call of the library (an empty output), but there is nothing to choose for it.
+    p.add_argument("m", type=positive_int, help="tokens: rows of the activation (>= 1)")
+    p.add_argument("n", type=positive_int, help="output features: rows of the weight (>= 1)")
+    p.add_argument("k", type=positive_int, help="input features (>= 1)")
+    p.add_argument("--device", default=None, help="cpu or cuda[:INDEX] (default: cuda when available)")
     p.add_argument("--backend", default=None, help="show what forcing this backend would do")
 
 
 def run(args: argparse.Namespace) -> int:
-    ex = explain(args.m, args.n, args.k, device=args.device, backend=args.backend)
+    check_backend_name(args.backend, "--backend")
+    ex = explain(args.m, args.n, args.k, device=resolve_device(args.device), backend=args.backend)
     print(ex)
     found = tuning_cache.load(ex.problem.device_id)
     if found is not None:

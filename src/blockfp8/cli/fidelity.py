@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 
-from rich.console import Console
 from rich.table import Table
 
-from ..testing.fidelity import DTYPES, TOP_K, FidelityResult, measure_fidelity
+from ..testing.fidelity import DTYPES, MODEL_NAME, TOP_K, FidelityResult, measure_fidelity, require_extra
+from .common import add_row, announce, plain, resolve_device, stdout_console, write_text
+
+# 300 sentences take about a minute on a 2-core CPU (the model runs twice over them); 100 keep it near 20 s.
+GPU_SENTENCES, CPU_SENTENCES = 300, 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sentences", type=int, default=300, help="number of generated sentences (default 300)")
+    parser.add_argument("--sentences", type=int, default=None,
+                        help=f"number of generated sentences (default: {GPU_SENTENCES} on CUDA or with --full, "
+                             f"{CPU_SENTENCES} on CPU)")
+    parser.add_argument("--full", action="store_true", help=f"{GPU_SENTENCES} sentences even on CPU (about a minute)")
     parser.add_argument("--ue8m0", action="store_true", help="round weight scales to powers of two (UE8M0)")
     parser.add_argument("--backend", default=None, help="force a GEMM backend (default: the dispatcher chooses)")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", default=None, help="cpu or cuda[:INDEX] (default: cuda when available)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="dtype of both models' activations (default float32)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the result to this JSON file")
@@ -23,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _table(result: FidelityResult):
     scale = "UE8M0 (power-of-two)" if result.ue8m0 else "fp32"
-    table = Table(title=f"{result.model}: block-FP8 vs original ({result.dtype}, {result.device}, {scale} scales)")
+    table = Table(title=plain(f"{result.model}: block-FP8 vs original ({result.dtype}, {result.device}, {scale} "
+                              f"scales)"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     rows = [
@@ -40,7 +47,7 @@ def _table(result: FidelityResult):
         ("weight rel. error worst", f"{result.weight_error_worst:.4f} ({result.weight_error_worst_layer})"),
     ]
     for row in rows:
-        table.add_row(*row)
+        add_row(table, *row)
     return table
 
 
@@ -54,13 +61,20 @@ def _quiet_loading() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    console = Console()
+    require_extra()  # before anything else: without it, the install hint is all there is to say
+    device = resolve_device(args.device)
+    big = device.type == "cuda" or args.full
+    sentences = args.sentences if args.sentences is not None else (GPU_SENTENCES if big else CPU_SENTENCES)
+    small = not big and args.sentences is None
+    announce(f"fidelity: {MODEL_NAME} and its block-FP8 copy embed {sentences} generated sentences on {device.type}"
+             + (" (CPU-sized: about 20 s)" if small else ""),
+             f"blockfp8 fidelity --full ({GPU_SENTENCES} sentences, about a minute on CPU)" if small else None)
+    console = stdout_console()
     _quiet_loading()
-    with console.status(f"embedding {args.sentences} sentences with the original and the block-FP8 model"):
-        result = measure_fidelity(args.sentences, backend=args.backend, ue8m0=args.ue8m0, device=args.device,
+    with console.status(f"embedding {sentences} sentences with the original and the block-FP8 model"):
+        result = measure_fidelity(sentences, backend=args.backend, ue8m0=args.ue8m0, device=device,
                                   dtype=DTYPES[args.dtype])
     console.print(_table(result))
     if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(result.to_dict(), f, indent=2)
+        write_text(args.json_path, json.dumps(result.to_dict(), indent=2))
     return 0

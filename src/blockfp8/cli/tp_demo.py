@@ -7,7 +7,7 @@ compute the same model; rank 0 also runs the unsharded model and reports the rel
 output, the time per decode step (TPOT) and each local GEMM's time with the backend the dispatcher chose.
 
     torchrun --nproc-per-node 8 -m blockfp8 tp-demo --layers 4 --steps 50 --batch 1 8 32 --json tp8.json
-    blockfp8 tp-demo --small              # one process, TP 1, CPU-sized shapes
+    blockfp8 tp-demo                      # one process, TP 1; on CPU the shapes / 16 (--small) by default
 
 NCCL and ``cuda:LOCAL_RANK`` when CUDA is available, gloo on CPU otherwise.
 """
@@ -26,7 +26,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
@@ -39,6 +38,16 @@ from ..reference import rel_error
 from ..testing.operands import random_fp8_weight, weight_copies
 from ..testing.shapes import shape_set
 from ..testing.timing import capture_graph, time_fn, time_steps
+from .common import (
+    add_row,
+    announce,
+    cpu_timing_note,
+    one_cpu_thread,
+    plain,
+    positive_int,
+    stdout_console,
+    write_text,
+)
 
 # One decoder layer: (pair name, up layer, down layer, gated), layer names from data/shapes.json. ``None`` stands
 # for the transpose of its partner -- not a DeepSeek-V3 layer, chosen so the pair chains back to the hidden
@@ -221,54 +230,94 @@ def _run_batch(model, ref, shapes, m: int, args, device, group) -> dict:
 
 
 def _print(report: dict) -> None:
-    console = Console(width=max(Console().width, 150))
-    console.print(f"[bold]TP {report['world_size']}[/] on {report['device']} ({report['dist_backend']}), "
-                  f"{report['layers']} layer(s) x {len(report['pairs'])} pairs, shapes {report['shapes']}"
-                  f"{' (small)' if report['small'] else ''}, all-reduce in {report['reduce_dtype']} for timing")
+    console = stdout_console(150)
+    console.print(plain(f"TP {report['world_size']} on {report['device']} ({report['dist_backend']}), "
+                        f"{report['layers']} layer(s) x {len(report['pairs'])} pairs, shapes {report['shapes']}"
+                        f"{' (small)' if report['small'] else ''}, all-reduce in {report['reduce_dtype']} for timing"))
     for r in report["batches"]:
         graph = r["tpot_ms_cuda_graph"]
-        console.print(f"M={r['M']}: TPOT eager {r['tpot_ms_eager']:.3f} ms"
-                      + (f", CUDA graph {graph:.3f} ms" if graph is not None else "")
-                      + (f" (graph failed: {r['cuda_graph_error']})" if r["cuda_graph_error"] else ""))
+        console.print(plain(f"M={r['M']}: TPOT eager {r['tpot_ms_eager']:.3f} ms"
+                            + (f", CUDA graph {graph:.3f} ms" if graph is not None else "")
+                            + (f" (graph failed: {r['cuda_graph_error']})" if r["cuda_graph_error"] else "")))
         for name, by_dtype in r["max_rel_error_vs_tp1"].items():
             errs = ", ".join(f"{e:.2e} ({d} all-reduce)" for d, e in by_dtype.items())
-            console.print(f"  max rel error vs TP 1, {name.replace('_', ' ')}: {errs}")
+            console.print(plain(f"  max rel error vs TP 1, {name.replace('_', ' ')}: {errs}"))
         table = Table("layer", "style", "N x K", "local N x K (rank 0)", "backend", "us (slowest rank)",
                       "weight GB/s", "timing", title=f"local linear (quantize + GEMM) per shard, M={r['M']}")
         for g in r["gemms"]:
-            table.add_row(g["layer"], g["style"], f"{g['N']} x {g['K']}", f"{g['local_N']} x {g['local_K']}",
-                          str(g["backend"]), f"{g['us']:.1f}", f"{g['weight_GBps']:.1f}", g["timing"])
+            add_row(table, g["layer"], g["style"], f"{g['N']} x {g['K']}", f"{g['local_N']} x {g['local_K']}",
+                    g["backend"], f"{g['us']:.1f}", f"{g['weight_GBps']:.1f}", g["timing"])
         console.print(table)
+    if report["device"] == "cpu":
+        gloo = "; gloo stands in for NCCL" if report["dist_backend"] == "gloo" else ""
+        console.print(plain(cpu_timing_note(f"median of {report['steps']} steps") + gloo))
+
+
+# What runs without --full: GPU-sized (DeepSeek-V3 shapes, 20 steps) under CUDA; CPU-sized (every dimension / 16,
+# 5 steps) otherwise, where the full shapes take minutes per step.
+GPU_SIZES = {"steps": 20, "gemm_reps": 20}
+CPU_SIZES = {"steps": 5, "gemm_reps": 5}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers (each one pair per preset entry)")
-    parser.add_argument("--steps", type=int, default=20, help="decode steps timed and checked")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="tokens per decode step (M), one or more")
+    parser.add_argument("--layers", type=positive_int, default=2,
+                        help="decoder layers (each one pair per preset entry)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="decode steps timed and checked (default: 20 on CUDA or with --full, 5 on CPU)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1],
+                        help="tokens per decode step (M), one or more")
     parser.add_argument("--shapes", default="deepseek-v3", choices=sorted(PAIRS))
-    parser.add_argument("--small", action="store_true", help=f"divide every dimension by {SMALL_DIVISOR} (CPU)")
+    parser.add_argument("--small", action="store_true",
+                        help=f"divide every dimension by {SMALL_DIVISOR} (the default on CPU)")
+    parser.add_argument("--full", action="store_true",
+                        help="the GPU-sized defaults (full shapes, 20 steps) even on CPU, where they take minutes")
     parser.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=True,
                         help="also time decode steps as CUDA graph replays (GPU only)")
-    parser.add_argument("--gemm-reps", type=int, default=20, help="timed repetitions per local GEMM")
+    parser.add_argument("--gemm-reps", type=positive_int, default=None,
+                        help="timed repetitions per local GEMM (default: 20 on CUDA or with --full, 5 on CPU)")
     parser.add_argument("--reduce-dtype", choices=sorted(REDUCE_DTYPES), default="bf16",
                         help="dtype of the row-parallel partials and all-reduce while timing (errors show both)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the report (rank 0) to this file")
 
 
+def _sizes(args: argparse.Namespace, device: torch.device) -> tuple[bool, dict]:
+    """(small shapes?, steps and GEMM repetitions) from the arguments and the device."""
+    if args.small and args.full:
+        raise ValueError("--small and --full contradict each other: pass one")
+    big = device.type == "cuda" or args.full
+    small = args.small or not big
+    defaults = GPU_SIZES if big else CPU_SIZES
+    given = {"steps": args.steps, "gemm_reps": args.gemm_reps}
+    return small, {k: defaults[k] if v is None else v for k, v in given.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     rank, world_size, device, group = _init()
     try:
-        shapes = pair_shapes(args.shapes, args.small)
+        small, sizes = _sizes(args, device)
+        args.small, args.steps, args.gemm_reps = small, sizes["steps"], sizes["gemm_reps"]
+        if rank == 0:
+            cpu_sized = small and device.type == "cpu" and not args.full
+            announce(f"tp-demo: TP {world_size}, {args.layers} layer(s), {args.shapes} shapes"
+                     f"{' / ' + str(SMALL_DIVISOR) if small else ''}, batch {' '.join(map(str, args.batch))}, "
+                     f"{args.steps} steps on {device.type}" + (" (CPU-sized)" if cpu_sized else ""),
+                     "blockfp8 tp-demo --full (the real shapes; under torchrun on GPUs)" if cpu_sized else None)
+        shapes = pair_shapes(args.shapes, small)
         model, ref = build_models(shapes, args.layers, rank, world_size, group, device, args.seed)
-        batches = [_run_batch(model, ref, shapes, m, args, device, group) for m in args.batch]
+        batches = []
+        with one_cpu_thread(device):
+            for m in args.batch:
+                batches.append(_run_batch(model, ref, shapes, m, args, device, group))
+                if rank == 0:
+                    announce(f"tp-demo: M={m} done")
         if rank == 0:
             report = {
                 "world_size": world_size,
                 "device": device_key(device),
                 "dist_backend": dist.get_backend() if group else "none",
                 "torch": torch.__version__,
-                "shapes": args.shapes, "small": args.small, "layers": args.layers, "steps": args.steps,
+                "shapes": args.shapes, "small": small, "layers": args.layers, "steps": args.steps,
                 "reduce_dtype": args.reduce_dtype,
                 "pairs": [p.__dict__ for p in shapes],
                 "batches": batches,
@@ -276,13 +325,10 @@ def run(args: argparse.Namespace) -> int:
             }
             _print(report)
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(report, f, indent=2)
+                write_text(args.json, json.dumps(report, indent=2))
         if group is not None:
             dist.barrier(group=group)  # tear down together: a rank leaving early can abort in gloo's threads
     finally:
         if group is not None:
             dist.destroy_process_group()
     return 0
-
-

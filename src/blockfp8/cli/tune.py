@@ -22,6 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from .. import tables, tuning_cache
 from ..backends import backend_names
@@ -132,16 +133,12 @@ def run(args: argparse.Namespace) -> int:
     console, err = Console(), Console(stderr=True)
     if not console.is_terminal:
         console = Console(width=200)
-    try:
-        shapes = _shapes(args)
-        ms = parse_m_values(args.m)
-        backends = parse_names(args.backends, backend_names(), backend_names(), "--backends")
-        for flag in ("reps", "verify_reps"):
-            if getattr(args, flag) < 1:
-                raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    except (ValueError, FileNotFoundError) as e:
-        err.print(f"[red]error:[/] {e}")
-        return 2
+    shapes = _shapes(args)
+    ms = parse_m_values(args.m)
+    backends = parse_names(args.backends, backend_names(), backend_names(), "--backends")
+    for flag in ("reps", "verify_reps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.list:
         for s in shapes:
             console.print(f"{s.name}: N={s.n} K={s.k}")
@@ -149,15 +146,14 @@ def run(args: argparse.Namespace) -> int:
                       f"{len(shapes) * len(ms)} cells")
         return 0
     if not torch.cuda.is_available():
-        err.print(f"[red]error:[/] {NEEDS_CUDA}")
-        return 2
+        raise ValueError(NEEDS_CUDA)
     device = torch.device("cuda", torch.cuda.current_device())
     if args.verify:
         return _run_verify(args, shapes, ms, device, console, err)
 
     def on_bad(t: Trial) -> None:
         why = f"rel error {t.rel_error:.3g} > {TOLERANCE}" if t.status == Status.WRONG else t.reason
-        err.print(f"[bold red]DISCARDED {t.status.upper()} {t.config.label}: {why}[/]")
+        err.print(Text(f"DISCARDED {t.status.upper()} {t.config.label}: {why}", style="bold red"))
 
     t0 = time.perf_counter()
     try:
@@ -170,9 +166,8 @@ def run(args: argparse.Namespace) -> int:
                           on_cell=lambda s: (progress.update(task, description=s), progress.advance(task)),
                           on_bad=on_bad)
     except OSError as e:
-        err.print(f"[red]error:[/] cannot write the tuning cache in {tuning_cache.cache_dir()}: {e} (set "
-                  f"{tuning_cache.ENV_DIR} to a writable folder); the shapes finished before are kept")
-        return 2
+        raise OSError(f"cannot write the tuning cache in {tuning_cache.cache_dir()}: {e} (set "
+                      f"{tuning_cache.ENV_DIR} to a writable folder); the shapes finished before are kept") from e
     total_s = time.perf_counter() - t0
     return _report_tune(args, result, total_s, device, console)
 

