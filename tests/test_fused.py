@@ -58,7 +58,8 @@ def test_definitions_agree_with_the_plain_torch_ops():
 
 
 def test_mean_square_does_not_depend_on_the_summation_order():
-    x = _x(4, 5000, dtype=torch.float32, seed=7) * torch.tensor([1.0, 1e-30, 1e30, 1.0]).view(4, 1)
+    x = _x(4, 5000, dtype=torch.float32, seed=7)
+    x = x * torch.tensor([1.0, 1e-30, 1e30, 1.0], device=x.device).view(4, 1)
     perm = torch.randperm(5000, device=x.device)
     assert torch.equal(mean_square(x), mean_square(x[:, perm]))
     assert torch.equal(mean_square(x), mean_square(x.flip(-1)))

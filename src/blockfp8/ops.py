@@ -142,7 +142,12 @@ class GraphedLinear:
     @classmethod
     def build(cls, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, stream: int) -> GraphedLinear:
         x = example.contiguous().clone()
-        pool = cls._pools.setdefault((x.device.index, stream), torch.cuda.graph_pool_handle())
+        # A shared pool lives as long as a graph captured into it: once all are freed (their layers gone), torch
+        # frees the pool and its handle must not be reused, so a new one is made.
+        pool, members = cls._pools.get((x.device.index, stream), (None, None))
+        if not members:
+            pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
+            cls._pools[(x.device.index, stream)] = (pool, members)
         try:
             # The warm-up call compiles and fills every cache outside the capture.
             graph, out = capture_graph(lambda: fn(x), warmup=1, pool=pool, thread_local=True)
@@ -153,7 +158,9 @@ class GraphedLinear:
             warnings.warn(f"blockfp8: capturing an eager linear into a CUDA graph failed ({type(e).__name__}: {e}); "
                           "eager calls launch their kernels directly from now on", RuntimeWarning, stacklevel=2)
             return cls(stream, False)
-        return cls(stream, True, graph, x, out)
+        graphed = cls(stream, True, graph, x, out)
+        members.add(graphed)
+        return graphed
 
     def __call__(self, x2: torch.Tensor) -> torch.Tensor:
         self.x.copy_(x2)

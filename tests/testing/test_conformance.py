@@ -79,8 +79,10 @@ def test_error_rounding_does_not_explain_is_wrong(monkeypatch):
 
     monkeypatch.setattr(type(be), "run", off_by)
     monkeypatch.setattr(type(be), "plan", Backend.plan)  # the bound launch goes through run as well
+    monkeypatch.setattr(be, "capturable", False)  # off_by copies CPU noise to the device: not capturable
     cells = check_matrix([Shape(130, 1000)], [7], ["triton"], DEVICE, progress=False).cells
-    assert cells[0].status == "wrong" and 2.0e-3 < cells[0].error < 3e-3, cells[0]
+    # 2.3e-3 of noise against the reference rounded to bf16 measures 2.3-3.1e-3 (CPU / H200).
+    assert cells[0].status == "wrong" and 2.0e-3 < cells[0].error < 3.5e-3, cells[0]
 
 
 def test_wrong_and_crashed_backends_are_caught(monkeypatch):

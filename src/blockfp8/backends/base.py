@@ -117,6 +117,8 @@ class Backend:
     ``scale_layout`` is the activation-scale layout the backend reads best (``format.SCALE_LAYOUTS``).
     ``capturable``: its ``run`` may be recorded into a CUDA graph (no host synchronization, no allocation
     outside torch's allocator); eager decode calls replay such graphs (``ops.GraphedLinear``).
+    ``bias_epilogue``: the bias is added inside the kernel before the one rounding to the output dtype; False for
+    a backend that adds it in a second pass (``add_bias``), which rounds the output twice.
     """
 
     name: str
@@ -124,6 +126,7 @@ class Backend:
     scale_layout: str = "row"
     external: bool = False
     capturable: bool = True
+    bias_epilogue: bool = True
     _availability: Support | None = field(default=None, repr=False)
 
     def availability(self) -> Support:

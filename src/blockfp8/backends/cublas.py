@@ -96,4 +96,5 @@ BACKEND = CublasBackend(
     ),
     scale_layout="col",
     external=True,
+    bias_epilogue=False,  # add_bias: a second bf16 rounding
 )

@@ -94,22 +94,29 @@ class CheckResult:
                 "cells": [asdict(c) for c in self.cells]}
 
 
-def dtype_tolerance(out_dtype: torch.dtype) -> float:
+def dtype_tolerance(out_dtype: torch.dtype, roundings: int = 1) -> float:
     """The largest relative Frobenius error against the reference rounded to ``out_dtype`` that rounding and
-    accumulation order explain (derivation in the module docstring)."""
-    return ROUNDING_RMS * torch.finfo(out_dtype).eps + ACCUMULATION
+    accumulation order explain (derivation in the module docstring). ``roundings``: how many times the output
+    is rounded to ``out_dtype`` (2 for a backend that adds the bias in a second pass); independent roundings add
+    in quadrature."""
+    return math.sqrt(roundings) * ROUNDING_RMS * torch.finfo(out_dtype).eps + ACCUMULATION
 
 
-def tolerance_for(ref: torch.Tensor) -> float:
-    """``dtype_tolerance`` of ``ref``'s dtype plus one ulp of ``ref``'s largest element, relative to ``ref``'s
-    norm: what a single rounding flip can add to an output of few elements."""
+def tolerance_for(ref: torch.Tensor, roundings: int = 1) -> float:
+    """``dtype_tolerance`` of ``ref``'s dtype plus one ulp of ``ref``'s largest element per rounding, relative
+    to ``ref``'s norm: what a single rounding flip can add to an output of few elements."""
     r = ref.detach().double()
     norm = r.norm().item()
     if norm == 0.0 or not math.isfinite(norm):
-        return dtype_tolerance(ref.dtype)
+        return dtype_tolerance(ref.dtype, roundings)
     # ulp(x) = eps * 2^floor(log2 |x|) for a normal x of the output dtype.
     ulp = torch.finfo(ref.dtype).eps * 2.0 ** math.floor(math.log2(r.abs().max().item()))
-    return dtype_tolerance(ref.dtype) + ulp / norm
+    return dtype_tolerance(ref.dtype, roundings) + roundings * ulp / norm
+
+
+def roundings_of(backend: str, with_bias: bool) -> int:
+    """How many times ``backend`` rounds its output: twice when it adds a bias in a second pass."""
+    return 1 if not with_bias or get_backend(backend).bias_epilogue else 2
 
 
 def _worst(errors: list[float]) -> float:
