@@ -12,8 +12,6 @@ import cProfile
 import io
 import json
 import pstats
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,20 +24,11 @@ from blockfp8.backends.triton.configs import get_config
 from blockfp8.dispatch import choose
 from blockfp8.ops import quantize_for
 from blockfp8.testing.operands import random_fp8_weight
+from blockfp8.testing.timing import host_time_us
 
 
-def host_us(fn, calls: int = 2000, runs: int = 5) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        samples.append((time.perf_counter() - t0) / calls * 1e6)
-    return statistics.median(samples)
+def host_us(fn) -> float:
+    return host_time_us(fn, "cuda")
 
 
 def measure_shape(n: int, k: int, m: int) -> dict:

@@ -37,9 +37,6 @@ from .quant import QuantizedActivation, dequantize_weight, quantize_activation
 from .timer import capture_graph
 from .validate import check_gemm_input, check_linear_input
 
-# Eager decode calls replay a per-plan CUDA graph (GraphedLinear); BLOCKFP8_EAGER_GRAPHS=0 launches directly.
-EAGER_GRAPHS = os.environ.get("BLOCKFP8_EAGER_GRAPHS", "1") != "0"
-
 
 def _rows(shape: torch.Size) -> int:
     return math.prod(shape[:-1])
@@ -77,15 +74,14 @@ class LinearPlan:
     """One weight's GEMM at M rows, everything decided that does not depend on the activation: the backend, its
     bound launch (``Backend.plan``) and, for ``linear``, the quantizer's scale layout.
 
-    ``quantize``: the plan takes float activations (``linear``), else fp8 activations with scales (``gemm``).
+    ``linear`` takes float activations, ``gemm`` fp8 activations with their scales.
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool,
-                 operands: Operands | None = None) -> None:
+                 out_dtype: torch.dtype, m: int, backend: str | None, operands: Operands | None = None) -> None:
         n, k = weight.shape
         self.weight, self.weight_scale_inv, self.bias = weight, weight_scale_inv, bias
-        self.m, self.n, self.out_dtype, self.quantize = m, n, out_dtype, quantize
+        self.m, self.n, self.out_dtype = m, n, out_dtype
         # ``operands`` (built only if online tuning measures this cell, on its first call) are this call's.
         self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands)
         self.launch = self.backend.plan(weight, weight_scale_inv, bias, out_dtype, m)
@@ -133,7 +129,8 @@ class GraphedLinear:
     """
 
     _pools: dict[tuple, object] = {}
-    enabled = EAGER_GRAPHS  # cleared for the process after a capture fails (see build)
+    # BLOCKFP8_EAGER_GRAPHS=0 launches directly; cleared for the process after a capture fails (see build).
+    enabled = os.environ.get("BLOCKFP8_EAGER_GRAPHS", "1") != "0"
 
     def __init__(self, stream: int, ok: bool, graph=None, x: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> None:
@@ -201,9 +198,6 @@ class PlanCache:
             self._plans.popitem(last=False)
         return plan
 
-    def clear(self) -> None:
-        self._plans.clear()
-
     def __deepcopy__(self, memo: dict) -> PlanCache:
         # A copied layer has copied weights: it builds its own plans.
         return PlanCache(self.size)
@@ -238,7 +232,7 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     m = _rows(x.shape)
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend or None, True,
+    return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend or None,
                       _linear_operands(x, weight, weight_scale_inv)).linear(x)
 
 
@@ -272,7 +266,7 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     m = _rows(x_fp8.shape)
     if m == 0:
         return x_fp8.new_empty(*x_fp8.shape[:-1], n, dtype=out_dtype)
-    return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend or None, False,
+    return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend or None,
                       _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv)).gemm(x_fp8, x_scale)
 
 
@@ -296,7 +290,7 @@ def _linear_planned(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
     def build() -> LinearPlan:
         if check_weights:
             check_linear_input(x, weight, weight_scale_inv, bias)
-        return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend, True,
+        return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend,
                           _linear_operands(x, weight, weight_scale_inv))
 
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -342,9 +336,9 @@ def gemm(
         return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
     key = plan_key(x_fp8, out_dtype, m, backend, False)
     if x_fp8.is_cuda and torch.cuda.is_current_stream_capturing():  # not kept: see _linear_planned
-        return LinearPlan(w_fp8, weight_scale_inv, bias, out_dtype, m, backend, False).gemm(x_fp8, x_scale)
+        return LinearPlan(w_fp8, weight_scale_inv, bias, out_dtype, m, backend).gemm(x_fp8, x_scale)
     plan = _FUNCTIONAL_PLANS.get(w_fp8, weight_scale_inv, bias, key, lambda: LinearPlan(
-        w_fp8, weight_scale_inv, bias, out_dtype, m, backend, False,
+        w_fp8, weight_scale_inv, bias, out_dtype, m, backend,
         _gemm_operands(x_fp8, x_scale, w_fp8, weight_scale_inv)))
     return plan.gemm(x_fp8, x_scale)
 
