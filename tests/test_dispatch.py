@@ -213,19 +213,20 @@ def test_shipped_h100_table_routes_the_seed_shape(fake_available):
     assert choose(16, 2112, 7168, H100) in ("triton", "cublas")
 
 
-def test_cublas_scale_cache_follows_updates_and_frees():
-    from blockfp8.backends.cublas import _ScaleCache
+def test_cublas_weight_scales_are_never_a_stale_copy():
+    """cuBLAS reads the weight scales as the transpose of a row-major (Nb, round_up(Kb, 4)) tensor: with Kb % 4 ==
+    0 that is the layer's own tensor (no copy, so in-place updates and CUDA graph replays see the current scales);
+    other Kb are padded with ones on every call, never cached."""
+    from blockfp8.backends.cublas import _weight_scales
 
-    cache = _ScaleCache()
-    s = torch.rand(3, 5) + 0.5
-    first = cache.get(s)
-    assert cache.get(s) is first and first.shape == (8, 3)
-    s.mul_(2.0)  # in-place update: the version counter moves, the padded copy is rebuilt
-    assert torch.equal(cache.get(s)[:5].t(), s)
-    with torch.inference_mode():
-        t = torch.rand(3, 5) + 0.5
-        padded = cache.get(t)
-        t.copy_(torch.full_like(t, 7.0))  # inference tensors cannot be tracked: never cached
-        assert torch.equal(cache.get(t)[:5].t(), t) and not torch.equal(padded, cache.get(t))
-    del s
-    assert cache.entries == {}
+    s = torch.rand(3, 8) + 0.5
+    t = _weight_scales(s)
+    assert t.data_ptr() == s.data_ptr() and t.shape == (8, 3) and t.stride() == (1, 8)
+    s.mul_(2.0)
+    assert torch.equal(t.t(), s)
+    odd = torch.rand(3, 5) + 0.5
+    padded = _weight_scales(odd)
+    assert padded.shape == (8, 3) and padded.stride() == (1, 8)
+    assert torch.equal(padded[:5].t(), odd) and bool((padded[5:] == 1).all())
+    odd.mul_(2.0)
+    assert torch.equal(_weight_scales(odd)[:5].t(), odd)

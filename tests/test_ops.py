@@ -1,14 +1,21 @@
-"""The eager path of ops.py: plans (built once per weight and M, rebuilt when anything they depend on changes,
-bit-identical to the custom op), the op kept for tracing/autograd, and the input gradient."""
+"""The one path of ops.py: plans (built once per weight and M, kept as long as the weight lives and no longer,
+rebuilt when anything they depend on changes, bit-identical to the custom op), eager calls with autograd on,
+the op kept for tracing, and split-K counters that need no zeroing kernel of their own."""
 
 from __future__ import annotations
+
+import copy
+import threading
+import weakref
 
 import pytest
 import torch
 
 import blockfp8
 from blockfp8 import Fp8BlockLinear, dispatch
-from blockfp8.ops import LinearPlan, PlanCache, can_skip_op
+from blockfp8.backends.triton import gemm as triton_gemm_module
+from blockfp8.backends.triton.configs import TritonConfig
+from blockfp8.ops import PLANS, LinearPlan, PlanRegistry, runs_eagerly
 from blockfp8.quant import dequantize_weight
 from blockfp8.testing import default_device
 from blockfp8.testing.operands import random_activation, random_fp8_weight
@@ -23,12 +30,12 @@ def _layer(n: int = 200, k: int = 300, bias: bool = True, backend: str | None = 
 
 
 def _op(layer: Fp8BlockLinear, x: torch.Tensor) -> torch.Tensor:
-    """The custom op itself: the path torch.compile and autograd see."""
+    """The custom op itself: the path torch.compile sees."""
     return torch.ops.blockfp8.linear(x, layer.weight, layer.weight_scale_inv, layer.bias, layer.backend or "")
 
 
 def _plans(layer: Fp8BlockLinear) -> list[LinearPlan]:
-    return [plan for _, plan in layer._plans._plans.values()]
+    return PLANS.plans_of(layer.weight)
 
 
 @pytest.mark.parametrize("backend", [None, "reference", "triton"])
@@ -38,6 +45,7 @@ def test_plans_match_the_op_bit_for_bit(backend):
         x = random_activation(m, 300, seed=m, device=DEVICE)
         with torch.inference_mode():
             assert torch.equal(layer(x), _op(layer, x))
+    # The op found the plans the layer's calls made: one per M.
     assert len(_plans(layer)) == 4
 
 
@@ -63,7 +71,7 @@ def test_plan_rebuilt_when_the_weight_is_replaced():
         after = layer(x)
     assert not torch.equal(before, after)
     assert torch.equal(after, _op(layer, x))
-    assert all(p.weight is wq for p in _plans(layer)[-1:])
+    assert len(_plans(layer)) == 1
 
 
 def test_plan_rebuilt_when_a_backend_is_forced_or_tables_change(monkeypatch):
@@ -91,7 +99,7 @@ def test_plan_rebuilt_for_another_dtype_and_after_a_device_move():
         assert [p.out_dtype for p in _plans(layer)] == [torch.bfloat16, torch.float32]
         layer.to("cpu")  # a move replaces the buffers when the device differs; on CPU it is a no-op
         y = layer(random_activation(4, 300, device="cpu"))
-    assert y.device.type == "cpu" and all(p.weight is layer.weight for p in _plans(layer)[-1:])
+    assert y.device.type == "cpu" and _plans(layer)
 
 
 @pytest.mark.gpu
@@ -108,50 +116,105 @@ def test_plan_follows_the_layer_between_devices():
     assert blockfp8.rel_error(on_cpu.float(), on_gpu.cpu().float()) <= blockfp8.reference.TOLERANCE
 
 
-def test_cache_never_serves_a_freed_weight():
-    cache = PlanCache()
+def test_plans_never_keep_a_weight_alive():
+    """A plan holds no tensor: once the layer (or a functional caller's weight) is gone, its memory is freed at
+    once -- no reference cycle waiting for the garbage collector -- and its plans go with it."""
+    layer = _layer()
+    wq, ws = random_fp8_weight(64, 256, device=DEVICE)
+    with torch.inference_mode():
+        layer(random_activation(3, 300, device=DEVICE))
+        blockfp8.linear(random_activation(2, 256, device=DEVICE), wq, ws)
+    refs = [weakref.ref(t) for t in (layer.weight, layer.weight_scale_inv, layer.bias, wq, ws)]
+    assert PLANS.plans_of(wq) and _plans(layer)
+    del layer, wq, ws
+    assert all(r() is None for r in refs)
+
+
+def test_registry_never_serves_a_freed_weight():
+    registry = PlanRegistry()
     built = []
+
+    class Plan:
+        keep = True
 
     def build():
         built.append(1)
-        return object()
+        return Plan()
 
     w, s = torch.zeros(2, 2), torch.ones(1, 1)
-    cache.get(w, s, None, ("k",), build)
-    cache.get(w, s, None, ("k",), build)
-    assert len(built) == 1
-    # Another tensor at the same id (a freed weight's memory reused) must not get the old plan.
-    (full, (refs, plan)), = cache._plans.items()
+    first = registry.get(w, s, None, ("k",), build)
+    assert registry.get(w, s, None, ("k",), build) is first and len(built) == 1
+    # New scales at the same id as freed ones (their memory reused) must not get the old plan.
+    (ref, plans), = registry._weights.values()
+    (full, (s_ref, b_ref, plan)), = plans.items()
     dead = torch.zeros(1)
-    dead_ref = __import__("weakref").ref(dead)
+    dead_ref = weakref.ref(dead)
     del dead
-    cache._plans[full] = ((dead_ref, *refs[1:]), plan)
-    cache.get(w, s, None, ("k",), build)
+    plans[full] = (dead_ref, b_ref, plan)
+    registry.get(w, s, None, ("k",), build)
     assert len(built) == 2
+    del w
+    assert len(registry) == 0
 
 
-def test_cache_is_bounded_and_not_copied():
-    cache = PlanCache(size=3)
+def test_registry_is_bounded_and_copies_get_their_own_plans():
+    registry = PlanRegistry(per_weight=3)
+
+    class Plan:
+        keep = True
+
     w, s = torch.zeros(2, 2), torch.ones(1, 1)
     for i in range(5):
-        cache.get(w, s, None, (i,), object)
-    assert len(cache._plans) == 3
-    import copy
-
+        registry.get(w, s, None, (i,), Plan)
+    assert len(registry.plans_of(w)) == 3
     layer = _layer()
     with torch.inference_mode():
         layer(random_activation(1, 300, device=DEVICE))
     clone = copy.deepcopy(layer)
-    assert len(_plans(layer)) == 1 and clone._plans._plans == {}
+    assert len(_plans(layer)) == 1 and _plans(clone) == []
+
+
+def test_threads_calling_one_layer_get_serial_results():
+    layer = _layer(backend="reference")
+    xs = [random_activation(m, 300, seed=m, device=DEVICE) for m in range(1, 9)]
+    with torch.inference_mode():
+        want = [layer(x) for x in xs]
+    got: list[torch.Tensor | None] = [None] * len(xs)
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(xs))
+
+    def worker(i: int) -> None:
+        try:
+            start.wait()
+            with torch.inference_mode():
+                for _ in range(20):
+                    got[i] = layer(xs[i])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(xs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
 def test_the_op_is_kept_where_it_is_needed():
     x = random_activation(2, 300, device=DEVICE)
-    assert can_skip_op(x)
-    assert not can_skip_op(x.float().requires_grad_())  # autograd needs the op's formula
-    assert not can_skip_op(torch.empty(2, 300, device="meta"))  # shape propagation uses the fake impl
-    with torch.no_grad():
-        assert can_skip_op(x.float().requires_grad_())
+    assert runs_eagerly(x)
+    assert runs_eagerly(x.float().requires_grad_())  # autograd: a Function around the plan, not the op
+    assert runs_eagerly(x, torch.nn.Parameter(torch.zeros(3)))
+    assert not runs_eagerly(torch.empty(2, 300, device="meta"))  # shape propagation uses the fake impl
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert not runs_eagerly(x)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -161,12 +224,16 @@ def test_input_gradient(with_bias):
         layer.bias.requires_grad_()
     x = random_activation((2, 3), 300, device=DEVICE, dtype=torch.float32).requires_grad_()
     g = torch.randn(2, 3, 200, device=DEVICE)
-    (layer(x) * g).sum().backward()
+    y = layer(x)
+    assert y.grad_fn is not None and "LinearFn" in type(y.grad_fn).__name__  # the eager Function, not the op
+    (y * g).sum().backward()
     w = dequantize_weight(layer.weight, layer.weight_scale_inv)
     torch.testing.assert_close(x.grad, g @ w, rtol=1e-5, atol=1e-5)
     if with_bias:
         torch.testing.assert_close(layer.bias.grad.float(), g.sum((0, 1)), rtol=1e-2, atol=1e-2)
     assert layer.weight.grad is None
+    with torch.no_grad():
+        assert torch.equal(y.detach(), layer(x))
 
 
 def test_compile_with_grad_enabled():
@@ -177,3 +244,44 @@ def test_compile_with_grad_enabled():
     f(x).sum().backward()
     w = dequantize_weight(layer.weight, layer.weight_scale_inv)
     torch.testing.assert_close(x.grad, torch.ones(4, 200, device=DEVICE) @ w, rtol=1e-5, atol=1e-5)
+
+
+SPLIT = TritonConfig(16, 64, split_k=4, group_m=1, swap_ab=True)
+
+
+@pytest.fixture
+def garbage_workspace(monkeypatch):
+    """Every Triton plan gets a split-K config and a workspace full of garbage, as a reused block of memory (or
+    a CUDA graph pool shared with other graphs) would hand it out."""
+    monkeypatch.setattr(triton_gemm_module, "get_config", lambda m, n, k, device: SPLIT)
+    made = []
+
+    def workspace(self, device):
+        work = torch.full((self.workspace_numel,), 5, dtype=torch.int32, device=device)
+        made.append(work)
+        return work
+
+    monkeypatch.setattr(triton_gemm_module.TritonGemmPlan, "workspace", workspace)
+    return made
+
+
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_linear_zeroes_split_k_counters_in_its_quantizer(garbage_workspace, m):
+    wq, ws = random_fp8_weight(192, 1024, seed=m, device=DEVICE)
+    x = random_activation(m, 1024, seed=m, device=DEVICE)
+    with torch.inference_mode():
+        got = blockfp8.linear(x, wq, ws, backend="triton")
+        want = blockfp8.linear(x, wq, ws, backend="reference")
+    assert garbage_workspace, "the split-K config was not used"
+    assert PLANS.plans_of(wq)[0].launch.counters == 3 * ((m + 15) // 16)
+    assert blockfp8.rel_error(got.float(), want.float()) <= blockfp8.reference.TOLERANCE
+
+
+def test_gemm_zeroes_split_k_counters_itself(garbage_workspace):
+    wq, ws = random_fp8_weight(192, 1024, device=DEVICE)
+    xq, xs = blockfp8.quantize_activation(random_activation(5, 1024, device=DEVICE))
+    with torch.inference_mode():
+        got = blockfp8.gemm(xq, xs, wq, ws, backend="triton")
+        want = blockfp8.gemm(xq, xs, wq, ws, backend="reference")
+    assert garbage_workspace
+    assert blockfp8.rel_error(got.float(), want.float()) <= blockfp8.reference.TOLERANCE

@@ -13,7 +13,7 @@ from .autotune import tune_shapes
 from .dispatch import check_backend_name
 from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
 from .hf_config import mark_fp8_model
-from .ops import PlanCache, layer_linear
+from .ops import layer_linear
 from .quant import quantize_weight
 from .validate import check_block_size, check_fp8_linear, check_fp8_state_dict
 
@@ -113,10 +113,9 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
         return cls.from_fp8(w, s, bias, backend, name=name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plans = self.__dict__.get("_plans")
-        if plans is None:  # built lazily: layers made with cls.__new__ (from_fp8) or unpickled have none yet
-            plans = self.__dict__["_plans"] = PlanCache()
-        return layer_linear(x, self.weight, self.weight_scale_inv, self.bias, self.backend, plans)
+        # The plans of this layer live with its weight tensor (ops.PLANS): replacing the weight (a device move,
+        # load_state_dict with assign=True) starts new ones, and copies of the layer get their own.
+        return layer_linear(x, self.weight, self.weight_scale_inv, self.bias, self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

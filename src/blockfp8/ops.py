@@ -1,35 +1,46 @@
 """Public functional API: ``gemm`` (fp8 in) and ``linear`` (float in), both routed by the dispatcher.
 
-Both are ``torch.library`` custom ops (``torch.ops.blockfp8.gemm`` / ``torch.ops.blockfp8.linear``) with fake
-implementations, so ``torch.compile(fullgraph=True)`` and ``torch.export`` treat them as single opaque nodes: the
-dispatcher runs inside the op with concrete shapes, never in traced code, and CUDA-graph capture records whatever
-kernels it picked. ``linear`` has an autograd formula for its input (and bias): the fp8 weight is frozen, so
-adapters can be trained on top of an FP8 base, eagerly or compiled.
+One path for every entry. The work that does not depend on the activation (backend choice, launch config,
+grid, workspace size, weight-side checks) is done once per (weight tensors, M, dtypes) and kept in a
+``LinearPlan``; plans live in one ``PlanRegistry``, keyed by the weight tensor, for as long as it lives. Every
+entry looks its plan up there and calls it:
 
-The eager path. Calling a custom op costs tens of microseconds of host time in its wrapper (40 us measured on an
-H200, docs/performance.md), which a plain eager call -- no tracing, no autograd, no tensor subclass or mode --
-does not need: there ``gemm``/``linear`` run the same implementation directly. And the work that does not depend
-on the activation (backend choice, launch config, weight descriptor, weight-side checks) is done once per
-(weight, M) and kept in a ``LinearPlan``: ``Fp8BlockLinear`` holds its plans, the functional API keeps a small
-cache. A plan is rebuilt when the weight tensors are replaced, the device or dtype changes, a forced backend
-changes, or the dispatcher's tables change; its results are bit-identical to the op's.
+* a plain eager call (``Fp8BlockLinear.forward``, ``linear``, ``gemm``) calls the plan directly; an eager
+  decode-size ``linear`` replays the plan's CUDA graph (``GraphedLinear``), since launching two kernels from
+  Python costs more host time than a replay;
+* with autograd on, an eager call goes through ``_LinearFn`` (a ``torch.autograd.Function``) around the same
+  plan: the custom op's wrapper costs tens of microseconds a call, the Function a few;
+* ``torch.compile``, ``torch.export``, tensor subclasses and dispatch modes see the ``torch.library`` custom ops
+  ``torch.ops.blockfp8.linear`` / ``torch.ops.blockfp8.gemm`` (fake implementations give output shapes;
+  ``linear`` has an autograd formula for its input and bias). Inside, at run time, the op looks up the same plan
+  and launches its kernels directly.
 
-The op is assembled here: the dispatcher names a backend, and ``quantize_for`` picks the activation quantizer
-that writes the scale layout that backend reads.
+What a call allocates, it returns or frees: a plan holds no tensor, and a Triton split-K GEMM takes its counters
+from a per-call workspace that the activation quantizer zeroes in the same launch (``GemmPlan.counters``). So a
+capture -- a caller's ``torch.cuda.graph``, or the CUDA graphs of ``torch.compile(mode="reduce-overhead")``,
+whose cudagraph trees refuse memory left in their pool that is not a graph output -- records only the
+quantizer and the GEMM, and keeps nothing alive. Plans are built outside captures: the first call of a shape
+inside a capture gets a plan for that capture only (the static choice; nothing is timed inside a capture).
+
+The fp8 weight is frozen: only the input (and a trainable bias) get gradients, so adapters can be trained on top
+of an FP8 base, eagerly or compiled.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from .backends import Backend, Problem, get_backend
+from .backends.base import GemmPlan
 from .device import current_raw_stream
 from .dispatch import ENV_VAR, Operands, check_backend_name, choose, generation
 from .format import FLOAT_DTYPES, is_decode
@@ -47,15 +58,24 @@ def _pick(m: int, n: int, k: int, device: torch.device, out_dtype: torch.dtype, 
     return get_backend(choose(Problem.of(m, n, k, device, out_dtype), backend or None, operands))
 
 
-def quantize_for(be: Backend, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize 2-D float ``x`` per 1x128 group straight into the scale layout ``be`` reads: the fused Triton
-    quantizer on CUDA, the torch quantizer elsewhere (both bit-identical)."""
-    if x.is_cuda:
-        # Imported on first CUDA use, like every kernel module: Triton reads TRITON_INTERPRET when a kernel is
+def _triton_runs_on(x: torch.Tensor) -> bool:
+    # Read per call: the command line sets TRITON_INTERPRET (CPU machines) after `import blockfp8`.
+    return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def quantize_for(be: Backend, x: torch.Tensor, zero: torch.Tensor | None = None,
+                 zero_count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize 2-D float ``x`` per 1x128 group straight into the scale layout ``be`` reads: the Triton
+    quantizer on CUDA (and on CPU for the Triton backend under the interpreter), the torch quantizer elsewhere
+    (both bit-identical). ``zero``/``zero_count``: int32 counters of the next GEMM to zero on the way."""
+    if x.is_cuda or (be.name == "triton" and _triton_runs_on(x)):
+        # Imported on first use, like every kernel module: Triton reads TRITON_INTERPRET when a kernel is
         # defined, and the command line sets it (on machines without a GPU) after `import blockfp8`.
         from .backends.triton.act_quant import quantize_activation_fused
 
-        return quantize_activation_fused(x, layout=be.scale_layout)
+        return quantize_activation_fused(x, layout=be.scale_layout, zero=zero, zero_count=zero_count)
+    if zero is not None and zero_count:
+        zero[:zero_count].zero_()
     return quantize_activation(x)
 
 
@@ -70,92 +90,122 @@ def _gemm_operands(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Ten
                     weight_scale_inv)
 
 
-class LinearPlan:
-    """One weight's GEMM at M rows, everything decided that does not depend on the activation: the backend, its
-    bound launch (``Backend.plan``) and, for ``linear``, the quantizer's scale layout.
+def _scales_2d(x_scale: torch.Tensor, m: int) -> torch.Tensor:
+    """(M, Kb) scales with their strides kept: a "col" tensor stays column-major, also at M=1, where a reshape
+    may give the size-1 dimension any stride and DeepGEMM would then transpose it again (a kernel per call)."""
+    s = x_scale if x_scale.dim() == 2 else x_scale.reshape(m, -1)
+    if m == 1 and s.stride(0) != 1 and s.stride(1) != 1:
+        s = s.as_strided((1, s.shape[1]), (1, s.stride(1)))
+    return s
 
-    ``linear`` takes float activations, ``gemm`` fp8 activations with their scales.
+
+class LinearPlan:
+    """One weight's GEMM at M rows, everything decided that does not depend on the activation: the backend
+    and its ``GemmPlan``. Holds no tensor: every call passes the weight, its scales and the bias.
+
+    ``linear`` takes float activations, ``gemm`` fp8 activations with their scales. ``keep``: False for a plan
+    made while a CUDA graph is being captured (used for that capture only).
     """
 
     def __init__(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, m: int, backend: str | None, operands: Operands | None = None) -> None:
         n, k = weight.shape
-        self.weight, self.weight_scale_inv, self.bias = weight, weight_scale_inv, bias
         self.m, self.n, self.out_dtype = m, n, out_dtype
+        self.keep = not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
         # ``operands`` (built only if online tuning measures this cell, on its first call) are this call's.
-        self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands)
-        self.launch = self.backend.plan(weight, weight_scale_inv, bias, out_dtype, m)
+        self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands if self.keep else None)
+        self.launch: GemmPlan = self.backend.plan(weight, weight_scale_inv, bias, out_dtype, m)
+        self.graphs: dict[tuple[int, int], GraphedLinear] = {}
 
-    def linear(self, x: torch.Tensor) -> torch.Tensor:
-        """y [..., N] for float x [..., K] with M rows."""
+    def run_linear(self, x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                   bias: torch.Tensor | None) -> torch.Tensor:
+        """y (M, N) for 2-D float x2: the quantizer (zeroing the GEMM's counters) and the GEMM, launched."""
+        launch = self.launch
+        work = launch.workspace(x2.device) if launch.counters else None
+        xq, xs = quantize_for(self.backend, x2, work, launch.counters)
+        return launch(xq, xs, weight, weight_scale_inv, bias, work)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+               bias: torch.Tensor | None, graphs: bool = True) -> torch.Tensor:
+        """y [..., N] for float x [..., K] with M rows; ``graphs``: an eager call, which may replay a graph."""
         x2 = x.reshape(self.m, -1)
-        graphed = self._graphed(x2)
-        y = graphed(x2) if graphed is not None else self._linear2d(x2)
+        graphed = self._graphed(x2, weight, weight_scale_inv, bias) if graphs else None
+        y = graphed(x2) if graphed is not None else self.run_linear(x2, weight, weight_scale_inv, bias)
         return y.reshape(*x.shape[:-1], self.n)
 
-    def _linear2d(self, x2: torch.Tensor) -> torch.Tensor:
-        xq, xs = quantize_for(self.backend, x2)
-        return self.launch(xq, xs)
-
-    def _graphed(self, x2: torch.Tensor) -> GraphedLinear | None:
-        """The plan's CUDA graph for eager decode calls (built on first use), or None where it does not apply."""
-        if not (GraphedLinear.enabled and x2.is_cuda and is_decode(self.m) and self.backend.capturable):
+    def _graphed(self, x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                 bias: torch.Tensor | None) -> GraphedLinear | None:
+        """The CUDA graph of this plan for the calling thread and stream (built on first use), or None where
+        eager graphs do not apply."""
+        if not (GraphedLinear.enabled and x2.is_cuda and self.keep and is_decode(self.m)
+                and self.backend.capturable):
             return None
         if torch.cuda.is_current_stream_capturing():  # the caller's graph records the plain launches
             return None
-        stream = current_raw_stream(x2.device.index)
-        graphed = self.__dict__.get("_graph")
-        if graphed is None or graphed.stream != stream:
-            graphed = self._graph = GraphedLinear.build(self._linear2d, x2, stream)
+        where = (current_raw_stream(x2.device.index), threading.get_ident())
+        ptrs = (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr())
+        graphed = self.graphs.get(where)
+        # A graph reads the tensors' memory it was captured with: rebuilt if one was given new storage.
+        if graphed is None or graphed.ptrs != ptrs:
+            graphed = self.graphs[where] = GraphedLinear.build(
+                lambda x: self.run_linear(x, weight, weight_scale_inv, bias), x2, where[0], ptrs)
         return graphed if graphed.ok else None
 
-    def gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    def gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """y [..., N] for fp8 x_fp8 [..., K] with M rows and its scales [..., Kb]."""
         # cuBLAS and DeepGEMM need x row-major; a strided x_fp8 is copied (M*K bytes, what they read anyway).
         x2 = x_fp8.reshape(self.m, -1).contiguous()
-        return self.launch(x2, x_scale.reshape(self.m, -1)).reshape(*x_fp8.shape[:-1], self.n)
+        y = self.launch(x2, _scales_2d(x_scale, self.m), weight, weight_scale_inv, bias)
+        return y.reshape(*x_fp8.shape[:-1], self.n)
 
 
 class GraphedLinear:
     """A decode-size linear (quantizer + GEMM) captured once into a CUDA graph and replayed for eager calls.
 
-    An eager decode step is host-bound: each launch costs host time (Triton's compiled-kernel launcher: 8-16 us
-    per kernel on an H200), and a linear is two launches plus allocations, against 15.5 us for ``F.linear`` in
-    bf16. A replay costs one graph launch. Per call: copy the activation into the graph's input buffer, replay,
-    and return a copy of the graph's output buffer (the next replay overwrites it, so it is never handed out).
-    Graphs of one (device, stream) share one memory pool: their temporaries are dead once a replay's output is
-    copied, and replays on one stream never overlap. Not used while a graph is being captured (the caller's own
-    graph records the plain launches), nor under the interpreter; ``BLOCKFP8_EAGER_GRAPHS=0`` turns it off.
+    An eager decode step is host-bound: two kernel launches from Python plus their allocations cost more host
+    time than one replay. Per call: copy the activation into the graph's input buffer, replay, and return a
+    copy of the graph's output buffer (the next replay overwrites it, so it is never handed out). One graph per
+    (plan, stream, thread): two threads never share a buffer. Graphs of one (device, stream) share one memory
+    pool: their temporaries are dead once a replay's output is copied, and replays on one stream never overlap.
+    Not used while a graph is being captured (the caller's own graph records the plain launches), inside the
+    custom ops (``torch.compile``'s graphs record the plain launches), nor under the interpreter;
+    ``BLOCKFP8_EAGER_GRAPHS=0`` turns it off.
     """
 
     _pools: dict[tuple, object] = {}
     # BLOCKFP8_EAGER_GRAPHS=0 launches directly; cleared for the process after a capture fails (see build).
     enabled = os.environ.get("BLOCKFP8_EAGER_GRAPHS", "1") != "0"
 
-    def __init__(self, stream: int, ok: bool, graph=None, x: torch.Tensor | None = None,
+    def __init__(self, ok: bool, ptrs: tuple[int, ...] = (), graph=None, x: torch.Tensor | None = None,
                  out: torch.Tensor | None = None) -> None:
-        self.stream, self.ok, self.graph, self.x, self.out = stream, ok, graph, x, out
+        self.ok, self.ptrs, self.graph, self.x, self.out = ok, ptrs, graph, x, out
 
     @classmethod
-    def build(cls, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, stream: int) -> GraphedLinear:
-        x = example.contiguous().clone()
-        # A shared pool lives as long as a graph captured into it: once all are freed (their layers gone), torch
-        # frees the pool and its handle must not be reused, so a new one is made.
-        pool, members = cls._pools.get((x.device.index, stream), (None, None))
-        if not members:
-            pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
-            cls._pools[(x.device.index, stream)] = (pool, members)
-        try:
-            # The warm-up call compiles and fills every cache outside the capture.
-            graph, out = capture_graph(lambda: fn(x), warmup=1, pool=pool, thread_local=True)
-        except RuntimeError as e:
-            # A failed capture can leave torch's CUDA state (its RNG's capture bookkeeping) unusable for further
-            # captures: stop trying for the rest of the process and say so once.
-            cls.enabled = False
-            warnings.warn(f"blockfp8: capturing an eager linear into a CUDA graph failed ({type(e).__name__}: {e}); "
-                          "eager calls launch their kernels directly from now on", RuntimeWarning, stacklevel=2)
-            return cls(stream, False)
-        graphed = cls(stream, True, graph, x, out)
+    def build(cls, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, stream: int,
+              ptrs: tuple[int, ...]) -> GraphedLinear:
+        # Normal tensors even when the first call runs under inference_mode: a later call outside it copies
+        # into the input buffer, which an inference tensor refuses.
+        with torch.inference_mode(False), torch.no_grad():
+            x = torch.empty_like(example, memory_format=torch.contiguous_format).copy_(example)
+            # A shared pool lives as long as a graph captured into it: once all are freed (their layers gone),
+            # torch frees the pool and its handle must not be reused, so a new one is made.
+            pool, members = cls._pools.get((x.device.index, stream), (None, None))
+            if not members:
+                pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
+                cls._pools[(x.device.index, stream)] = (pool, members)
+            try:
+                # The warm-up call compiles and fills every cache outside the capture.
+                graph, out = capture_graph(lambda: fn(x), warmup=1, pool=pool, thread_local=True)
+            except RuntimeError as e:
+                # A failed capture can leave torch's CUDA state (its RNG's capture bookkeeping) unusable for
+                # further captures: stop trying for the rest of the process and say so once.
+                cls.enabled = False
+                warnings.warn(f"blockfp8: capturing an eager linear into a CUDA graph failed ({type(e).__name__}: "
+                              f"{e}); eager calls launch their kernels directly from now on", RuntimeWarning,
+                              stacklevel=2)
+                return cls(False)
+        graphed = cls(True, ptrs, graph, x, out)
         members.add(graphed)
         return graphed
 
@@ -165,64 +215,129 @@ class GraphedLinear:
         return self.out.clone()
 
 
+class PlanRegistry:
+    """The plans of every weight tensor, kept as long as that tensor lives and no longer.
+
+    Keyed by the weight tensor's identity (checked through a weak reference, whose callback drops the weight's
+    plans when it is freed, so a new tensor that reuses a freed one's id never gets its plans), then by its
+    scales and bias (also checked by identity) and ``plan_key``. At most ``per_weight`` plans per weight, least
+    recently used dropped first (decode uses up to 64 token counts per layer; prefill adds one per new sequence
+    length). Safe to call from several threads: at worst two threads build the same plan once each.
+    """
+
+    def __init__(self, per_weight: int = 128) -> None:
+        self.per_weight = per_weight
+        self._weights: dict[int, tuple[weakref.ref, OrderedDict]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, key: tuple,
+            build: Callable[[], LinearPlan]) -> LinearPlan:
+        entry = self._weights.get(id(weight))
+        full = (id(weight_scale_inv), id(bias), key)
+        if entry is not None and entry[0]() is weight:
+            hit = entry[1].get(full)
+            if hit is not None and hit[0]() is weight_scale_inv and (bias is None or hit[1]() is bias):
+                return hit[2]
+        plan = build()
+        if plan.keep:
+            self._insert(weight, full, (weakref.ref(weight_scale_inv),
+                                        None if bias is None else weakref.ref(bias), plan))
+        return plan
+
+    def _insert(self, weight: torch.Tensor, full: tuple, value: tuple) -> None:
+        with self._lock:
+            entry = self._weights.get(id(weight))
+            if entry is None or entry[0]() is not weight:
+                entry = self._weights[id(weight)] = (weakref.ref(weight, self._forget(id(weight))), OrderedDict())
+            plans = entry[1]
+            plans[full] = value
+            plans.move_to_end(full)
+            if len(plans) > self.per_weight:
+                plans.popitem(last=False)
+
+    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
+        def drop(ref: weakref.ref) -> None:
+            entry = self._weights.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._weights[key]
+
+        return drop
+
+    def plans_of(self, weight: torch.Tensor) -> list[LinearPlan]:
+        """The plans kept for ``weight``, oldest first."""
+        entry = self._weights.get(id(weight))
+        return [] if entry is None or entry[0]() is not weight else [v[2] for v in entry[1].values()]
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
+PLANS = PlanRegistry()
+
+
 def plan_key(x: torch.Tensor, out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool) -> tuple:
     """Everything besides the weight tensors that a ``LinearPlan`` depends on. The environment override and the
     dispatcher's generation are read per call, so forcing a backend or installing a table takes effect at once."""
     return (m, x.device, x.dtype, out_dtype, backend or os.environ.get(ENV_VAR), generation(), quantize)
 
 
-class PlanCache:
-    """A bounded map from (weight tensors, ``plan_key``) to ``LinearPlan``: the plans of one ``Fp8BlockLinear``
-    (whose weight tensors are fixed until replaced), or the functional API's cache over any weights.
-
-    Entries hold the weight tensors weakly: a plan never keeps a freed weight alive, and a new tensor that reuses
-    a freed one's id never gets its plan. At most ``size`` plans, least recently used dropped first (decode uses
-    up to 64 token counts per layer; prefill adds one per new sequence length).
-    """
-
-    def __init__(self, size: int = 80) -> None:
-        self.size = size
-        self._plans: OrderedDict[tuple, tuple[tuple, LinearPlan]] = OrderedDict()
-
-    def get(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, key: tuple,
-            build: Callable[[], LinearPlan]) -> LinearPlan:
-        tensors = (weight, weight_scale_inv, bias)
-        full = (*(id(t) for t in tensors), *key)
-        hit = self._plans.get(full)
-        if hit is not None and all(r() is t for r, t in zip(hit[0], tensors, strict=True) if r is not None):
-            self._plans.move_to_end(full)
-            return hit[1]
-        plan = build()
-        self._plans[full] = (tuple(weakref.ref(t) if t is not None else None for t in tensors), plan)
-        if len(self._plans) > self.size:
-            self._plans.popitem(last=False)
-        return plan
-
-    def __deepcopy__(self, memo: dict) -> PlanCache:
-        # A copied layer has copied weights: it builds its own plans.
-        return PlanCache(self.size)
-
-    def __reduce__(self):
-        return PlanCache, (self.size,)
+_PLAIN = (torch.Tensor, nn.Parameter)
 
 
-_FUNCTIONAL_PLANS = PlanCache(size=256)
-
-
-def can_skip_op(*tensors: torch.Tensor | None) -> bool:
-    """Whether a call may run the implementation directly instead of through its custom op: plain tensors,
-    nothing being traced or compiled, no autograd needed, no torch function or dispatch mode active (those are
-    what the op's registration serves)."""
+def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call runs its plan directly instead of through its custom op: plain tensors (parameters
+    included), nothing being traced or compiled, no torch function or dispatch mode active (those are what the
+    op's registration serves)."""
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
     if torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
         return False
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)):
+        if t is not None and type(t) not in _PLAIN:
             return False
     # Meta tensors (shape propagation) go through the op's fake implementation.
     return tensors[0].device.type in ("cuda", "cpu")
+
+
+def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+
+
+def _linear_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 backend: str | None, m: int, check: bool, tune: bool) -> LinearPlan:
+    """The registered plan of this call, built (weight side checked when ``check``) on the first call."""
+
+    def build() -> LinearPlan:
+        if check:
+            check_linear_input(x, weight, weight_scale_inv, bias)
+        return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend,
+                          _linear_operands(x, weight, weight_scale_inv) if tune else None)
+
+    return PLANS.get(weight, weight_scale_inv, bias, plan_key(x, x.dtype, m, backend, True), build)
+
+
+def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dx, dL/dbias). The fp8 weight is frozen: dL/dx = dL/dy @ W, with W the dequantized weight in the
+    gradient's dtype (one (N, K) temporary per backward)."""
+    weight, weight_scale_inv = ctx.saved_tensors
+    grad_x = grad @ dequantize_weight(weight, weight_scale_inv, dtype=grad.dtype) if ctx.x_grad else None
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+    return grad_x, grad_bias
+
+
+class _LinearFn(torch.autograd.Function):
+    """An eager call with autograd on: the plan forward, ``_backward`` backward (the op's own formula)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale_inv, bias, plan):
+        ctx.save_for_backward(weight, weight_scale_inv)
+        ctx.x_grad, ctx.bias_grad = x.requires_grad, bias is not None and bias.requires_grad
+        return plan.linear(x, weight, weight_scale_inv, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x, grad_bias = _backward(ctx, grad)
+        return grad_x, None, None, grad_bias, None
 
 
 @torch.library.custom_op("blockfp8::linear", mutates_args=())
@@ -232,8 +347,9 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
     m = _rows(x.shape)
     if m == 0:
         return x.new_empty(*x.shape[:-1], n)
-    return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend or None,
-                      _linear_operands(x, weight, weight_scale_inv)).linear(x)
+    # No online tuning here: the op runs inside compiled graphs and their captures, where nothing is timed.
+    plan = _linear_plan(x, weight, weight_scale_inv, bias, backend or None, m, check=True, tune=False)
+    return plan.linear(x, weight, weight_scale_inv, bias, graphs=False)
 
 
 @_linear_op.register_fake
@@ -244,19 +360,15 @@ def _linear_fake(x, weight, weight_scale_inv, bias, backend):
 def _linear_setup(ctx, inputs, output) -> None:
     x, weight, weight_scale_inv, bias, _ = inputs
     ctx.save_for_backward(weight, weight_scale_inv)
-    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.x_grad, ctx.bias_grad = True, bias is not None and bias.requires_grad
 
 
-def _linear_backward(ctx, grad: torch.Tensor):
-    # The fp8 weight is frozen: only the input (and a trainable bias) get gradients. dL/dx = dL/dy @ W, with W
-    # the dequantized weight in the gradient's dtype (one (N, K) temporary per backward).
-    weight, weight_scale_inv = ctx.saved_tensors
-    grad_x = grad @ dequantize_weight(weight, weight_scale_inv, dtype=grad.dtype)
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+def _linear_op_backward(ctx, grad: torch.Tensor):
+    grad_x, grad_bias = _backward(ctx, grad)
     return grad_x, None, None, grad_bias, None
 
 
-_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+_linear_op.register_autograd(_linear_op_backward, setup_context=_linear_setup)
 
 
 @torch.library.custom_op("blockfp8::gemm", mutates_args=())
@@ -266,8 +378,8 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     m = _rows(x_fp8.shape)
     if m == 0:
         return x_fp8.new_empty(*x_fp8.shape[:-1], n, dtype=out_dtype)
-    return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend or None,
-                      _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv)).gemm(x_fp8, x_scale)
+    return _gemm_plan(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype, backend or None, m,
+                      tune=False).gemm(x_fp8, x_scale, weight, weight_scale_inv, bias)
 
 
 @_gemm_op.register_fake
@@ -275,43 +387,40 @@ def _gemm_fake(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype, backen
     return x_fp8.new_empty(*x_fp8.shape[:-1], weight.shape[0], dtype=out_dtype)
 
 
-def _linear_planned(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                    bias: torch.Tensor | None, backend: str | None, plans: PlanCache,
-                    check_weights: bool) -> torch.Tensor:
-    """``linear`` for a checked ``x``: through ``plans`` when the op may be skipped, else through the op.
-    ``check_weights``: the weight side is not checked yet; a new plan checks it before it is built (reused plans
-    were checked then)."""
+def _gemm_plan(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+               bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str | None, m: int,
+               tune: bool) -> LinearPlan:
+    return PLANS.get(weight, weight_scale_inv, bias, plan_key(x_fp8, out_dtype, m, backend, False),
+                     lambda: LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend,
+                                        _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv) if tune else None))
+
+
+def _linear_checked(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                    bias: torch.Tensor | None, backend: str | None, check_weights: bool) -> torch.Tensor:
+    """``linear`` for a checked ``x`` (``check_weights``: the weight side is not checked yet; a new plan checks
+    it before it is built, and reused plans were checked then)."""
     m = _rows(x.shape)
-    if m == 0 or not can_skip_op(x, bias):
+    if m == 0 or not runs_eagerly(x, bias):
         if check_weights:
             check_linear_input(x, weight, weight_scale_inv, bias)
         return _linear_op(x, weight, weight_scale_inv, bias, backend or "")
-
-    def build() -> LinearPlan:
-        if check_weights:
-            check_linear_input(x, weight, weight_scale_inv, bias)
-        return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend,
-                          _linear_operands(x, weight, weight_scale_inv))
-
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        # A choice made while a caller captures a graph is the static one (nothing is timed inside a capture):
-        # used for this capture, never kept for later eager calls.
-        return build().linear(x)
-    return plans.get(weight, weight_scale_inv, bias, plan_key(x, x.dtype, m, backend, True), build).linear(x)
+    plan = _linear_plan(x, weight, weight_scale_inv, bias, backend, m, check_weights, tune=True)
+    if _needs_grad(x, bias):
+        return _LinearFn.apply(x, weight, weight_scale_inv, bias, plan)
+    return plan.linear(x, weight, weight_scale_inv, bias)
 
 
 def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 backend: str | None, plans: PlanCache) -> torch.Tensor:
-    """``linear`` as a layer calls it, with the plans it keeps: per call, only the activation is checked (type,
-    dtype, K, device); the weight side is checked when a plan is built. A ``QuantizedActivation`` goes to
-    ``gemm`` as in ``linear``."""
+                 backend: str | None) -> torch.Tensor:
+    """``linear`` as a layer calls it: per call, only the activation is checked (type, dtype, K, device); the
+    weight side is checked when a plan is built. A ``QuantizedActivation`` goes to ``gemm`` as in ``linear``."""
     if isinstance(x, QuantizedActivation):
         return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
-    if (type(x) is not torch.Tensor or x.dtype not in FLOAT_DTYPES or x.dim() < 1
+    if (not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1
             or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or x.device != weight.device):
         check_linear_input(x, weight, weight_scale_inv, bias)  # raises the error that names the problem
-    return _linear_planned(x, weight, weight_scale_inv, bias, backend, plans, check_weights=True)
+    return _linear_checked(x, weight, weight_scale_inv, bias, backend, check_weights=True)
 
 
 def gemm(
@@ -332,15 +441,10 @@ def gemm(
     check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
     check_backend_name(backend)
     m = _rows(x_fp8.shape)
-    if m == 0 or not can_skip_op(x_fp8, x_scale, bias):
+    if m == 0 or not runs_eagerly(x_fp8, x_scale, bias) or _needs_grad(x_fp8, bias):
         return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
-    key = plan_key(x_fp8, out_dtype, m, backend, False)
-    if x_fp8.is_cuda and torch.cuda.is_current_stream_capturing():  # not kept: see _linear_planned
-        return LinearPlan(w_fp8, weight_scale_inv, bias, out_dtype, m, backend).gemm(x_fp8, x_scale)
-    plan = _FUNCTIONAL_PLANS.get(w_fp8, weight_scale_inv, bias, key, lambda: LinearPlan(
-        w_fp8, weight_scale_inv, bias, out_dtype, m, backend,
-        _gemm_operands(x_fp8, x_scale, w_fp8, weight_scale_inv)))
-    return plan.gemm(x_fp8, x_scale)
+    plan = _gemm_plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend, m, tune=True)
+    return plan.gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias)
 
 
 def linear(
@@ -361,7 +465,8 @@ def linear(
         return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
     check_linear_input(x, weight, weight_scale_inv, bias)
     check_backend_name(backend)
-    return _linear_planned(x, weight, weight_scale_inv, bias, backend, _FUNCTIONAL_PLANS, check_weights=False)
+    return _linear_checked(x, weight, weight_scale_inv, bias, backend, check_weights=False)
 
 
-__all__ = ["LinearPlan", "PlanCache", "can_skip_op", "gemm", "linear", "layer_linear", "quantize_for"]
+__all__ = ["PLANS", "GraphedLinear", "LinearPlan", "PlanRegistry", "gemm", "layer_linear", "linear",
+           "quantize_for", "runs_eagerly"]

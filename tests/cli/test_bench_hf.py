@@ -33,11 +33,18 @@ def test_bench_hf_tiny_on_cpu(capsys, tmp_path):
         elif r["variant"] == "blockfp8":
             assert r["status"] == Status.OK and r["tokens_per_s"] > 0 and r["speedup"] > 0
             assert 0.99 <= r["logits_cos_min"] <= r["logits_cos_mean"] < 1.0
+            # Against the format reference (the same model on the float32 reference backend) the Triton
+            # kernel's logits are much closer than the format is to bf16.
+            assert r["format_cos_min"] > r["logits_cos_min"] and r["format_cos_min"] >= 0.999
         else:  # transformers' FP8 layers run only on a GPU: the row says why, the command goes on
             assert r["status"] in (Status.UNAVAILABLE, Status.CRASHED) and r["note"] and r["tokens_per_s"] is None
     assert result["config"]["hidden_size"] == 256 and result["settings"]["new_tokens"] == 2
+    # What the format itself costs on this model, per batch, is reported; it is not a verdict.
+    assert set(result["format_bound"]) == {"1", "2"}
+    assert all(0.99 <= lo <= mean < 1.0 for lo, mean in result["format_bound"].values())
+    assert "the format reference itself against bf16" in captured.out
     md = out_md.read_text()
-    assert "| variant | mode | batch | status | tokens/s |" in md
+    assert "| variant | mode | batch | status | tokens/s |" in md and "cos vs format ref min" in md
     assert "--preset tiny --layers 2 --vocab 512 --batch 1,2 --prompt-len 8 --new-tokens 2" in md
 
 

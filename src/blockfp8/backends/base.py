@@ -8,8 +8,6 @@ test exactly what each backend claims.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -116,7 +114,8 @@ class Backend:
     ``external`` marks a backend that wraps another library (cuBLAS, DeepGEMM): benchmarks count it as a peer.
     ``scale_layout`` is the activation-scale layout the backend reads best (``format.SCALE_LAYOUTS``).
     ``capturable``: its ``run`` may be recorded into a CUDA graph (no host synchronization, no allocation
-    outside torch's allocator); eager decode calls replay such graphs (``ops.GraphedLinear``).
+    outside torch's allocator, nothing allocated in one call and kept for the next); eager decode calls replay
+    such graphs (``ops.GraphedLinear``).
     ``bias_epilogue``: the bias is added inside the kernel before the one rounding to the output dtype; False for
     a backend that adds it in a second pass (``add_bias``), which rounds the output twice.
     """
@@ -153,14 +152,45 @@ class Backend:
         raise NotImplementedError
 
     def plan(self, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-             out_dtype: torch.dtype, m: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """``run`` with the weight side bound, for M=``m`` rows: a callable ``(x_fp8, x_scale) -> y``.
+             out_dtype: torch.dtype, m: int) -> GemmPlan:
+        """This backend's GEMM for a weight like ``w_fp8`` (and its scales and bias) at M=``m`` rows.
 
-        A backend whose per-call work on the weight side costs host time (configs, descriptors, padded scales)
-        overrides this to do that work once; a layer keeps the plan for its next calls.
+        The tensors are read for their metadata only (shapes, strides, alignment): the plan holds none of them
+        and takes them on every call. A backend whose per-call host work can be decided once (configs, grids)
+        overrides this.
         """
-        return functools.partial(_run_with, self, w_fp8, weight_scale_inv, bias, out_dtype)
+        return RunPlan(self, out_dtype)
 
 
-def _run_with(be: Backend, w_fp8, weight_scale_inv, bias, out_dtype, x_fp8, x_scale) -> torch.Tensor:
-    return be.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+class GemmPlan:
+    """One backend's GEMM at a fixed M for one weight layout: ``plan(x_fp8, x_scale, w, w_scale, bias)`` -> y.
+
+    A plan holds no tensor: plans are kept per weight for as long as the weight lives (``ops.PlanRegistry``),
+    and must neither keep it alive nor keep memory allocated past a call -- inside a CUDA graph capture (a
+    caller's, or torch.compile's cudagraph trees) such memory would outlive the capture.
+
+    ``counters``: how many int32 counters at the start of the call's ``workspace`` must be zero when the kernel
+    starts (0: the plan needs no workspace). The caller may zero them in a launch it makes anyway (the activation
+    quantizer of ``linear``) and pass the workspace; without one, the plan makes and zeroes its own.
+    """
+
+    counters: int = 0
+
+    def workspace(self, device: torch.device) -> torch.Tensor | None:
+        """An uninitialised workspace for one call (None when the plan needs none)."""
+        return None
+
+    def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
+                 weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 work: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class RunPlan(GemmPlan):
+    """The default plan: ``Backend.run`` with the output dtype bound."""
+
+    def __init__(self, backend: Backend, out_dtype: torch.dtype) -> None:
+        self.backend, self.out_dtype = backend, out_dtype
+
+    def __call__(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, work=None) -> torch.Tensor:
+        return self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype)

@@ -4,12 +4,10 @@ Measured on H100 with torch 2.11 (benchmarks/probe_peers.py, benchmarks/probe_h1
 M % 4 != 0 (CUBLAS_STATUS_NOT_SUPPORTED), N % 16 != 0 and K % 16 != 0 (torch shape checks); activation
 scales must be (M, Kb) column-major; weight scales must be padded to a multiple of 4 K-blocks, given as
 the (round_up(Kb, 4), Nb) transpose of a (Nb, round_up(Kb, 4)) row-major tensor. This backend pads M to a
-multiple of 4 itself (so any M runs) and pads weight scales once per weight (cached), never per call.
+multiple of 4 itself (so any M runs); weight scales need no copy when Kb % 4 == 0 (``_weight_scales``).
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -17,42 +15,20 @@ from ..format import cdiv, empty_scales
 from .base import HOPPER_ONLY, YES, Backend, Limits, Support, add_bias
 
 
-def _padded_weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
+def _weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
+    """The weight scales as cuBLAS reads them: the (Kb4, Nb) transpose of a row-major (Nb, Kb4) tensor, Kb4 =
+    round_up(Kb, 4). A contiguous tensor with Kb % 4 == 0 (every DeepSeek-V3, Llama and Qwen shape) is that
+    already and is passed as it is; others are padded per call (a small copy), never cached, so the scales a
+    call reads -- or a CUDA graph replays -- are always the layer's current ones."""
     nb, kb = weight_scale_inv.shape
-    kb4 = cdiv(kb, 4) * 4
-    padded = torch.ones(nb, kb4, dtype=torch.float32, device=weight_scale_inv.device)
+    if kb % 4 == 0 and weight_scale_inv.stride() == (kb, 1):
+        return weight_scale_inv.t()
+    padded = torch.ones(nb, cdiv(kb, 4) * 4, dtype=torch.float32, device=weight_scale_inv.device)
     padded[:, :kb] = weight_scale_inv
     return padded.t()
 
 
-class _ScaleCache:
-    """Padded weight scales per source tensor, computed once per weight, not per call.
-
-    Keyed by ``id`` and checked through a weak reference (whose callback evicts the entry), so a new tensor
-    that reuses a freed one's id can never receive stale scales; the version counter catches in-place
-    updates."""
-
-    def __init__(self) -> None:
-        self.entries: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-    def get(self, s: torch.Tensor) -> torch.Tensor:
-        if s.is_inference():
-            # Inference tensors have no version counter, so an in-place update could not be detected:
-            # never serve them from the cache.
-            return _padded_weight_scales(s)
-        hit = self.entries.get(id(s))
-        if hit is not None and hit[0]() is s and hit[1] == s._version:
-            return hit[2]
-        key = id(s)
-        padded = _padded_weight_scales(s)
-        # The callback drops the entry when the weight scales are freed.
-        self.entries[key] = (weakref.ref(s, lambda _, key=key: self.entries.pop(key, None)), s._version, padded)
-        return padded
-
-
 class CublasBackend(Backend):
-    _scales = _ScaleCache()
-
     def probe(self) -> Support:
         if not torch.cuda.is_available():
             return Support(False, "no CUDA device")
@@ -80,7 +56,7 @@ class CublasBackend(Backend):
             x_fp8, x_scale = a, s
         out = scaled_mm(
             x_fp8, w_fp8.t(), x_scale, ScalingType.BlockWise1x128,
-            self._scales.get(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype,
+            _weight_scales(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype,
         )
         return add_bias(out[:m], bias)
 

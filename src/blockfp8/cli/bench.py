@@ -251,24 +251,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "run measures (what --save-table writes) instead of the installed table")
     p.add_argument("--markdown", help="write the tables as markdown to this file")
     p.add_argument("--host", action="store_true",
-                   help="instead of GPU time, measure host time per call in eager mode: Fp8BlockLinear and "
-                        "blockfp8.linear against F.linear in bf16 (default shapes 2112:7168,7168:2048, M 1,16)")
+                   help="instead of GPU time, measure host time per call in eager mode: Fp8BlockLinear (also with "
+                        "autograd on), blockfp8.linear and blockfp8.gemm against nn.Linear and F.linear in bf16 "
+                        "(default shapes 2112:7168,7168:2048, M 1,16)")
 
 
 def run_host(args: argparse.Namespace, device: torch.device) -> int:
-    """``bench --host``: host microseconds per eager call, and the layer's ratio to F.linear in bf16."""
+    """``bench --host``: host microseconds per eager call, the layer's ratio to nn.Linear in bf16 and its ratio
+    with autograd on to without."""
     shapes = load_shapes(args.shapes or "2112:7168,7168:2048")
     ms = parse_m_values(args.m or "1,16")
     calls, runs = (2000, 5) if device.type == "cuda" else (20, 1)
     rows = measure_host(shapes, ms, device, calls, runs)
     env = environment(device)
     table = Table(title=f"host time per eager call (us), {env['device']}, torch {env['torch']}, triton "
-                        f"{env['triton']}: median of {runs} x {calls} back-to-back calls under inference_mode")
-    for col in ("shape", "M", "F.linear bf16", "Fp8BlockLinear", "blockfp8.linear", "layer / bf16", "backend"):
+                        f"{env['triton']}: median of {runs} x {calls} back-to-back calls (no-grad ones under "
+                        "inference_mode)")
+    columns = ("shape", "M", "F.linear bf16", "nn.Linear bf16", "Fp8BlockLinear", "layer / nn.Linear",
+               "nn.Linear grad", "Fp8BlockLinear grad", "grad / no-grad", "blockfp8.linear", "blockfp8.gemm",
+               "backend")
+    for col in columns:
         table.add_column(col, justify="left" if col in ("shape", "backend") else "right")
     for r in rows:
-        table.add_row(r.shape, str(r.m), f"{r.bf16_us:.1f}", f"{r.layer_us:.1f}", f"{r.linear_us:.1f}",
-                      f"{r.ratio:.2f}x", r.backend)
+        table.add_row(r.shape, str(r.m), f"{r.bf16_us:.1f}", f"{r.module_us:.1f}", f"{r.layer_us:.1f}",
+                      f"{r.ratio:.2f}x", f"{r.module_grad_us:.1f}", f"{r.layer_grad_us:.1f}",
+                      f"{r.grad_ratio:.2f}x", f"{r.linear_us:.1f}", f"{r.gemm_us:.1f}", r.backend)
     stdout_console(160).print(table)
     if args.save:
         write_text(args.save, json.dumps({"environment": env, "host": [r.to_json() for r in rows]}, indent=1) + "\n")

@@ -13,9 +13,17 @@ static KV cache, with which ``generate`` compiles the decode step with ``torch.c
 size; tokens/s is batch x new tokens over the median wall time of a ``generate`` call (prefill included). The
 first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds.
 
-Fidelity: per-position logits of each FP8 variant against the bf16 model on the same prompts, as the cosine over
-the vocabulary at each position (random weights make greedy tokens meaningless, logits are not). A cell that
-cannot run (transformers' FP8 kernels missing offline, no GPU, a compile failure) gets its error in the row.
+Fidelity: per-position logits on the same prompts, as the cosine over the vocabulary at each position (random
+weights make greedy tokens meaningless, logits are not), of each FP8 variant against two models:
+
+* the bf16 model: what block FP8 costs on this model (informative; on a random-weight model the format alone
+  costs more than on a trained one, whose weights and activations are smoother);
+* the format reference: the blockfp8 model run on the float32 reference backend (dequantize, then matmul), the
+  exact numerics of the format. A variant is ``wrong`` when it is further than ``MIN_COSINE`` from this one --
+  a kernel error, never the format's own rounding.
+
+A cell that cannot run (transformers' FP8 kernels missing offline, no GPU, a compile failure) gets its error in
+the row.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ from .common import parse_names, positive_ints
 BF16, HF_FP8, BLOCKFP8 = "bf16", "transformers-fp8", "blockfp8"
 VARIANTS = (BF16, HF_FP8, BLOCKFP8)
 MODES = ("eager", "compiled")
-MIN_COSINE = 0.99  # acceptance for the FP8 variants' per-position logits against bf16
+MIN_COSINE = 0.99  # acceptance for the FP8 variants' per-position logits against the format reference
 SEED = 0
 
 # Decoder shapes of real width (Llama-3-8B, Qwen3-8B; their vocabularies are 128256 and 151936, see --vocab)
@@ -125,8 +133,9 @@ class Row:
     ms_per_token: float | None = None
     speedup: float | None = None
     setup_s: float | None = None
-    logits_cos_min: float | None = None
+    logits_cos_min: float | None = None  # against bf16
     logits_cos_mean: float | None = None
+    format_cos_min: float | None = None  # against the format reference (the reference backend)
     note: str = ""
 
 
@@ -165,12 +174,27 @@ def generation_kwargs(mode: str, new_tokens: int) -> dict:
     return kwargs
 
 
-@torch.inference_mode()
-def logits_cosine(model: nn.Module, reference: torch.Tensor, ids: torch.Tensor) -> tuple[float, float]:
-    """(min, mean) over positions of the cosine between ``model``'s logits and ``reference`` at each position."""
-    got = model(ids).logits.float()
+def cosine(got: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(min, mean) over positions of the cosine between two [batch, positions, vocab] logits at each position."""
     cos = torch.nn.functional.cosine_similarity(got, reference, dim=-1)
     return cos.min().item(), cos.mean().item()
+
+
+@torch.inference_mode()
+def format_logits(blockfp8_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of ``blockfp8_model`` with every block-FP8 layer on the float32 reference backend: the format's
+    exact numerics, against which the kernels are judged."""
+    from ..nn import Fp8BlockLinear
+
+    layers = [m for m in blockfp8_model.modules() if isinstance(m, Fp8BlockLinear)]
+    saved = [m.backend for m in layers]
+    try:
+        for m in layers:
+            m.backend = "reference"
+        return blockfp8_model(ids).logits.float()
+    finally:
+        for m, b in zip(layers, saved, strict=True):
+            m.backend = b
 
 
 @torch.inference_mode()
@@ -191,31 +215,41 @@ def time_generate(model: nn.Module, ids: torch.Tensor, mode: str, s: Settings) -
     return setup, statistics.median(times)
 
 
-def measure_cell(row: Row, model: nn.Module, reference: torch.Tensor, ids: torch.Tensor,
-                 cosines: dict[str, tuple[float, float]], s: Settings) -> None:
-    """Fill ``row`` with the logits cosine (once per variant and batch) and the generate() speed."""
+def measure_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, torch.Tensor | None],
+                 ids: torch.Tensor, cosines: dict[str, tuple[float, float, float | None]], s: Settings) -> None:
+    """Fill ``row`` with the logits cosines (once per variant and batch) and the generate() speed.
+    ``references``: the bf16 model's logits and the format reference's (None without an FP8 variant)."""
     if row.variant != BF16 and row.variant not in cosines:
-        cosines[row.variant] = logits_cosine(model, reference, ids)
-    row.logits_cos_min, row.logits_cos_mean = cosines.get(row.variant, (None, None))
+        with torch.inference_mode():
+            got = model(ids).logits.float()
+        bf16, fmt = references
+        cosines[row.variant] = (*cosine(got, bf16), None if fmt is None else cosine(got, fmt)[0])
+    row.logits_cos_min, row.logits_cos_mean, row.format_cos_min = cosines.get(row.variant, (None, None, None))
     row.setup_s, seconds = time_generate(model, ids, row.mode, s)
     row.tokens_per_s = row.batch * s.new_tokens / seconds
     row.ms_per_token = seconds / s.new_tokens * 1e3
-    if row.logits_cos_min is not None and row.logits_cos_min < MIN_COSINE:
+    if row.format_cos_min is not None and row.format_cos_min < MIN_COSINE:
         row.status = Status.WRONG
 
 
 def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: Settings,
-                  log: Callable[[str], None]) -> list[Row]:
-    """Every (batch, mode, variant) cell; ``models`` maps a variant to its model or to why it could not be built."""
+                  log: Callable[[str], None], bounds: dict[int, tuple[float, float]] | None = None) -> list[Row]:
+    """Every (batch, mode, variant) cell; ``models`` maps a variant to its model or to why it could not be built.
+    ``bounds`` (filled per batch): the format reference's logits cosine (min, mean) against bf16 -- what block
+    FP8 itself costs on this model."""
     rows: list[Row] = []
     bf16 = models[BF16]
+    fp8 = models.get(BLOCKFP8)
     # A missing package or kernel stays missing: its variant is not tried again in later cells.
     unavailable: dict[str, str] = {}
     for batch in s.batches:
         ids = prompts(vocab, batch, s.prompt_len, s.device)
         with torch.inference_mode():
             reference = bf16(ids).logits.float()
-        cosines: dict[str, tuple[float, float]] = {}
+        fmt = format_logits(fp8, ids) if isinstance(fp8, nn.Module) else None
+        if fmt is not None and bounds is not None:
+            bounds[batch] = cosine(fmt, reference)
+        cosines: dict[str, tuple[float, float, float | None]] = {}
         for mode in s.modes:
             base: Row | None = None
             for variant, model in models.items():
@@ -226,7 +260,7 @@ def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: S
                     elif isinstance(model, BaseException):
                         raise model
                     else:
-                        measure_cell(row, model, reference, ids, cosines, s)
+                        measure_cell(row, model, (reference, fmt), ids, cosines, s)
                 except Exception as e:  # noqa: BLE001 - one failing cell must not stop the rest
                     row.status, row.note = failure_status(e), short_error(e)
                     if row.status == Status.UNAVAILABLE:
@@ -247,14 +281,23 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-COLUMNS = ("variant", "mode", "batch", "status", "tokens/s", "ms/token", "vs bf16", "logits cos min",
-           "logits cos mean", "setup s", "note")
+COLUMNS = ("variant", "mode", "batch", "status", "tokens/s", "ms/token", "vs bf16", "cos vs bf16 min",
+           "cos vs bf16 mean", "cos vs format ref min", "setup s", "note")
 
 
 def _cells(r: Row) -> list[str]:
     speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
     return [r.variant, r.mode, str(r.batch), r.status, _fmt(r.tokens_per_s, ".1f"), _fmt(r.ms_per_token, ".2f"),
-            speedup, _fmt(r.logits_cos_min, ".5f"), _fmt(r.logits_cos_mean, ".5f"), _fmt(r.setup_s, ".2f"), r.note]
+            speedup, _fmt(r.logits_cos_min, ".5f"), _fmt(r.logits_cos_mean, ".5f"), _fmt(r.format_cos_min, ".5f"),
+            _fmt(r.setup_s, ".2f"), r.note]
+
+
+def fidelity_line(bounds: dict[int, tuple[float, float]]) -> str:
+    """What the format itself allows on this model, and how a variant is judged."""
+    got = "; ".join(f"batch {b}: min {lo:.5f}, mean {mean:.5f}" for b, (lo, mean) in bounds.items()) or "not measured"
+    return (f"fidelity: a variant is wrong when its logits cosine against the format reference (the blockfp8 model on "
+            f"the float32 reference backend) is below {MIN_COSINE}; the format reference itself against bf16 "
+            f"(what block FP8 costs on this model): {got}")
 
 
 def row_line(r: Row) -> str:
@@ -360,13 +403,16 @@ def run(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     settings = Settings(args.batch, args.prompt_len, args.new_tokens, args.repeats, args.modes, device)
-    rows = run_benchmark(models, args.vocab, settings, log=lambda line: print(line, file=sys.stderr))
+    bounds: dict[int, tuple[float, float]] = {}
+    rows = run_benchmark(models, args.vocab, settings, log=lambda line: print(line, file=sys.stderr), bounds=bounds)
     title = (f"generate() tokens/s, {args.preset} x{args.layers} layers, prompt {args.prompt_len} + "
              f"{args.new_tokens} new tokens, median of {args.repeats}")
     print_table(rows, title)
+    fidelity = fidelity_line(bounds)
+    print(fidelity)
 
     header = [f"# bench-hf: {title}", "", f"- environment: {environment_line(env)} | transformers "
-              f"{env['transformers']}", f"- command: `{_command(args)}`"]
+              f"{env['transformers']}", f"- command: `{_command(args)}`", f"- {fidelity}"]
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(to_markdown(rows, header))
@@ -374,5 +420,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "config": config.to_diff_dict(), "command": _command(args),
                        "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
-                       "min_cosine": MIN_COSINE, "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
+                       "min_cosine": MIN_COSINE, "format_bound": {str(b): v for b, v in bounds.items()},
+                       "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
     return 0

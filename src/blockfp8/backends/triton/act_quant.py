@@ -77,11 +77,18 @@ def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.con
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
+    x_ptr, q_ptr, s_ptr, z_ptr, K, z_count, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
-    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr,
 ):
     row = tl.program_id(0)
+    if ZERO:
+        # The next GEMM's split-K counters (z_count int32 at z_ptr): zeroed here, in a launch the linear makes
+        # anyway, instead of by a fill kernel of their own. The GEMM runs after this launch on the same stream.
+        if (row == 0) & (tl.program_id(1) == 0):
+            for start in range(0, z_count, 1024):
+                offs = start + tl.arange(0, 1024)
+                tl.store(z_ptr + offs, tl.zeros((1024,), tl.int32), mask=offs < z_count)
     offs_g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
@@ -95,10 +102,12 @@ _ACT_QUANT = FastLaunch(_act_quant_kernel)
 
 
 def quantize_activation_fused(
-    x: torch.Tensor, group_size: int = 128, ue8m0: bool = False, layout: str = "row"
+    x: torch.Tensor, group_size: int = 128, ue8m0: bool = False, layout: str = "row",
+    zero: torch.Tensor | None = None, zero_count: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``quantize_activation`` for [..., K] input; scales in ``layout`` (2-D input only
-    for "col")."""
+    for "col"). ``zero``: an int32 tensor whose first ``zero_count`` entries the launch also sets to 0 (the
+    split-K counters of the GEMM that reads the result, ``GemmPlan.counters``)."""
     require_dtype(x, "x")
     g = check_group_size(group_size)
     if g & (g - 1):
@@ -113,14 +122,20 @@ def quantize_activation_fused(
         raise ValueError("layout='col' needs 2-D input [M, K]")
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     s = empty_scales(m, kb, layout, x.device)
+    zeroing = zero is not None and zero_count > 0
     if m > 0 and k > 0:
         per_prog = min(8, triton.next_power_of_2(kb))
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
-        key = (m, k, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, s.stride(0), s.stride(1), g, ue8m0)
+        key = (m, k, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, s.stride(0), s.stride(1), g, ue8m0,
+               zero_count if zeroing else 0)
         _ACT_QUANT(key, (m, cdiv(kb, per_prog)),
-                   (x2, q, s, k, x2.stride(0), q.stride(0), s.stride(0), s.stride(1)),
-                   dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
+                   (x2, q, s, zero if zeroing else q, k, zero_count, x2.stride(0), q.stride(0), s.stride(0),
+                    s.stride(1)),
+                   dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
+                        ZERO=zeroing),
                    num_warps=4)
+    elif zeroing:
+        zero[:zero_count].zero_()
     if layout == "row":
         return q.reshape(*lead, k), s.reshape(*lead, kb)
     return q, s

@@ -11,9 +11,11 @@ Two launch shapes, picked per (M, N, K) from a tuned table or a heuristic (``con
 * decode (small M): ``SWAP_AB`` puts the weight rows in the MMA's wide M slot and the few tokens in its
   narrow N slot, and ``SPLIT_K`` splits the K groups over extra programs so all SMs stream weights.
   The split-K reduction is done in the same launch: each program stores its fp32 partial tile, and the last
-  one to arrive at a per-tile counter sums the partials in a fixed order (deterministic output), writes the
-  output and resets the counter (so the kernel needs no zeroing launch; ``SplitKCounters`` says which
-  launches may share counters: never two that can run at once).
+  one to arrive at a per-tile counter sums the partials in a fixed order (deterministic output) and writes the
+  output. Counters and partials live in a workspace allocated per launch (``TritonGemmPlan.workspace``), so no
+  two launches -- on other streams, in other threads or CUDA graphs -- ever share one. The counters must start
+  at zero: ``linear`` has its activation quantizer zero them in the launch it makes anyway (no extra kernel,
+  in eager calls or inside a CUDA graph); a plain ``gemm`` call zeroes them with one small fill.
 * prefill (large M): 64x128 or 128x128 tiles in grouped launch order.
 Tiles are read through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte aligned rows;
 ``TritonConfig.tma``): the copy engine's zero fill past M, N and K replaces the masks, and its deep pipeline
@@ -22,15 +24,14 @@ measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewher
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from ...device import cuda_identity, current_raw_stream
+from ...device import cuda_identity
 from ...format import cdiv
+from ..base import GemmPlan
 from .configs import TritonConfig, get_config
 from .launch import INTERPRET, FastLaunch
 
@@ -59,7 +60,7 @@ def _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS: tl.constexpr
 
 @triton.jit
 def _fp8_block_gemm_kernel(
-    a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, part_ptr, lock_ptr, a_desc, w_desc,
+    a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, work_ptr, a_desc, w_desc,
     M, N, K,
     stride_am, stride_asm, stride_ask, stride_wn, stride_wsn, stride_wsk, stride_cm,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -171,9 +172,12 @@ def _fp8_block_gemm_kernel(
         c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
 
     if SPLIT_K > 1:
+        # The workspace: one int32 counter per tile (zeroed before the launch), padded to 32 entries (128 bytes),
+        # then the fp32 partial tiles of every split.
+        part_ptr = (work_ptr + tl.cdiv(tl.num_programs(0), 32) * 32).to(tl.pointer_type(tl.float32), bitcast=True)
         tl.store(part_ptr + pid_k * M * N + p_offs, acc, mask=c_mask)
         tl.debug_barrier()
-        arrived = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        arrived = tl.atomic_add(work_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             # Sum every partial (this program's too) in split order, so the result does not depend on which
             # program arrived last: outputs are bit-reproducible run to run and graph replay to replay.
@@ -182,7 +186,6 @@ def _fp8_block_gemm_kernel(
                 # .cg: read L2, never a stale L1 line -- the partials were written by other SMs.
                 acc += tl.load(part_ptr + s * M * N + p_offs, mask=c_mask, other=0.0, cache_modifier=".cg")
             _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
-            tl.atomic_xchg(lock_ptr + pid, 0)
     else:
         _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
 
@@ -201,111 +204,72 @@ def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
     """Whether both operands can be read through tensor descriptors (``_tma_ok`` for each)."""
     return _tma_ok(x_fp8) and _tma_ok(w_fp8)
 
-
-class SplitKCounters:
-    """Split-K arrival counters that no two concurrent launches ever share.
-
-    Each launch that splits K needs one int32 counter per output tile, zero at the start; the last program of a
-    tile to arrive resets it, so a finished launch leaves them at zero for the next one. What must never happen is
-    two launches in flight on one buffer: they would count each other's arrivals. So:
-
-    * eager launches take a buffer owned by (thread, device, stream): launches on one stream run one after another,
-      other streams and other threads (the CPU interpreter runs kernels in the calling thread) get their own;
-    * a launch captured into a CUDA graph gets a fresh zeroed buffer owned by that graph, so two graphs -- or a
-      graph and eager work -- replayed concurrently on different streams never share one;
-    * a launch that raises (an interrupt inside the interpreter, a launch error) may leave counts behind, so its
-      buffer is dropped and the next launch starts from a new zeroed one.
-    """
-
-    def __init__(self) -> None:
-        self._local = threading.local()
-
-    def get(self, device: torch.device, tiles: int) -> torch.Tensor:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return torch.zeros(tiles, dtype=torch.int32, device=device)
-        pool = self._pool()
-        key = self._key(device)
-        buf = pool.get(key)
-        if buf is None or buf.numel() < tiles:
-            buf = torch.zeros(max(tiles, 1 << 12), dtype=torch.int32, device=device)
-            pool[key] = buf
-        return buf
-
-    def discard(self, device: torch.device) -> None:
-        """Forget this thread's buffer for ``device``'s current stream (after a launch that did not finish)."""
-        self._pool().pop(self._key(device), None)
-
-    def _pool(self) -> dict:
-        pool = getattr(self._local, "pool", None)
-        if pool is None:
-            pool = self._local.pool = {}
-        return pool
-
-    @staticmethod
-    def _key(device: torch.device) -> tuple:
-        return device, current_raw_stream(device.index) if device.type == "cuda" else 0
-
-
-SPLIT_K_COUNTERS = SplitKCounters()
-
-
 _GEMM = FastLaunch(_fp8_block_gemm_kernel)
 
 
-class TritonGemmPlan:
-    """One weight's launches at one token count M: the config, the grid, the weight's tensor descriptor and the
-    compile-time arguments are decided once; ``__call__`` only allocates the output and launches.
+def _alignment(t: torch.Tensor | None) -> tuple | None:
+    return None if t is None else (t.dtype, t.stride(), t.data_ptr() % 16 == 0)
 
-    Built per call by ``triton_gemm``; kept by ``Fp8BlockLinear`` (through ``TritonBackend.plan``) so that an eager
-    forward does none of this work again (docs/performance.md, host time per call).
+
+class TritonGemmPlan(GemmPlan):
+    """The Triton GEMM of one weight layout at M rows: config, grid, compile-time arguments and the split-K
+    workspace size decided once; a call allocates the output (and workspace) and launches.
+
+    Built from the weight tensors' metadata only and holding none of them (``GemmPlan``): the weight's tensor
+    descriptor is made per call, a few microseconds of host time on the paths that launch directly (graph
+    replays and captures pay nothing).
     """
 
     def __init__(self, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype, m: int, config: TritonConfig | None = None) -> None:
-        w_fp8 = w_fp8 if w_fp8.stride(1) == 1 else w_fp8.contiguous()
         n, k = w_fp8.shape
         cfg = config or get_config(m, n, k, w_fp8.device)
-        self.w, self.ws, self.bias, self.out_dtype, self.m, self.n, self.k = (
-            w_fp8, weight_scale_inv, bias, out_dtype, m, n, k)
-        self.tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
-        self.split = min(cfg.split_k, cdiv(k, 128))
-        self.cfg = cfg
-        # The weight's descriptor depends on the weight alone; the activation's is built per call (new tensor).
-        self.w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128]) if cfg.tma and _tma_ok(w_fp8) else None
+        self.out_dtype, self.m, self.n, self.k, self.cfg = out_dtype, m, n, k, cfg
+        tiles = cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n)
+        self.grid = (tiles, min(cfg.split_k, cdiv(k, 128)))
+        split = self.grid[1]
+        # Counters padded to 32 (the kernel finds the partials there), then split x M x N fp32 partials.
+        self.counters = tiles if split > 1 else 0
+        self.workspace_numel = cdiv(tiles, 32) * 32 + split * m * n if split > 1 else 0
+        self.w_contiguous = w_fp8.stride(1) == 1
+        self.w_tma = cfg.tma and _tma_ok(w_fp8 if self.w_contiguous else w_fp8.contiguous())
         self.constexprs = dict(
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
-            GROUP_M=cfg.group_m, SPLIT_K=self.split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
+            GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
             ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16)
         # What tells this plan's kernels apart from other layers' (the launch cache is shared by every layer).
-        self.static_key = (n, k, out_dtype, None if bias is None else (bias.dtype, bias.data_ptr() % 16 == 0),
-                           w_fp8.stride(0), w_fp8.data_ptr() % 16 == 0, weight_scale_inv.stride(),
-                           weight_scale_inv.data_ptr() % 16 == 0, tuple(self.constexprs.values()), cfg)
+        self.static_key = (n, k, out_dtype, _alignment(bias), _alignment(w_fp8), _alignment(weight_scale_inv),
+                           tuple(self.constexprs.values()), cfg)
 
-    def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    def workspace(self, device: torch.device) -> torch.Tensor | None:
+        return torch.empty(self.workspace_numel, dtype=torch.int32, device=device) if self.counters else None
+
+    def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
+                 weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 work: torch.Tensor | None = None) -> torch.Tensor:
         if x_fp8.stride(1) != 1:
             x_fp8 = x_fp8.contiguous()
-        m, n, device, cfg = self.m, self.n, x_fp8.device, self.cfg
-        out = torch.empty(m, n, dtype=self.out_dtype, device=device)
-        split = self.split
-        part = torch.empty(split, m, n, dtype=torch.float32, device=device) if split > 1 else out
-        locks = SPLIT_K_COUNTERS.get(device, self.tiles) if split > 1 else out
-        use_tma = self.w_desc is not None and _tma_ok(x_fp8)
+        if not self.w_contiguous:
+            w_fp8 = w_fp8.contiguous()
+        m, n, cfg = self.m, self.n, self.cfg
+        out = torch.empty(m, n, dtype=self.out_dtype, device=x_fp8.device)
+        if self.counters and work is None:
+            work = self.workspace(x_fp8.device)
+            work[:self.counters].zero_()
+        use_tma = self.w_tma and _tma_ok(x_fp8)
         a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128]) if use_tma else None
+        w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128]) if use_tma else None
         # What can change a launch's specialization from call to call: M is the plan's, so the activation's
         # layout and alignment (a caller of gemm() may pass any strides) and whether TMA runs.
         key = (self.static_key, m, x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1),
                x_fp8.data_ptr() % 16 == 0, x_scale.data_ptr() % 16 == 0, use_tma)
-        args = (x_fp8, x_scale, self.w, self.ws, out, self.bias if self.bias is not None else out, part, locks,
-                a_desc, self.w_desc if use_tma else None, m, n, self.k, x_fp8.stride(0), x_scale.stride(0),
-                x_scale.stride(1), self.w.stride(0), self.ws.stride(0), self.ws.stride(1), out.stride(0))
+        args = (x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out,
+                work if work is not None else out, a_desc, w_desc, m, n, self.k, x_fp8.stride(0), x_scale.stride(0),
+                x_scale.stride(1), w_fp8.stride(0), weight_scale_inv.stride(0), weight_scale_inv.stride(1),
+                out.stride(0))
         constexprs = {**self.constexprs, "USE_TMA": use_tma,
                       "PAIR_K": use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0}
-        try:
-            _GEMM(key, (self.tiles, split), args, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        except BaseException:
-            if split > 1:
-                SPLIT_K_COUNTERS.discard(device)
-            raise
+        _GEMM(key, self.grid, args, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
 
 
@@ -313,4 +277,5 @@ def triton_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
                 config: TritonConfig | None = None) -> torch.Tensor:
     """Launch the kernel on 2-D operands (inputs already validated by the caller)."""
-    return TritonGemmPlan(w_fp8, weight_scale_inv, bias, out_dtype, x_fp8.shape[0], config)(x_fp8, x_scale)
+    plan = TritonGemmPlan(w_fp8, weight_scale_inv, bias, out_dtype, x_fp8.shape[0], config)
+    return plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias)
