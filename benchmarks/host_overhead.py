@@ -62,7 +62,7 @@ def measure_shape(n: int, k: int, m: int) -> dict:
         r["get_config"] = host_us(lambda: get_config(m, n, k, x.device))
         if be.name == "triton":
             plan = tgemm.TritonGemmPlan(wq, ws, None, torch.bfloat16, m)
-            r["Triton GEMM plan call"] = host_us(lambda: plan(xq, xs))
+            r["Triton GEMM plan call"] = host_us(lambda: plan(xq, xs, wq, ws, None))
     return {key: (round(v, 2) if isinstance(v, float) else v) for key, v in r.items()}
 
 

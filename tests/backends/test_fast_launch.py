@@ -37,14 +37,14 @@ def test_gemm_fast_equals_triton_launch(n, k, slow):
         xq, xs = act_quant.quantize_activation_fused(random_activation(m, k, seed=m, device="cuda"), layout="col")
         plan = TritonGemmPlan(wq, ws, None, torch.bfloat16, m)
         slow(True)
-        want = plan(xq, xs)
+        want = plan(xq, xs, wq, ws, None)
         slow(False)
-        plan(xq, xs)  # compiles (or finds) the kernel for this key
+        plan(xq, xs, wq, ws, None)  # compiles (or finds) the kernel for this key
         for _ in range(2):
-            assert torch.equal(plan(xq, xs), want), f"M={m} N={n} K={k}"
-        # Row-major scales and a strided activation: other keys, same answer.
+            assert torch.equal(plan(xq, xs, wq, ws, None), want), f"M={m} N={n} K={k}"
+        # Row-major scales: another key, same answer.
         xs_row = xs.contiguous()
-        assert torch.equal(plan(xq, xs_row), plan(xq, xs_row)) and torch.equal(plan(xq, xs_row), want)
+        assert torch.equal(plan(xq, xs_row, wq, ws, None), want)
 
 
 @pytest.mark.skipif(not launch.FAST_LAUNCH, reason="fast launches are off for this Triton version")
@@ -74,7 +74,7 @@ def test_layer_eager_equals_the_op(n, k):
 
 
 def test_eager_graph_outputs_are_never_shared():
-    from blockfp8.ops import GraphedLinear
+    from blockfp8.ops import PLANS, GraphedLinear
 
     wq, ws = random_fp8_weight(2112, 7168, device="cuda")
     layer = Fp8BlockLinear.from_fp8(wq, ws, None)
@@ -85,8 +85,8 @@ def test_eager_graph_outputs_are_never_shared():
         y2 = layer(x2)
         assert torch.equal(y1, want1) and not torch.equal(y1, y2)  # a later replay never rewrites an output
         assert torch.equal(y2, torch.ops.blockfp8.linear(x2, wq, ws, None, ""))
-    plan = next(iter(layer._plans._plans.values()))[1]
-    assert (plan.__dict__.get("_graph") is not None) == GraphedLinear.enabled
+    plan, = PLANS.plans_of(wq)
+    assert bool(plan.graphs) == GraphedLinear.enabled
 
 
 def test_eager_graphs_stay_out_of_a_callers_capture():
