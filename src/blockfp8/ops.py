@@ -318,11 +318,13 @@ def _linear_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.
 
 
 def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dL/dx, dL/dbias). The fp8 weight is frozen: dL/dx = dL/dy @ W, with W the dequantized weight in the
+    """(dL/dx, dL/dbias), each only where autograd asks for it (inputs 0 and 3 of both ``_LinearFn`` and the op).
+    The fp8 weight is frozen: dL/dx = dL/dy @ W, with W the dequantized weight in the
     gradient's dtype (one (N, K) temporary per backward)."""
     weight, weight_scale_inv = ctx.saved_tensors
-    grad_x = grad @ dequantize_weight(weight, weight_scale_inv, dtype=grad.dtype) if ctx.x_grad else None
-    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+    x_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+    grad_x = grad @ dequantize_weight(weight, weight_scale_inv, dtype=grad.dtype) if x_grad else None
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if bias_grad else None
     return grad_x, grad_bias
 
 
@@ -332,7 +334,6 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_scale_inv, bias, plan):
         ctx.save_for_backward(weight, weight_scale_inv)
-        ctx.x_grad, ctx.bias_grad = x.requires_grad, bias is not None and bias.requires_grad
         return plan.linear(x, weight, weight_scale_inv, bias)
 
     @staticmethod
@@ -359,9 +360,8 @@ def _linear_fake(x, weight, weight_scale_inv, bias, backend):
 
 
 def _linear_setup(ctx, inputs, output) -> None:
-    x, weight, weight_scale_inv, bias, _ = inputs
+    _, weight, weight_scale_inv, _, _ = inputs
     ctx.save_for_backward(weight, weight_scale_inv)
-    ctx.x_grad, ctx.bias_grad = True, bias is not None and bias.requires_grad
 
 
 def _linear_op_backward(ctx, grad: torch.Tensor):

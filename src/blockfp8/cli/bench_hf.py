@@ -44,6 +44,7 @@ from torch import nn
 
 from .. import hf
 from ..hf_config import fp8_layout
+from ..nn import Fp8BlockLinear
 from ..testing import Status
 from ..testing.environment import dist_version, environment, environment_line
 from ..testing.timing import synchronize, time_steps
@@ -184,8 +185,6 @@ def cosine(got: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
 def format_logits(blockfp8_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The logits of ``blockfp8_model`` with every block-FP8 layer on the float32 reference backend: the format's
     exact numerics, against which the kernels are judged."""
-    from ..nn import Fp8BlockLinear
-
     layers = [m for m in blockfp8_model.modules() if isinstance(m, Fp8BlockLinear)]
     saved = [m.backend for m in layers]
     try:

@@ -232,7 +232,8 @@ class TritonGemmPlan(GemmPlan):
         self.counters = tiles if split > 1 else 0
         self.workspace_numel = cdiv(tiles, 32) * 32 + split * m * n if split > 1 else 0
         self.w_contiguous = w_fp8.stride(1) == 1
-        self.w_tma = cfg.tma and _tma_ok(w_fp8 if self.w_contiguous else w_fp8.contiguous())
+        # A strided weight is copied per call (a fresh, aligned tensor): whether that copy suits TMA is known then.
+        self.w_tma = cfg.tma and (not self.w_contiguous or _tma_ok(w_fp8))
         self.constexprs = dict(
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
             GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
@@ -256,7 +257,7 @@ class TritonGemmPlan(GemmPlan):
         if self.counters and work is None:
             work = self.workspace(x_fp8.device)
             work[:self.counters].zero_()
-        use_tma = self.w_tma and _tma_ok(x_fp8)
+        use_tma = self.w_tma and _tma_ok(x_fp8) and (self.w_contiguous or _tma_ok(w_fp8))
         a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128]) if use_tma else None
         w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128]) if use_tma else None
         # What can change a launch's specialization from call to call: M is the plan's, so the activation's
