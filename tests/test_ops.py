@@ -236,6 +236,16 @@ def test_input_gradient(with_bias):
         assert torch.equal(y.detach(), layer(x))
 
 
+def test_an_output_with_autograd_can_be_modified_in_place():
+    layer = _layer(bias=False)
+    x = random_activation((2, 3), 300, device=DEVICE, dtype=torch.float32).requires_grad_()
+    y = layer(x)  # 3-D: the (M, N) result reshaped, which must not count as a view of the Function's output
+    y.mul_(2)
+    y.sum().backward()
+    w = dequantize_weight(layer.weight, layer.weight_scale_inv)
+    torch.testing.assert_close(x.grad, (2 * w.sum(0)).expand(2, 3, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_compile_with_grad_enabled():
     torch._dynamo.reset()
     layer = _layer(bias=False)

@@ -6,8 +6,9 @@ grid, workspace size, weight-side checks) is done once per (weight tensors, M, d
 entry looks its plan up there and calls it:
 
 * a plain eager call (``Fp8BlockLinear.forward``, ``linear``, ``gemm``) calls the plan directly; an eager
-  decode-size ``linear`` replays the plan's CUDA graph (``GraphedLinear``), since launching two kernels from
-  Python costs more host time than a replay;
+  decode-size call replays a CUDA graph of the plan instead (``eager_graphs.EagerGraphs``, which needs no copy
+  of the input or the output in a decode loop), since launching two kernels from Python costs more host time
+  than a replay;
 * with autograd on, an eager call goes through ``_LinearFn`` (a ``torch.autograd.Function``) around the same
   plan: the custom op's wrapper costs tens of microseconds a call, the Function a few;
 * ``torch.compile``, ``torch.export``, tensor subclasses and dispatch modes see the ``torch.library`` custom ops
@@ -31,7 +32,6 @@ from __future__ import annotations
 import math
 import os
 import threading
-import warnings
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,9 +43,9 @@ from .backends import Backend, Problem, get_backend
 from .backends.base import GemmPlan
 from .device import current_raw_stream
 from .dispatch import ENV_VAR, Operands, check_backend_name, choose, generation
-from .format import FLOAT_DTYPES, is_decode
+from .eager_graphs import EagerGraphs
+from .format import DEFAULT_GROUP, FLOAT_DTYPES, FP8_DTYPE, cdiv, is_decode
 from .quant import QuantizedActivation, dequantize_weight, quantize_activation
-from .timer import capture_graph
 from .validate import check_gemm_input, check_linear_input
 
 
@@ -64,16 +64,18 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
 
 
 def quantize_for(be: Backend, x: torch.Tensor, zero: torch.Tensor | None = None,
-                 zero_count: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 zero_count: int = 0, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize 2-D float ``x`` per 1x128 group straight into the scale layout ``be`` reads: the Triton
     quantizer on CUDA (and on CPU for the Triton backend under the interpreter), the torch quantizer elsewhere
-    (both bit-identical). ``zero``/``zero_count``: int32 counters of the next GEMM to zero on the way."""
+    (both bit-identical). ``zero``/``zero_count``: int32 counters of the next GEMM to zero on the way. ``rows``:
+    the row count the GEMM wants (``GemmPlan.rows``); the Triton quantizer pads to it, the torch one does not
+    (the GEMM pads what it gets)."""
     if x.is_cuda or (be.name == "triton" and _triton_runs_on(x)):
         # Imported on first use, like every kernel module: Triton reads TRITON_INTERPRET when a kernel is
         # defined, and the command line sets it (on machines without a GPU) after `import blockfp8`.
         from .backends.triton.act_quant import quantize_activation_fused
 
-        return quantize_activation_fused(x, layout=be.scale_layout, zero=zero, zero_count=zero_count)
+        return quantize_activation_fused(x, layout=be.scale_layout, zero=zero, zero_count=zero_count, rows=rows)
     if zero is not None and zero_count:
         zero[:zero_count].zero_()
     return quantize_activation(x)
@@ -115,105 +117,82 @@ class LinearPlan:
         # ``operands`` (built only if online tuning measures this cell, on its first call) are this call's.
         self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands if self.keep else None)
         self.launch: GemmPlan = self.backend.plan(weight, weight_scale_inv, bias, out_dtype, m)
-        self.graphs: dict[tuple[int, int], GraphedLinear] = {}
+        # Eager calls replay CUDA graphs (eager_graphs.py): decode sizes on CUDA, with a backend that captures.
+        self.graphed = weight.is_cuda and self.keep and is_decode(m) and self.backend.capturable
+        self.device_index = weight.device.index
+        self.graphs: dict[tuple, EagerGraphs] = {}
 
-    def run_linear(self, x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-        """y (M, N) for 2-D float x2: the quantizer (zeroing the GEMM's counters) and the GEMM, launched."""
+    def run_linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                   bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """y [..., N] for float x [..., K]: the quantizer (zeroing the GEMM's counters) and the GEMM, launched,
+        into ``out`` (contiguous, x's leading shape) when given."""
         launch = self.launch
-        work = launch.workspace(x2.device) if launch.counters else None
-        xq, xs = quantize_for(self.backend, x2, work, launch.counters)
-        return launch(xq, xs, weight, weight_scale_inv, bias, work)
+        flat = x.dim() == 2  # the common case: no reshape either way (each costs a microsecond of host time)
+        work = launch.workspace(x.device) if launch.counters else None
+        xq, xs = quantize_for(self.backend, x if flat else x.reshape(self.m, -1), work, launch.counters, launch.rows)
+        if out is not None:
+            launch(xq, xs, weight, weight_scale_inv, bias, work, out if flat else out.view(self.m, self.n))
+            return out
+        y = launch(xq, xs, weight, weight_scale_inv, bias, work)
+        return y if flat else y.reshape(*x.shape[:-1], self.n)
+
+    def run_gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
+                 weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """y [..., N] for fp8 x_fp8 [..., K] and its scales [..., Kb], launched into ``out`` when given."""
+        # cuBLAS and DeepGEMM need x row-major; a strided x_fp8 is copied (M*K bytes, what they read anyway).
+        x2 = x_fp8.reshape(self.m, -1).contiguous()
+        xs = _scales_2d(x_scale, self.m)
+        if out is not None:
+            self.launch(x2, xs, weight, weight_scale_inv, bias, None, out.view(self.m, self.n))
+            return out
+        return self.launch(x2, xs, weight, weight_scale_inv, bias).reshape(*x_fp8.shape[:-1], self.n)
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None, graphs: bool = True) -> torch.Tensor:
         """y [..., N] for float x [..., K] with M rows; ``graphs``: an eager call, which may replay a graph."""
-        flat = x.dim() == 2  # the common case: no reshape either way (each costs a microsecond of host time)
-        x2 = x if flat else x.reshape(self.m, -1)
-        graphed = self._graphed(x2, weight, weight_scale_inv, bias) if graphs else None
-        y = graphed(x2) if graphed is not None else self.run_linear(x2, weight, weight_scale_inv, bias)
-        return y if flat else y.reshape(*x.shape[:-1], self.n)
-
-    def _graphed(self, x2: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                 bias: torch.Tensor | None) -> GraphedLinear | None:
-        """The CUDA graph of this plan for the calling thread and stream (built on first use), or None where
-        eager graphs do not apply."""
-        if not (GraphedLinear.enabled and x2.is_cuda and self.keep and is_decode(self.m)
-                and self.backend.capturable):
-            return None
-        if torch.cuda.is_current_stream_capturing():  # the caller's graph records the plain launches
-            return None
-        where = (current_raw_stream(x2.device.index), threading.get_ident())
-        ptrs = (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr())
-        graphed = self.graphs.get(where)
-        # A graph reads the tensors' memory it was captured with: rebuilt if one was given new storage.
-        if graphed is None or graphed.ptrs != ptrs:
-            graphed = self.graphs[where] = GraphedLinear.build(
-                lambda x: self.run_linear(x, weight, weight_scale_inv, bias), x2, where[0], ptrs)
-        return graphed if graphed.ok else None
+        if graphs and self.graphed:
+            y = self._replay((x,), (x.shape, x.stride()), self.run_linear, weight, weight_scale_inv, bias)
+            if y is not None:
+                return y
+        return self.run_linear(x, weight, weight_scale_inv, bias)
 
     def gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """y [..., N] for fp8 x_fp8 [..., K] with M rows and its scales [..., Kb]."""
-        # cuBLAS and DeepGEMM need x row-major; a strided x_fp8 is copied (M*K bytes, what they read anyway).
-        x2 = x_fp8.reshape(self.m, -1).contiguous()
-        y = self.launch(x2, _scales_2d(x_scale, self.m), weight, weight_scale_inv, bias)
-        return y.reshape(*x_fp8.shape[:-1], self.n)
+             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, graphs: bool = True) -> torch.Tensor:
+        """y [..., N] for fp8 x_fp8 [..., K] with M rows and its scales [..., Kb]; ``graphs`` as in ``linear``."""
+        if graphs and self.graphed:
+            layout = (x_fp8.shape, x_fp8.stride(), x_scale.shape, x_scale.stride())
+            y = self._replay((x_fp8, x_scale), layout, self.run_gemm, weight, weight_scale_inv, bias)
+            if y is not None:
+                return y
+        return self.run_gemm(x_fp8, x_scale, weight, weight_scale_inv, bias)
+
+    def _replay(self, inputs: tuple[torch.Tensor, ...], layout: tuple, run: Callable[..., torch.Tensor],
+                weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor | None:
+        """This call's output from a CUDA graph of the calling thread and stream, or None when it must launch
+        directly (``eager_graphs.EagerGraphs``)."""
+        if not EagerGraphs.enabled or torch.cuda.is_current_stream_capturing():
+            return None  # a caller's capture records the plain launches
+        if _current_device() != self.device_index:
+            return None  # a replay runs on the current device's stream: only the weight's device is graphed
+        stream = current_raw_stream(self.device_index)
+        key = (stream, threading.get_ident(), layout)
+        ptrs = (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr())
+        graphs = self.graphs.get(key)
+        # A graph reads the tensors' memory it was captured with: rebuilt if one was given new storage.
+        if graphs is None or graphs.ptrs != ptrs:
+            if graphs is None and len(self.graphs) >= _GRAPH_SETS:
+                self.graphs.clear()  # many threads or layouts over time: start over rather than grow
+            x = inputs[0]
+            graphs = self.graphs[key] = EagerGraphs(inputs, (*x.shape[:-1], self.n), self.out_dtype, stream, ptrs)
+        return graphs(inputs, run, (weight, weight_scale_inv, bias))
 
 
-class GraphedLinear:
-    """A decode-size linear (quantizer + GEMM) captured once into a CUDA graph and replayed for eager calls.
+_current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else lambda: -1
 
-    An eager decode step is host-bound: two kernel launches from Python plus their allocations cost more host
-    time than one replay. Per call: copy the activation into the graph's input buffer, replay, and return a
-    copy of the graph's output buffer (the next replay overwrites it, so it is never handed out). One graph per
-    (plan, stream, thread): two threads never share a buffer. Graphs of one (device, stream) share one memory
-    pool: their temporaries are dead once a replay's output is copied, and replays on one stream never overlap.
-    Not used while a graph is being captured (the caller's own graph records the plain launches), inside the
-    custom ops (``torch.compile``'s graphs record the plain launches), nor under the interpreter;
-    ``BLOCKFP8_EAGER_GRAPHS=0`` turns it off.
-    """
-
-    _pools: dict[tuple, object] = {}
-    # BLOCKFP8_EAGER_GRAPHS=0 launches directly; cleared for the process after a capture fails (see build).
-    enabled = os.environ.get("BLOCKFP8_EAGER_GRAPHS", "1") != "0"
-
-    def __init__(self, ok: bool, ptrs: tuple[int, ...] = (), graph=None, x: torch.Tensor | None = None,
-                 out: torch.Tensor | None = None) -> None:
-        self.ok, self.ptrs, self.graph, self.x, self.out = ok, ptrs, graph, x, out
-
-    @classmethod
-    def build(cls, fn: Callable[[torch.Tensor], torch.Tensor], example: torch.Tensor, stream: int,
-              ptrs: tuple[int, ...]) -> GraphedLinear:
-        # Normal tensors even when the first call runs under inference_mode: a later call outside it copies
-        # into the input buffer, which an inference tensor refuses.
-        with torch.inference_mode(False), torch.no_grad():
-            x = torch.empty_like(example, memory_format=torch.contiguous_format).copy_(example)
-            # A shared pool lives as long as a graph captured into it: once all are freed (their layers gone),
-            # torch frees the pool and its handle must not be reused, so a new one is made.
-            pool, members = cls._pools.get((x.device.index, stream), (None, None))
-            if not members:
-                pool, members = torch.cuda.graph_pool_handle(), weakref.WeakSet()
-                cls._pools[(x.device.index, stream)] = (pool, members)
-            try:
-                # The warm-up call compiles and fills every cache outside the capture.
-                graph, out = capture_graph(lambda: fn(x), warmup=1, pool=pool, thread_local=True)
-            except RuntimeError as e:
-                # A failed capture can leave torch's CUDA state (its RNG's capture bookkeeping) unusable for
-                # further captures: stop trying for the rest of the process and say so once.
-                cls.enabled = False
-                warnings.warn(f"blockfp8: capturing an eager linear into a CUDA graph failed ({type(e).__name__}: "
-                              f"{e}); eager calls launch their kernels directly from now on", RuntimeWarning,
-                              stacklevel=2)
-                return cls(False)
-        graphed = cls(True, ptrs, graph, x, out)
-        members.add(graphed)
-        return graphed
-
-    def __call__(self, x2: torch.Tensor) -> torch.Tensor:
-        self.x.copy_(x2)
-        self.graph.replay()
-        return self.out.clone()
+# Most eager-graph sets per plan (one per stream, thread and input layout in use).
+_GRAPH_SETS = 8
 
 
 class PlanRegistry:
@@ -231,18 +210,25 @@ class PlanRegistry:
         self._weights: dict[int, tuple[weakref.ref, OrderedDict]] = {}
         self._lock = threading.Lock()
 
-    def get(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, key: tuple,
-            build: Callable[[], LinearPlan]) -> LinearPlan:
+    def find(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+             key: tuple) -> LinearPlan | None:
+        """The plan kept for these tensors and ``key``, or None."""
         entry = self._weights.get(id(weight))
-        full = (id(weight_scale_inv), id(bias), key)
         if entry is not None and entry[0]() is weight:
-            hit = entry[1].get(full)
+            hit = entry[1].get((id(weight_scale_inv), id(bias), key))
             if hit is not None and hit[0]() is weight_scale_inv and (bias is None or hit[1]() is bias):
                 return hit[2]
-        plan = build()
-        if plan.keep:
-            self._insert(weight, full, (weakref.ref(weight_scale_inv),
-                                        None if bias is None else weakref.ref(bias), plan))
+        return None
+
+    def get(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, key: tuple,
+            build: Callable[[], LinearPlan]) -> LinearPlan:
+        """The plan kept for these tensors and ``key``, built (and kept, unless made inside a capture) if none."""
+        plan = self.find(weight, weight_scale_inv, bias, key)
+        if plan is None:
+            plan = build()
+            if plan.keep:
+                self._insert(weight, (id(weight_scale_inv), id(bias), key),
+                             (weakref.ref(weight_scale_inv), None if bias is None else weakref.ref(bias), plan))
         return plan
 
     def _insert(self, weight: torch.Tensor, full: tuple, value: tuple) -> None:
@@ -277,9 +263,28 @@ PLANS = PlanRegistry()
 
 
 def plan_key(x: torch.Tensor, out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool) -> tuple:
-    """Everything besides the weight tensors that a ``LinearPlan`` depends on. The environment override and the
-    dispatcher's generation are read per call, so forcing a backend or installing a table takes effect at once."""
-    return (m, x.device, x.dtype, out_dtype, backend or os.environ.get(ENV_VAR), generation(), quantize)
+    """Everything besides the weight tensors that a ``LinearPlan`` depends on (the device is the weight's). The
+    environment override and the dispatcher's generation are read per call, so forcing a backend or installing
+    a table takes effect at once."""
+    return (m, x.dtype, out_dtype, backend or env_backend(), generation(), quantize)
+
+
+def _env_reader() -> Callable[[], str | None]:
+    """A reader of ``BLOCKFP8_BACKEND``: ``os.environ.get`` costs ~0.7 us a call (it encodes the key each time),
+    too much for every layer call; the mapping's own store, read with the key encoded once, costs ~0.1 us."""
+    data, encode, decode = (getattr(os.environ, a, None) for a in ("_data", "encodekey", "decodevalue"))
+    if not (isinstance(data, dict) and callable(encode) and callable(decode)):
+        return lambda: os.environ.get(ENV_VAR)
+    key = encode(ENV_VAR)
+
+    def read() -> str | None:
+        value = data.get(key)
+        return None if value is None else decode(value)
+
+    return read
+
+
+env_backend = _env_reader()
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -289,15 +294,18 @@ def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     """Whether a call runs its plan directly instead of through its custom op: plain tensors (parameters
     included), nothing being traced or compiled, no torch function or dispatch mode active (those are what the
     op's registration serves)."""
-    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch.jit.is_tracing():
+    if (_is_compiling() or _torch_function_mode() or _dispatch_stack_len() or torch.jit.is_tracing()):
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:
             return False
     # Meta tensors (shape propagation) go through the op's fake implementation.
-    return tensors[0].device.type in ("cuda", "cpu")
+    return not tensors[0].is_meta
+
+
+_is_compiling = torch.compiler.is_compiling
+_torch_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_stack_len = torch._C._len_torch_dispatch_stack
 
 
 def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -307,6 +315,10 @@ def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 def _linear_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  backend: str | None, m: int, check: bool, tune: bool) -> LinearPlan:
     """The registered plan of this call, built (weight side checked when ``check``) on the first call."""
+    key = plan_key(x, x.dtype, m, backend, True)
+    plan = PLANS.find(weight, weight_scale_inv, bias, key)
+    if plan is not None:
+        return plan
 
     def build() -> LinearPlan:
         if check:
@@ -314,32 +326,55 @@ def _linear_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.
         return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend,
                           _linear_operands(x, weight, weight_scale_inv) if tune else None)
 
-    return PLANS.get(weight, weight_scale_inv, bias, plan_key(x, x.dtype, m, backend, True), build)
+    return PLANS.get(weight, weight_scale_inv, bias, key, build)
 
 
-def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(dL/dx, dL/dbias), each only where autograd asks for it (inputs 0 and 3 of both ``_LinearFn`` and the op).
-    The fp8 weight is frozen: dL/dx = dL/dy @ W, with W the dequantized weight in the
-    gradient's dtype (one (N, K) temporary per backward)."""
-    weight, weight_scale_inv = ctx.saved_tensors
-    x_grad, bias_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[3]
+def _grads(weight: torch.Tensor, weight_scale_inv: torch.Tensor, grad: torch.Tensor, x_grad: bool,
+           bias_grad: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(dL/dx, dL/dbias), each only where autograd asks for it. The fp8 weight is frozen: dL/dx = dL/dy @ W, with
+    W the dequantized weight in the gradient's dtype (one (N, K) temporary per backward)."""
     grad_x = grad @ dequantize_weight(weight, weight_scale_inv, dtype=grad.dtype) if x_grad else None
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if bias_grad else None
     return grad_x, grad_bias
 
 
+_UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
+
+
 class _LinearFn(torch.autograd.Function):
-    """An eager call with autograd on: the plan forward, ``_backward`` backward (the op's own formula)."""
+    """An eager call with autograd on: the plan forward, ``_grads`` backward (the op's own formula).
+
+    Takes (x, bias, (weight, weight_scale_inv, plan)): autograd inspects every tensor argument of a Function on
+    each call, and only x and the bias can need a gradient (the fp8 weight is frozen), so the weight side rides in
+    one plain tuple and is kept on ``ctx`` (inputs of the call: no reference cycle)."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale_inv, bias, plan):
-        ctx.save_for_backward(weight, weight_scale_inv)
-        return plan.linear(x, weight, weight_scale_inv, bias)
+    def forward(ctx, x, bias, frozen):
+        weight, weight_scale_inv, plan = frozen
+        ctx.frozen = weight, weight_scale_inv
+        y = plan.linear(x, weight, weight_scale_inv, bias)
+        # A Function's output that is a view (a reshaped N-D result) refuses in-place ops; one that autograd does
+        # not count as a view accepts them, as any linear's output does.
+        return _UNSAFE_VIEW(y, y.shape) if y._is_view() else y
 
     @staticmethod
     def backward(ctx, grad):
-        grad_x, grad_bias = _backward(ctx, grad)
-        return grad_x, None, None, grad_bias, None
+        return (*_grads(*ctx.frozen, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1]), None)
+
+
+# Function.apply's Python wrapper (functorch bookkeeping, argument binding) costs about as much again as the C++
+# apply under it; without functorch transforms or wrapped tensors it only forwards to that C++ apply.
+_RAW_APPLY = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_raw_linear_fn = _RAW_APPLY.__get__(None, _LinearFn) if _RAW_APPLY is not None else _LinearFn.apply
+_transforms_active = torch._C._are_functorch_transforms_active
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _linear_fn(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+               plan: LinearPlan) -> torch.Tensor:
+    """``_LinearFn.apply``, through the C++ apply directly where that is all the wrapper would do."""
+    apply = _LinearFn.apply if _transforms_active() or _is_wrapped(x) else _raw_linear_fn
+    return apply(x, bias, (weight, weight_scale_inv, plan))
 
 
 @torch.library.custom_op("blockfp8::linear", mutates_args=())
@@ -365,7 +400,7 @@ def _linear_setup(ctx, inputs, output) -> None:
 
 
 def _linear_op_backward(ctx, grad: torch.Tensor):
-    grad_x, grad_bias = _backward(ctx, grad)
+    grad_x, grad_bias = _grads(*ctx.saved_tensors, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[3])
     return grad_x, None, None, grad_bias, None
 
 
@@ -380,7 +415,7 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     if m == 0:
         return x_fp8.new_empty(*x_fp8.shape[:-1], n, dtype=out_dtype)
     return _gemm_plan(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype, backend or None, m,
-                      tune=False).gemm(x_fp8, x_scale, weight, weight_scale_inv, bias)
+                      tune=False).gemm(x_fp8, x_scale, weight, weight_scale_inv, bias, graphs=False)
 
 
 @_gemm_op.register_fake
@@ -390,24 +425,50 @@ def _gemm_fake(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype, backen
 
 def _gemm_plan(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str | None, m: int,
-               tune: bool) -> LinearPlan:
-    return PLANS.get(weight, weight_scale_inv, bias, plan_key(x_fp8, out_dtype, m, backend, False),
-                     lambda: LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend,
-                                        _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv) if tune else None))
+               tune: bool, check: bool = False) -> LinearPlan:
+    """The registered plan of this gemm call, built (every input checked when ``check``) on the first call."""
+    key = plan_key(x_fp8, out_dtype, m, backend, False)
+    plan = PLANS.find(weight, weight_scale_inv, bias, key)
+    if plan is not None:
+        return plan
+
+    def build() -> LinearPlan:
+        if check:
+            check_gemm_input(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype)
+        return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend,
+                          _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv) if tune else None)
+
+    return PLANS.get(weight, weight_scale_inv, bias, key, build)
+
+
+def _gemm_activation_ok(x_fp8: object, x_scale: object, w_fp8: object) -> bool:
+    """The per-call part of ``check_gemm_input`` as one boolean (metadata a caller may change between calls:
+    the activation's type, dtype, shape and device against the weight's K and device). The weight side is
+    checked in full when a plan is built for it."""
+    if not (isinstance(x_fp8, torch.Tensor) and isinstance(x_scale, torch.Tensor) and isinstance(w_fp8, torch.Tensor)):
+        return False
+    if x_fp8.dtype != FP8_DTYPE or x_scale.dtype != torch.float32 or x_fp8.dim() < 1 or w_fp8.dim() != 2:
+        return False
+    k = x_fp8.shape[-1]
+    if w_fp8.shape[1] != k or x_scale.shape[:-1] != x_fp8.shape[:-1] or x_scale.shape[-1] != cdiv(k, DEFAULT_GROUP):
+        return False
+    dev = x_fp8.get_device()
+    return (x_scale.get_device() == dev == w_fp8.get_device()
+            and x_fp8.is_cuda == x_scale.is_cuda == w_fp8.is_cuda)
 
 
 def _linear_checked(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                     bias: torch.Tensor | None, backend: str | None, check_weights: bool) -> torch.Tensor:
     """``linear`` for a checked ``x`` (``check_weights``: the weight side is not checked yet; a new plan checks
     it before it is built, and reused plans were checked then)."""
-    m = _rows(x.shape)
+    m = x.shape[0] if x.dim() == 2 else _rows(x.shape)
     if m == 0 or not runs_eagerly(x, bias):
         if check_weights:
             check_linear_input(x, weight, weight_scale_inv, bias)
         return _linear_op(x, weight, weight_scale_inv, bias, backend or "")
     plan = _linear_plan(x, weight, weight_scale_inv, bias, backend, m, check_weights, tune=True)
     if _needs_grad(x, bias):
-        return _LinearFn.apply(x, weight, weight_scale_inv, bias, plan)
+        return _linear_fn(x, weight, weight_scale_inv, bias, plan)
     return plan.linear(x, weight, weight_scale_inv, bias)
 
 
@@ -417,9 +478,11 @@ def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor
     weight side is checked when a plan is built. A ``QuantizedActivation`` goes to ``gemm`` as in ``linear``."""
     if isinstance(x, QuantizedActivation):
         return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
+    # get_device(): an int, cheaper than comparing torch.device objects; a CPU/meta pair that it cannot tell
+    # apart does not run eagerly, and the op's path checks everything.
     if (not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1
             or not isinstance(weight, torch.Tensor) or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
-            or x.device != weight.device):
+            or x.get_device() != weight.get_device() or x.is_cuda != weight.is_cuda):
         check_linear_input(x, weight, weight_scale_inv, bias)  # raises the error that names the problem
     return _linear_checked(x, weight, weight_scale_inv, bias, backend, check_weights=True)
 
@@ -439,12 +502,15 @@ def gemm(
     ``x_fp8`` is [..., K] float8_e4m3fn with fp32 ``x_scale`` [..., ceil(K/128)]; ``w_fp8`` is (N, K) with
     fp32 ``weight_scale_inv`` (ceil(N/128), ceil(K/128)). ``backend=None`` lets the dispatcher choose.
     """
-    check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
     check_backend_name(backend)
-    m = _rows(x_fp8.shape)
+    if not _gemm_activation_ok(x_fp8, x_scale, w_fp8):
+        check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)  # names the problem
+    m = x_fp8.shape[0] if x_fp8.dim() == 2 else _rows(x_fp8.shape)
     if m == 0 or not runs_eagerly(x_fp8, x_scale, bias) or _needs_grad(x_fp8, bias):
+        check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
         return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
-    plan = _gemm_plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend, m, tune=True)
+    # Every input is checked in full when the plan is built; a found plan was built for these very tensors.
+    plan = _gemm_plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend, m, tune=True, check=True)
     return plan.gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias)
 
 
@@ -469,5 +535,5 @@ def linear(
     return _linear_checked(x, weight, weight_scale_inv, bias, backend, check_weights=False)
 
 
-__all__ = ["PLANS", "GraphedLinear", "LinearPlan", "PlanRegistry", "gemm", "layer_linear", "linear",
+__all__ = ["PLANS", "LinearPlan", "PlanRegistry", "gemm", "layer_linear", "linear",
            "quantize_for", "runs_eagerly"]

@@ -50,3 +50,22 @@ def test_empty_scales_layouts():
     assert empty_scales(5, 3, "col", "cpu").stride() == (1, 8)
     with pytest.raises(ValueError, match="layout"):
         empty_scales(5, 3, "diagonal", "cpu")
+
+
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("m,rows", [(1, 4), (3, 4), (5, 8), (4, 4)])
+def test_rows_pad_with_zeros_and_finite_scales(layout, m, rows):
+    x = _input(m, 300, torch.bfloat16)
+    q_ref, s_ref = quantize_activation(x)
+    q, s = quantize_activation_fused(x, layout=layout, rows=rows)
+    assert q.shape == (rows, 300) and s.shape == (rows, 3)
+    assert torch.equal(q[:m].view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s[:m], s_ref)
+    assert not q[m:].float().any(), "padding rows must quantize to zeros"
+    assert torch.isfinite(s[m:]).all() and (s[m:] > 0).all()
+    if layout == "col":
+        assert s.stride() == (1, rows)
+
+
+def test_rows_below_m_is_refused():
+    with pytest.raises(ValueError, match="rows"):
+        quantize_activation_fused(_input(5, 128, torch.bfloat16), rows=4)

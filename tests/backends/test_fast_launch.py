@@ -71,33 +71,3 @@ def test_layer_eager_equals_the_op(n, k):
         with torch.inference_mode():
             for _ in range(3):
                 assert torch.equal(layer(x), torch.ops.blockfp8.linear(x, wq, ws, layer.bias, ""))
-
-
-def test_eager_graph_outputs_are_never_shared():
-    from blockfp8.ops import PLANS, GraphedLinear
-
-    wq, ws = random_fp8_weight(2112, 7168, device="cuda")
-    layer = Fp8BlockLinear.from_fp8(wq, ws, None)
-    x1, x2 = random_activation(4, 7168, seed=1, device="cuda"), random_activation(4, 7168, seed=2, device="cuda")
-    with torch.inference_mode():
-        y1 = layer(x1)
-        want1 = y1.clone()
-        y2 = layer(x2)
-        assert torch.equal(y1, want1) and not torch.equal(y1, y2)  # a later replay never rewrites an output
-        assert torch.equal(y2, torch.ops.blockfp8.linear(x2, wq, ws, None, ""))
-    plan, = PLANS.plans_of(wq)
-    assert bool(plan.graphs) == GraphedLinear.enabled
-
-
-def test_eager_graphs_stay_out_of_a_callers_capture():
-    from blockfp8.testing.timing import capture_graph
-
-    wq, ws = random_fp8_weight(2112, 7168, device="cuda")
-    layer = Fp8BlockLinear.from_fp8(wq, ws, None)
-    x = random_activation(2, 7168, device="cuda")
-    with torch.inference_mode():
-        want = layer(x).clone()
-        graph, out = capture_graph(lambda: layer(x), warmup=1)
-        graph.replay()
-        torch.cuda.synchronize()
-    assert torch.equal(out, want)

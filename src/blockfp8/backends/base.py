@@ -95,9 +95,14 @@ def _arch(a: tuple[int, int]) -> str:
 HOPPER_ONLY = {"device_types": ("cuda",), "min_arch": (9, 0), "max_arch": (9, 0)}
 
 
-def add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``out + bias`` in ``out``'s dtype, for kernels without a bias epilogue (one extra elementwise pass)."""
-    return out if bias is None else out + bias.to(out.dtype)
+def add_bias(y: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``y + bias`` in ``y``'s dtype, for kernels without a bias epilogue (one extra elementwise pass), written
+    into ``out`` when given (``y`` itself may be ``out``: then the bias is added in place)."""
+    if out is None:
+        return y if bias is None else y + bias.to(y.dtype)
+    if bias is None:
+        return y if y is out else out.copy_(y)
+    return torch.add(y, bias.to(y.dtype), out=out)
 
 
 def unit_stride_rows(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
@@ -115,7 +120,7 @@ class Backend:
     ``scale_layout`` is the activation-scale layout the backend reads best (``format.SCALE_LAYOUTS``).
     ``capturable``: its ``run`` may be recorded into a CUDA graph (no host synchronization, no allocation
     outside torch's allocator, nothing allocated in one call and kept for the next); eager decode calls replay
-    such graphs (``ops.GraphedLinear``).
+    such graphs (``eager_graphs.EagerGraphs``).
     ``bias_epilogue``: the bias is added inside the kernel before the one rounding to the output dtype; False for
     a backend that adds it in a second pass (``add_bias``), which rounds the output twice.
     """
@@ -147,8 +152,11 @@ class Backend:
         return self.limits.allows(p) if available else available
 
     def run(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
-            weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-        """y[M, N] for 2-D x_fp8 (M, K) and x_scale (M, Kb) in any stride layout; M >= 1."""
+            weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """y[M, N] for 2-D x_fp8 (M, K) and x_scale (M, Kb) in any stride layout; M >= 1. ``out``: a contiguous
+        (M, N) tensor of ``out_dtype`` to write y into (returned), for callers whose output must live at a fixed
+        address (``eager_graphs``)."""
         raise NotImplementedError
 
     def plan(self, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
@@ -172,9 +180,13 @@ class GemmPlan:
     ``counters``: how many int32 counters at the start of the call's ``workspace`` must be zero when the kernel
     starts (0: the plan needs no workspace). The caller may zero them in a launch it makes anyway (the activation
     quantizer of ``linear``) and pass the workspace; without one, the plan makes and zeroes its own.
+
+    ``rows``: when set, the GEMM reads activations padded to that many rows (cuBLAS: M a multiple of 4), and the
+    quantizer of ``linear`` writes them so (padding rows: values 0); a plan also accepts unpadded ones.
     """
 
     counters: int = 0
+    rows: int | None = None  # the activation rows the GEMM wants, when more than M (the quantizer pads)
 
     def workspace(self, device: torch.device) -> torch.Tensor | None:
         """An uninitialised workspace for one call (None when the plan needs none)."""
@@ -182,7 +194,8 @@ class GemmPlan:
 
     def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
                  weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 work: torch.Tensor | None = None) -> torch.Tensor:
+                 work: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """y (M, N); written into ``out`` (contiguous, the plan's dtype) when given, as ``Backend.run``."""
         raise NotImplementedError
 
 
@@ -192,5 +205,7 @@ class RunPlan(GemmPlan):
     def __init__(self, backend: Backend, out_dtype: torch.dtype) -> None:
         self.backend, self.out_dtype = backend, out_dtype
 
-    def __call__(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, work=None) -> torch.Tensor:
-        return self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype)
+    def __call__(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, work=None, out=None) -> torch.Tensor:
+        if out is None:  # a backend's run without ``out`` (the parameter is optional) still serves every call
+            return self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype)
+        return self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype, out=out)

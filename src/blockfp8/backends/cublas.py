@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..format import cdiv, empty_scales
-from .base import HOPPER_ONLY, YES, Backend, Limits, Support, add_bias
+from .base import HOPPER_ONLY, YES, Backend, GemmPlan, Limits, Support, add_bias
 
 
 def _weight_scales(weight_scale_inv: torch.Tensor) -> torch.Tensor:
@@ -39,26 +39,48 @@ class CublasBackend(Backend):
                                   "scaling")
         return YES
 
-    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
-        from torch.nn.functional import ScalingType, scaled_mm
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=None) -> torch.Tensor:
+        return _gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, x_fp8.shape[0], out)
 
-        m, k = x_fp8.shape
-        m4 = cdiv(m, 4) * 4
-        if m4 != m or x_scale.stride() != (1, m4):
-            # Pad M to a multiple of 4 (cuBLAS refuses others) and lay the scales out column-major.
-            a = x_fp8.new_zeros(m4, k) if m4 != m else x_fp8
-            if m4 != m:
-                a[:m] = x_fp8
-            s = empty_scales(m4, x_scale.shape[1], "col", x_fp8.device)
-            s[:m] = x_scale
-            if m4 != m:
-                s[m:] = 1.0
-            x_fp8, x_scale = a, s
-        out = scaled_mm(
-            x_fp8, w_fp8.t(), x_scale, ScalingType.BlockWise1x128,
-            _weight_scales(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype,
-        )
-        return add_bias(out[:m], bias)
+    def plan(self, w_fp8, weight_scale_inv, bias, out_dtype, m) -> GemmPlan:
+        return CublasPlan(out_dtype, m)
+
+
+class CublasPlan(GemmPlan):
+    """cuBLAS at M rows: asks ``linear``'s quantizer for activations already padded to a multiple of 4 rows in
+    the column-major scale layout (``rows``), so a decode call runs the quantizer and the GEMM only."""
+
+    def __init__(self, out_dtype: torch.dtype, m: int) -> None:
+        self.out_dtype, self.m = out_dtype, m
+        self.rows = cdiv(m, 4) * 4 if m % 4 else None
+
+    def __call__(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, work=None, out=None) -> torch.Tensor:
+        return _gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype, self.m, out)
+
+
+def _gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
+          bias: torch.Tensor | None, out_dtype: torch.dtype, m: int, out: torch.Tensor | None) -> torch.Tensor:
+    """y (m, N) from activations of m or more rows (rows past m are padding and never reach y)."""
+    from torch.nn.functional import ScalingType, scaled_mm
+
+    rows, k = x_fp8.shape
+    m4 = cdiv(rows, 4) * 4
+    if m4 != rows or x_scale.stride() != (1, m4):
+        # Pad M to a multiple of 4 (cuBLAS refuses others) and lay the scales out column-major.
+        a = x_fp8.new_zeros(m4, k) if m4 != rows else x_fp8
+        if m4 != rows:
+            a[:rows] = x_fp8
+        s = empty_scales(m4, x_scale.shape[1], "col", x_fp8.device)
+        s[:rows] = x_scale
+        if m4 != rows:
+            s[rows:] = 1.0
+        x_fp8, x_scale = a, s
+    y = scaled_mm(
+        x_fp8, w_fp8.t(), x_scale, ScalingType.BlockWise1x128,
+        _weight_scales(weight_scale_inv), ScalingType.BlockWise128x128, output_dtype=out_dtype,
+    )
+    # scaled_mm takes no output tensor: a caller's ``out`` gets a copy.
+    return add_bias(y[:m], bias, out)
 
 
 BACKEND = CublasBackend(

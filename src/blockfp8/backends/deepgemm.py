@@ -25,12 +25,12 @@ class DeepGemmBackend(Backend):
             return Support(False, "deep_gemm not installed (pip install 'blockfp8[deepgemm]')")
         return YES
 
-    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=None) -> torch.Tensor:
         import deep_gemm
 
-        out = torch.empty(x_fp8.shape[0], w_fp8.shape[0], dtype=out_dtype, device=x_fp8.device)
-        deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), out, disable_ue8m0_cast=True)
-        return add_bias(out, bias)
+        y = torch.empty(x_fp8.shape[0], w_fp8.shape[0], dtype=out_dtype, device=x_fp8.device) if out is None else out
+        deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), y, disable_ue8m0_cast=True)
+        return add_bias(y, bias, out)
 
 
 BACKEND = DeepGemmBackend(

@@ -251,13 +251,15 @@ def _tile_layout(rows: int):
 
 def gluon_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
                bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-               config: GluonConfig | None = None) -> torch.Tensor:
-    """Launch the wgmma kernel on 2-D operands (inputs already validated by the caller; K % 16 == 0)."""
+               config: GluonConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the wgmma kernel on 2-D operands (inputs already validated by the caller; K % 16 == 0), writing
+    into ``out`` (contiguous (M, N) of ``out_dtype``) when given."""
     x_fp8, w_fp8, m, n, k = unit_stride_rows(x_fp8, w_fp8)
     cfg = config or launch_config(m, n, k, x_fp8.device)
     a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128], _tile_layout(cfg.block_m))
     w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128], _tile_layout(cfg.block_n))
-    out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
+    if out is None:
+        out = torch.empty(m, n, dtype=out_dtype, device=x_fp8.device)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     _fp8_block_gemm_wgmma_kernel[grid](
         a_desc, w_desc, out, x_scale, weight_scale_inv, bias if bias is not None else out,
@@ -282,11 +284,11 @@ class GluonBackend(Backend):
                                   f"(set {ENV_UNVERIFIED}=1 to try it, then run blockfp8 check --backends gluon)")
         return YES
 
-    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=None) -> torch.Tensor:
         if x_fp8.data_ptr() % 16 or w_fp8.data_ptr() % 16:
             # TMA needs 16-byte aligned bases; an offset view is copied once rather than refused.
             x_fp8, w_fp8 = x_fp8.clone(), w_fp8.clone()
-        return gluon_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+        return gluon_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=out)
 
 
 BACKEND = GluonBackend(

@@ -12,8 +12,8 @@ from .launch import INTERPRET
 
 
 class TritonBackend(Backend):
-    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype) -> torch.Tensor:
-        return triton_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+    def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=None) -> torch.Tensor:
+        return triton_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=out)
 
     def plan(self, w_fp8, weight_scale_inv, bias, out_dtype, m) -> TritonGemmPlan:
         return TritonGemmPlan(w_fp8, weight_scale_inv, bias, out_dtype, m)

@@ -77,7 +77,7 @@ def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.con
 
 @triton.jit
 def _act_quant_kernel(
-    x_ptr, q_ptr, s_ptr, z_ptr, K, z_count, stride_xm, stride_qm, stride_sm, stride_sk,
+    x_ptr, q_ptr, s_ptr, z_ptr, M, K, z_count, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
     AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr,
 ):
@@ -92,7 +92,10 @@ def _act_quant_kernel(
     offs_g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    # Rows past M (padding a GEMM asked for) quantize zeros: values 0 with a finite scale.
+    # (As a bound on the columns: the interpreter refuses a scalar mask and'ed with a tensor one.)
+    in_cols = K * (row < M).to(tl.int32)
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < in_cols, other=0.0).to(tl.float32)
     q, scale = quantize_groups(x, UE8M0, AMAX_MIN, QMAX)
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
@@ -103,11 +106,13 @@ _ACT_QUANT = FastLaunch(_act_quant_kernel)
 
 def quantize_activation_fused(
     x: torch.Tensor, group_size: int = 128, ue8m0: bool = False, layout: str = "row",
-    zero: torch.Tensor | None = None, zero_count: int = 0,
+    zero: torch.Tensor | None = None, zero_count: int = 0, rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of ``quantize_activation`` for [..., K] input; scales in ``layout`` (2-D input only
     for "col"). ``zero``: an int32 tensor whose first ``zero_count`` entries the launch also sets to 0 (the
-    split-K counters of the GEMM that reads the result, ``GemmPlan.counters``)."""
+    split-K counters of the GEMM that reads the result, ``GemmPlan.counters``). ``rows`` (2-D input, at least
+    M): the outputs get that many rows, those past M quantized from zeros (values 0, finite scales), for a
+    GEMM that needs M padded (``GemmPlan.rows``) -- in this launch rather than by fills and copies."""
     require_dtype(x, "x")
     g = check_group_size(group_size)
     if g & (g - 1):
@@ -120,22 +125,25 @@ def quantize_activation_fused(
     kb = cdiv(k, g)
     if layout == "col" and lead and len(lead) != 1:
         raise ValueError("layout='col' needs 2-D input [M, K]")
-    q = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
-    s = empty_scales(m, kb, layout, x.device)
+    out_rows = m if rows is None else rows
+    if out_rows < m or (out_rows != m and len(lead) != 1):
+        raise ValueError(f"rows={rows} needs 2-D input with at most that many rows, got shape {tuple(x.shape)}")
+    q = torch.empty(out_rows, k, dtype=FP8_DTYPE, device=x.device)
+    s = empty_scales(out_rows, kb, layout, x.device)
     zeroing = zero is not None and zero_count > 0
     if m > 0 and k > 0:
         per_prog = min(8, triton.next_power_of_2(kb))
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
-        key = (m, k, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, s.stride(0), s.stride(1), g, ue8m0,
-               zero_count if zeroing else 0)
-        _ACT_QUANT(key, (m, cdiv(kb, per_prog)),
-                   (x2, q, s, zero if zeroing else q, k, zero_count, x2.stride(0), q.stride(0), s.stride(0),
+        key = (m, out_rows, k, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, s.stride(0), s.stride(1), g,
+               ue8m0, zero_count if zeroing else 0)
+        _ACT_QUANT(key, (out_rows, cdiv(kb, per_prog)),
+                   (x2, q, s, zero if zeroing else q, m, k, zero_count, x2.stride(0), q.stride(0), s.stride(0),
                     s.stride(1)),
                    dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
                         ZERO=zeroing),
                    num_warps=4)
     elif zeroing:
         zero[:zero_count].zero_()
-    if layout == "row":
+    if layout == "row" and out_rows == m:
         return q.reshape(*lead, k), s.reshape(*lead, kb)
     return q, s

@@ -247,13 +247,14 @@ class TritonGemmPlan(GemmPlan):
 
     def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
                  weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 work: torch.Tensor | None = None) -> torch.Tensor:
+                 work: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         if x_fp8.stride(1) != 1:
             x_fp8 = x_fp8.contiguous()
         if not self.w_contiguous:
             w_fp8 = w_fp8.contiguous()
         m, n, cfg = self.m, self.n, self.cfg
-        out = torch.empty(m, n, dtype=self.out_dtype, device=x_fp8.device)
+        if out is None:
+            out = torch.empty(m, n, dtype=self.out_dtype, device=x_fp8.device)
         if self.counters and work is None:
             work = self.workspace(x_fp8.device)
             work[:self.counters].zero_()
@@ -276,7 +277,7 @@ class TritonGemmPlan(GemmPlan):
 
 def triton_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
-                config: TritonConfig | None = None) -> torch.Tensor:
-    """Launch the kernel on 2-D operands (inputs already validated by the caller)."""
+                config: TritonConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch the kernel on 2-D operands (inputs already validated by the caller), into ``out`` when given."""
     plan = TritonGemmPlan(w_fp8, weight_scale_inv, bias, out_dtype, x_fp8.shape[0], config)
-    return plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias)
+    return plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out=out)
