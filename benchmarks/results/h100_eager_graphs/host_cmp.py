@@ -52,10 +52,11 @@ def main(tag: str) -> None:
                 if tag != "before":
                     from blockfp8.eager_graphs import EagerGraphs
 
+                    in_place = EagerGraphs.IN_PLACE
                     EagerGraphs.IN_PLACE = 0
                     copying = blockfp8.Fp8BlockLinear.from_fp8(wq, ws, None)
                     r["Fp8BlockLinear copy-in"] = host(lambda: copying(x))  # noqa: B023
-                    EagerGraphs.IN_PLACE, EagerGraphs.enabled = 4, False
+                    EagerGraphs.IN_PLACE, EagerGraphs.enabled = in_place, False
                     r["Fp8BlockLinear direct"] = host(lambda: layer(x))  # noqa: B023
                     EagerGraphs.enabled = True
             out[f"{n}x{k} M={m}"] = r
