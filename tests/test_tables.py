@@ -50,16 +50,16 @@ def test_layers_merge_per_m_in_order(tmp_path, monkeypatch):
     nk = "2112,7168"
     shipped = tables.shipped("dispatch")[H100.name][nk]
     assert {"1", "16", "64", "4096"} <= set(shipped)
-    tuning_cache.save(H100, {"dispatch": {nk: {"16": ["cached"], "64": ["cached"]}}})
-    tables.record("dispatch", H100.name, 2112, 7168, 64, ["recorded"])
+    tuning_cache.save(H100, {"dispatch": {nk: {"16": ["reference"], "64": ["reference"]}}})
+    tables.record("dispatch", H100.name, 2112, 7168, 64, ["gluon", "reference"])
     override = tmp_path / "o.json"
-    override.write_text(json.dumps({H100.name: {nk: {"64": ["override"]}}}))
+    override.write_text(json.dumps({H100.name: {nk: {"64": ["deepgemm", "reference"]}}}))
     monkeypatch.setenv("BLOCKFP8_DISPATCH_TABLE", str(override))
     tables.invalidate()
     sources = {m: tables.lookup("dispatch", H100, 2112, 7168, m).source for m in (1, 16, 64, 4096)}
     assert sources == {1: "shipped", 16: "cache", 64: "override", 4096: "shipped"}
     tables.exclude(sources=("override",))
-    assert tables.lookup("dispatch", H100, 2112, 7168, 64).value == ["recorded"]
+    assert tables.lookup("dispatch", H100, 2112, 7168, 64).value == ["gluon", "reference"]
     tables.exclude(sources=("override", "recorded"), shipped_of=(H100.name,))
     assert tables.lookup("dispatch", H100, 2112, 7168, 1).source == "cache"  # the cache's M=16 row: its bucket
     assert tables.lookup("dispatch", H100, 2112, 7168, 4096) is None  # no prefill row left
@@ -95,11 +95,11 @@ def test_nearest_uses_the_family_and_stays_close():
 
 
 def test_nearest_prefers_the_own_device_on_a_tie():
-    tables.record("dispatch", SIBLING.name, 2112, 7168, 1, ["mine"])
+    tables.record("dispatch", SIBLING.name, 2112, 7168, 1, ["reference", "triton"])
     # 2112 x 7168 is measured on both devices: from a shape near it, this device's row at the same distance wins
     # over the H100's.
     found = tables.nearest("dispatch", SIBLING, 2100, 7168, 1)
-    assert (found.device, found.value) == (SIBLING.name, ["mine"])
+    assert (found.device, found.value) == (SIBLING.name, ["reference", "triton"])
 
 
 def test_known_devices_name_every_shipped_device():

@@ -2,7 +2,9 @@
 reads it with no setting -- on fake devices, no GPU needed."""
 
 import json
+import re
 import sys
+import warnings
 
 import pytest
 
@@ -99,9 +101,9 @@ BROKEN = {
     "a list": lambda: "[1, 2]",
     "stale schema": lambda: json.dumps({**_valid_file(), "schema": 0}),
     "another key": lambda: json.dumps({**_valid_file(), "key": {**tuning_cache.cache_key(GPU), "torch": "1.0"}}),
-    "row not a list": lambda: json.dumps({**_valid_file(), "tables": {"dispatch": {"2112,7168": {"64": "cublas"}}}}),
-    "bad shape key": lambda: json.dumps({**_valid_file(), "tables": {"dispatch": {"2112x7168": {"64": ["cublas"]}}}}),
+    "shape entry not an object": lambda: json.dumps({**_valid_file(), "tables": {"dispatch": {"2112,7168": [1]}}}),
     "tables not an object": lambda: json.dumps({**_valid_file(), "tables": []}),
+    "deeply nested": lambda: '{"a":' * 100_000 + "1" + "}" * 100_000,  # RecursionError in the JSON parser
 }
 
 
@@ -129,13 +131,17 @@ def test_valid_file_loads_without_warning(cache, recwarn):
 
 def test_save_merges_and_checks_rows(cache):
     tuning_cache.save(GPU, ROW, {"2112,7168,64": {"source": "tune"}})
-    tuning_cache.save(GPU, {"dispatch": {"2112,7168": {"1": ["triton"]}}, "triton": {"2112,7168": {"1": {"a": 1}}}})
+    config = {"block_m": 16, "block_n": 64}
+    tuning_cache.save(GPU, {"dispatch": {"2112,7168": {"1": ["triton"]}}, "triton": {"2112,7168": {"1": config}}})
     found = tuning_cache.load(GPU)
     assert found.tables["dispatch"]["2112,7168"] == {"64": ["cublas", "triton"], "1": ["triton"]}
-    assert found.tables["triton"] == {"2112,7168": {"1": {"a": 1}}} and "2112,7168,64" in found.cells
+    assert found.tables["triton"] == {"2112,7168": {"1": {"block_m": 16, "block_n": 64}}}
+    assert "2112,7168,64" in found.cells
     assert not list(cache.glob(".*tmp"))  # the temporary file of the atomic write is gone
     with pytest.raises(ValueError, match="malformed"):
         tuning_cache.save(GPU, {"dispatch": {"2112,7168": {"64": "cublas"}}})
+    with pytest.raises(ValueError, match="split_k=0"):
+        tuning_cache.save(GPU, {"triton": {"2112,7168": {"1": {"block_m": 16, "block_n": 64, "split_k": 0}}}})
     with pytest.raises(ValueError, match="kind"):
         tuning_cache.save(GPU, {"nope": {}})
     with pytest.raises(ValueError, match="only CUDA devices"):
@@ -180,3 +186,76 @@ def test_shipped_rows_still_answer_for_their_device(cache):
     h100 = tables.known_devices()["NVIDIA H100 80GB HBM3"]
     assert choose(1, 2112, 7168, h100) == "triton"
     assert source(1, 2112, 7168, h100).startswith("shipped row (NVIDIA H100 80GB HBM3")
+
+
+_TRITON = {"block_m": 16, "block_n": 64, "split_k": 4, "group_m": 1, "swap_ab": True, "num_warps": 4,
+           "num_stages": 6, "tma": True}
+BAD_ROWS = {
+    "ranking not a list": ("dispatch", "2112,7168", "16", "cublas"),
+    "shape key not N,K": ("dispatch", "2112x7168", "64", ["cublas"]),
+    "zero-sized shape": ("dispatch", "0,128", "64", ["cublas"]),  # was a ZeroDivisionError for every other shape
+    "M of zero": ("dispatch", "2112,7168", "0", ["cublas"]),
+    "unknown backend": ("dispatch", "2112,7168", "16", ["fastest"]),
+    "split_k of zero": ("triton", "2112,7168", "1", {**_TRITON, "split_k": 0}),  # launched nothing: garbage out
+    "unknown config field": ("triton", "2112,7168", "1", {**_TRITON, "bogus": 1}),
+    "a bool for a size": ("triton", "2112,7168", "1", {**_TRITON, "block_m": True}),
+    "a size for a flag": ("triton", "2112,7168", "1", {**_TRITON, "tma": 1}),
+    "gluon tile the kernel lacks": ("gluon", "2112,7168", "1", {"block_m": 32}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ROWS))
+def test_a_bad_row_is_skipped_with_one_warning_and_the_file_still_serves(cache, case):
+    kind, nk, m, value = BAD_ROWS[case]
+    good = {"dispatch": ["cublas", "triton"], "triton": {"block_m": 16, "block_n": 64}, "gluon": {"block_m": 64}}[kind]
+    data = _valid_file()
+    data["tables"] = {"dispatch": {"2112,7168": {"64": ["cublas", "triton"]}}, "triton": {}, "gluon": {}}
+    data["tables"][kind].setdefault("2112,7168", {}).setdefault("64", good)
+    data["tables"][kind].setdefault(nk, {})[m] = value
+    path = _path()
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match=rf"skipping the {kind} row .*M={m} from {re.escape(str(path))}: "):
+        rows = tables.device_rows(kind, GPU)
+    assert int(m) not in rows.get((2112, 7168), {}) or nk != "2112,7168"  # never used
+    assert rows[(2112, 7168)][64].value == good  # the file's good rows still serve
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not at every lookup
+        tables.device_rows.cache_clear()
+        tables.device_rows(kind, GPU)
+        assert choose(64, 2112, 7168) == "cublas"
+        choose(64, 4096, 4096)  # a shape without a row of its own looks at the nearest ones: no crash
+
+
+def test_config_fields_are_the_kernels_fields():
+    from dataclasses import fields
+
+    from blockfp8.backends.triton.configs import TritonConfig
+
+    assert set(tuning_cache.CONFIG_FIELDS["triton"]) == {f.name for f in fields(TritonConfig)}
+    gluon = pytest.importorskip("blockfp8.backends.gluon")
+    assert set(tuning_cache.CONFIG_FIELDS["gluon"]) == {f.name for f in fields(gluon.GluonConfig)}
+
+
+@pytest.mark.parametrize("kind", ["dispatch", "triton", "gluon"])
+def test_every_shipped_row_is_valid(kind):
+    for device, table in tables.shipped(kind).items():
+        assert tuning_cache.table_problem(kind, table) is None, device
+
+
+def test_written_tables_get_the_usual_mode_and_keep_theirs(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.json"
+        tuning_cache.write_atomic(new, "{}\n")
+        assert stat.S_IMODE(new.stat().st_mode) == 0o644  # not the temporary file's private 0600
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}\n")
+        kept.chmod(0o640)
+        tuning_cache.write_atomic(kept, "{}\n")
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from functools import cache, lru_cache
 from importlib import resources
@@ -78,11 +79,31 @@ def merge_tables(dst: dict, src: dict) -> dict:
     return dst
 
 
-def merge_table_file(path: str | Path, table: dict) -> dict:
+def read_table_file(path: str | Path, kind: str = "dispatch") -> dict:
+    """The tables in the JSON file at ``path`` (device name -> "N,K" -> "M" -> value; {} when it does not exist);
+    ``ValueError`` naming the file when it cannot be read or is not shaped so. Commands that will merge into a
+    file call this before measuring, so a bad target fails at once rather than after the run."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path} must be a readable JSON {kind} table file: {type(e).__name__}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object (device name -> {kind} table), got {type(data).__name__}")
+    for dev, rows in data.items():
+        problem = tuning_cache.structure_problem(kind, rows)
+        if problem and not str(dev).startswith("_"):
+            raise ValueError(f"{path}: device {dev!r}: {problem}")
+    return data
+
+
+def merge_table_file(path: str | Path, table: dict, kind: str = "dispatch") -> dict:
     """Merge ``table`` into the JSON file at ``path`` (created if absent, replaced atomically) and return the
     merged table."""
     path = Path(path)
-    merged = merge_tables(json.loads(path.read_text()) if path.exists() else {}, table)
+    merged = merge_tables(read_table_file(path, kind), table)
     tuning_cache.write_atomic(path, json.dumps(merged, indent=1, sort_keys=True) + "\n")
     return merged
 
@@ -110,12 +131,12 @@ def override(kind: str) -> tuple[dict, str]:
         return {}, ""
     try:
         table = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ValueError(f"{env}={path!r} must name a readable JSON table file: {type(e).__name__}: {e}") from e
     if not isinstance(table, dict):
         raise ValueError(f"{env}={path!r} must hold a JSON object (device name -> table), got {type(table).__name__}")
     for dev, rows in table.items():
-        problem = tuning_cache.table_problem(kind, rows)
+        problem = tuning_cache.structure_problem(kind, rows)
         if problem:
             raise ValueError(f"{env}={path!r}: device {dev!r}: {problem}")
     return table, path
@@ -149,12 +170,22 @@ def forget_recorded() -> None:
     invalidate()
 
 
-def _layer(rows: dict, table: dict, source: str, origin: str, device: str) -> None:
+_warned_rows: set[tuple] = set()
+
+
+def _layer(rows: dict, table: dict, kind: str, source: str, origin: str, device: str) -> None:
     for nk, by_m in table.items():
-        n, k = (int(v) for v in nk.split(","))
-        slot = rows.setdefault((n, k), {})
         for m, value in by_m.items():
-            slot[int(m)] = Row(value, int(m), source, origin, device, n, k)
+            problem = tuning_cache.row_problem(kind, nk, m, value)
+            if problem:
+                # A file may be shared or stale: a bad row is skipped (the next source answers), said once.
+                if (kind, origin, device, nk, m) not in _warned_rows:
+                    _warned_rows.add((kind, origin, device, nk, m))
+                    warnings.warn(f"blockfp8: skipping the {kind} row {device} N,K={nk} M={m} from {origin}: "
+                                  f"{problem}", RuntimeWarning, stacklevel=2)
+                continue
+            n, k = (int(v) for v in nk.split(","))
+            rows.setdefault((n, k), {})[int(m)] = Row(value, int(m), source, origin, device, n, k)
 
 
 def exclude(sources: tuple[str, ...] = (), shipped_of: tuple[str, ...] = ()) -> None:
@@ -177,10 +208,10 @@ def device_rows(kind: str, dev: DeviceId) -> dict[tuple[int, int], dict[int, Row
     rows: dict[tuple[int, int], dict[int, Row]] = {}
     name = KINDS[kind][0]
     if "shipped" not in _excluded_sources and dev.name not in _excluded_shipped:
-        _layer(rows, shipped(kind).get(dev.name, {}), "shipped", f"the package's data/{name}", dev.name)
+        _layer(rows, shipped(kind).get(dev.name, {}), kind, "shipped", f"the package's data/{name}", dev.name)
     cached = tuning_cache.load(dev) if "cache" not in _excluded_sources else None
     if cached is not None:
-        _layer(rows, cached.tables[kind], "cache", str(cached.path), dev.name)
+        _layer(rows, cached.tables[kind], kind, "cache", str(cached.path), dev.name)
         for (n, k), by_m in rows.items():
             for m, row in by_m.items():
                 # A row online tuning wrote says so (explain names it): its cell record carries the source.
@@ -188,10 +219,10 @@ def device_rows(kind: str, dev: DeviceId) -> dict[tuple[int, int], dict[int, Row
                 if row.source == "cache" and isinstance(record, dict) and record.get("source") == "online":
                     by_m[m] = replace(row, source="online")
     if "recorded" not in _excluded_sources:
-        _layer(rows, _RECORDED[kind].get(dev.name, {}), "recorded", "this process", dev.name)
+        _layer(rows, _RECORDED[kind].get(dev.name, {}), kind, "recorded", "this process", dev.name)
     if "override" not in _excluded_sources:
         table, path = override(kind)
-        _layer(rows, table.get(dev.name, {}), "override", f"{KINDS[kind][1]}={path}", dev.name)
+        _layer(rows, table.get(dev.name, {}), kind, "override", f"{KINDS[kind][1]}={path}", dev.name)
     return rows
 
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -125,26 +126,85 @@ class TuningCache:
     cells: dict = field(default_factory=dict)
 
 
-def _check_value(kind: str, value: object) -> bool:
-    if kind == "dispatch":
-        return isinstance(value, list) and bool(value) and all(isinstance(b, str) for b in value)
-    return isinstance(value, dict)
+_TILES = (16, 32, 64, 128, 256)
+_BOOL = (False, True)
+# The launch-config fields of each kind and the values its kernel accepts (TritonConfig, GluonConfig: a test holds
+# these names to the dataclasses' fields). A row outside them would launch nothing (split_k=0 leaves the output
+# uninitialised) or fail inside a kernel, so it is skipped.
+CONFIG_FIELDS = {
+    "triton": {"block_m": _TILES, "block_n": _TILES, "split_k": range(1, 65), "group_m": range(1, 65),
+               "swap_ab": _BOOL, "num_warps": (1, 2, 4, 8, 16), "num_stages": range(1, 9), "tma": _BOOL,
+               "pair_k": _BOOL},
+    "gluon": {"block_m": (64, 128), "block_n": _TILES, "num_warps": (4, 8), "stages": range(1, 9),
+              "group_m": range(1, 65), "unroll": range(1, 9)},
+}
+REQUIRED_FIELDS = {"triton": ("block_m", "block_n"), "gluon": ()}
 
 
 def _is_int_key(text: object, parts: int) -> bool:
     return isinstance(text, str) and bool(re.fullmatch(r"\d+" + r",\d+" * (parts - 1), text))
 
 
-def table_problem(kind: str, table: object) -> str | None:
-    """Why ``table`` is not a valid "N,K" -> "M" -> value table of ``kind`` (None when it is)."""
+def _config_problem(kind: str, value: dict) -> str | None:
+    spec = CONFIG_FIELDS[kind]
+    unknown = sorted(str(f) for f in value if f not in spec)
+    if unknown:
+        return f"unknown field(s) {unknown}; a {kind} config has {sorted(spec)}"
+    missing = [f for f in REQUIRED_FIELDS[kind] if f not in value]
+    if missing:
+        return f"missing field(s) {missing}"
+    for name, v in value.items():
+        allowed = spec[name]
+        # bool is an int in Python: a flag must be a bool and a size must not be one.
+        if (type(v) is not bool) if allowed is _BOOL else (type(v) is not int or v not in allowed):
+            want = "true or false" if allowed is _BOOL else (
+                f"an integer in {allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range) else
+                f"one of {list(allowed)}")
+            return f"{name}={v!r}, expected {want}"
+    return None
+
+
+def row_problem(kind: str, nk: object, m: object, value: object) -> str | None:
+    """Why one table row ("N,K" -> "M" -> value) of ``kind`` must not be used (None when it may): sizes that are
+    not positive integers, a ranking naming a backend that does not exist, a launch config outside what the
+    kernel accepts."""
+    if not _is_int_key(nk, 2) or any(int(v) < 1 for v in nk.split(",")):
+        return f"shape {nk!r} is not 'N,K' with N, K >= 1"
+    if not _is_int_key(m, 1) or int(m) < 1:
+        return f"M {m!r} is not an integer >= 1"
+    if kind == "dispatch":
+        if not (isinstance(value, list) and value and all(isinstance(b, str) for b in value)):
+            return f"expected a list of backend names, got {value!r}"
+        from .backends import backend_names  # here: the backends import the tables' users
+
+        unknown = [b for b in value if b not in backend_names()]
+        return f"names unknown backend(s) {unknown}" if unknown else None
+    if not isinstance(value, dict):
+        return f"expected a launch config object, got {value!r}"
+    return _config_problem(kind, value)
+
+
+def structure_problem(kind: str, table: object) -> str | None:
+    """Why ``table`` is not shaped as an "N,K" -> "M" -> value table of ``kind`` (None when it is); its rows are
+    checked one by one where they are used (``row_problem``), so one bad row costs only itself."""
     if not isinstance(table, dict):
         return f"{kind} table is a {type(table).__name__}, expected an object"
     for nk, by_m in table.items():
-        if not _is_int_key(nk, 2) or not isinstance(by_m, dict):
-            return f"{kind} table has a malformed shape entry {nk!r}"
+        if not isinstance(by_m, dict):
+            return f"{kind} table has a malformed shape entry {nk!r}: {by_m!r}"
+    return None
+
+
+def table_problem(kind: str, table: object) -> str | None:
+    """Why ``table`` is not a valid "N,K" -> "M" -> value table of ``kind``, rows included (None when it is)."""
+    problem = structure_problem(kind, table)
+    if problem:
+        return problem
+    for nk, by_m in table.items():
         for m, value in by_m.items():
-            if not _is_int_key(m, 1) or not _check_value(kind, value):
-                return f"{kind} table row {nk} M={m!r} is malformed: {value!r}"
+            problem = row_problem(kind, nk, m, value)
+            if problem:
+                return f"{kind} table row {nk} M={m} is malformed: {problem}"
     return None
 
 
@@ -159,7 +219,7 @@ def _file_problem(data: object, key: dict) -> str | None:
     if not isinstance(tables, dict) or not isinstance(data.get("cells", {}), dict):
         return "'tables' and 'cells' must be objects"
     for kind in KINDS:
-        problem = table_problem(kind, tables.get(kind, {}))
+        problem = structure_problem(kind, tables.get(kind, {}))
         if problem:
             return problem
     return None
@@ -171,7 +231,7 @@ def _read(path: Path, key: dict) -> TuningCache:
         data = json.loads(path.read_text())
     except FileNotFoundError:
         return found
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         problem = f"cannot read it ({type(e).__name__}: {e}; truncated or corrupt?)"
     else:
         problem = _file_problem(data, key)
@@ -214,12 +274,21 @@ def save(dev: DeviceId, tables: dict | None = None, cells: dict | None = None) -
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part. The file keeps
+    the mode it had, or gets the one any new file gets under the umask: the private temporary file (0600) would
+    otherwise make a shared table, such as an installed package's data, unreadable to other users."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        try:
+            mode = stat.S_IMODE(path.stat().st_mode)
+        except FileNotFoundError:
+            mask = os.umask(0o022)  # reading the umask means setting it
+            os.umask(mask)
+            mode = 0o666 & ~mask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

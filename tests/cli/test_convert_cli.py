@@ -143,3 +143,19 @@ def test_sentence_transformers_folder_still_loads_and_embeds(tmp_path, monkeypat
     original, converted = (m.encode(sentences, convert_to_tensor=True) for m in (original_model, converted_model))
     cosine = torch.nn.functional.cosine_similarity(original, converted, dim=-1)
     assert cosine.min().item() >= 0.99, cosine
+
+
+def test_module_weights_are_copied_and_other_weight_files_are_listed(tmp_path, capsys):
+    src, out = tmp_path / "model", tmp_path / "fp8"
+    write_model(src, {"modules.json": ('[{"path": ""}, {"path": "1_Pooling"}, {"path": "2_Dense"}]', 0o644),
+                      "1_Pooling/config.json": ("{}", 0o644), "2_Dense/config.json": ('{"in_features": 128}', 0o644),
+                      **WEIGHTS_ELSEWHERE})
+    dense = {"linear.weight": torch.randn(64, 128, generator=torch.Generator().manual_seed(1))}
+    save_file(dense, src / "2_Dense" / "model.safetensors")
+    assert main(["convert", str(src), str(out), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    # The dense module's own loader reads float weights: copied byte for byte, and the summary says so.
+    assert (out / "2_Dense" / "model.safetensors").read_bytes() == (src / "2_Dense" / "model.safetensors").read_bytes()
+    assert "subfolder weights copied unconverted" in text and "2_Dense/model.safetensors" in text
+    for rel in ("pytorch_model.bin", "onnx/model.onnx", "tf/tf_model.h5"):
+        assert not (out / rel).exists() and f"left out {rel}" in text, rel

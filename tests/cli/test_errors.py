@@ -202,3 +202,39 @@ def test_debug_shows_the_traceback_of_a_user_error(capsys, where):
     assert rc == 2 and "Traceback (most recent call last)" in err
     assert err.splitlines()[-1] == ("blockfp8 explain: error: --device 'gpu' is not a device; expected cpu or "
                                     "cuda[:INDEX]")
+
+
+# ----------------------------------------------------------------------------------- values that reach deep code
+
+_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "num_hidden_layers": 1, "vocab_size": 100}
+
+
+@pytest.mark.parametrize("bad", [{"hidden_size": "abc"}, {"num_attention_heads": 0}])
+def test_tune_list_with_a_config_transformers_cannot_build_is_one_line(tmp_path, capsys, bad):
+    pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps({**_LLAMA, **bad}))
+    rc, _, err = run(capsys, "tune", "--list", "--model", tmp_path)
+    assert rc == 2 and "config.json" in one_line(err, "tune")
+
+
+def test_bench_save_table_that_is_not_a_table_fails_before_measuring(tmp_path, capsys, monkeypatch):
+    target = tmp_path / "t.json"
+    target.write_text("[1, 2]")
+    import blockfp8.cli.bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "methods_for", lambda *a: pytest.fail("measured before checking --save-table"))
+    rc, _, err = run(capsys, "bench", "--save-table", target)
+    assert rc == 2 and str(target) in one_line(err, "bench")
+    assert target.read_text() == "[1, 2]"  # the user's file is left as it was
+
+
+def test_bench_hf_vocab_of_one_is_one_line(capsys):
+    rc, _, err = run(capsys, "bench-hf", "--vocab", 1)
+    assert rc == 2 and "--vocab" in one_line(err, "bench-hf")
+
+
+def test_explain_refuses_sizes_beyond_32_bit_offsets(capsys):
+    rc, out, _ = run(capsys, "explain", 1, 5, 10**30)
+    assert rc == 0
+    assert "triton     refused: an operand of" in out and "beyond the 2147483647" in out

@@ -55,6 +55,7 @@ class Support:
 
 
 YES = Support(True)
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class Limits:
     k_multiple: int = 1
     m_multiple: int = 1  # a backend that pads M itself declares 1
     out_dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
+    # Elements of the largest operand (M*K, N*K or M*N): kernels index with 32-bit offsets. None: no bound.
+    max_elements: int | None = INT32_MAX
     evidence: str = ""  # where the numbers come from (a measured probe, a doc)
 
     def allows(self, p: Problem) -> Support:
@@ -82,6 +85,9 @@ class Limits:
             value = getattr(p, dim.lower())
             if value % mult:
                 return Support(False, f"needs {dim} % {mult} == 0, got {dim}={value}")
+        if self.max_elements is not None and max(p.m * p.k, p.n * p.k, p.m * p.n) > self.max_elements:
+            return Support(False, f"an operand of {max(p.m * p.k, p.n * p.k, p.m * p.n)} elements is beyond the "
+                                  f"{self.max_elements} its kernels index")
         if p.out_dtype not in self.out_dtypes:
             return Support(False, f"output dtype {p.out_dtype} not in {[str(d) for d in self.out_dtypes]}")
         return YES

@@ -16,7 +16,9 @@ class ReferenceBackend(Backend):
 
 BACKEND = ReferenceBackend(
     name="reference",
-    limits=Limits(device_types=("cpu", "cuda"), evidence="dequantize + fp32 matmul; defines correctness"),
+    # torch indexes with 64-bit offsets: no bound on operand sizes.
+    limits=Limits(device_types=("cpu", "cuda"), max_elements=None,
+                  evidence="dequantize + fp32 matmul; defines correctness"),
     # repeat_interleave (block scales to elements) synchronizes with the host on CUDA to size its output.
     capturable=False,
 )

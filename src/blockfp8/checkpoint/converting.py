@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -51,6 +52,11 @@ class ConvertSummary:
     bytes_after: int = 0
     shards: int = 0
     files_copied: list[str] = field(default_factory=list)
+    # Weight files in subfolders (a sentence-transformers ``2_Dense/model.safetensors``): copied as they are, since
+    # their loader is not the model's and reads float weights.
+    weights_copied: list[str] = field(default_factory=list)
+    # Files of the input not written to the output, with why (weights of the top folder in another format).
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def worst(self) -> tuple[str, float] | None:
@@ -85,24 +91,50 @@ def skip_reason(info: TensorInfo, skip: Iterable[str] = (), default_skip: bool =
     return None
 
 
-def _side_files(in_dir: Path) -> list[Path]:
-    """Every file (and empty folder) of ``in_dir``'s tree that is copied next to a converted checkpoint.
+def _module_dirs(in_dir: Path) -> set[str]:
+    """The module folders a sentence-transformers model lists in its ``modules.json`` (empty when there is none or
+    it cannot be read: then no subfolder counts as a module)."""
+    try:
+        modules = json.loads((in_dir / "modules.json").read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return set()
+    if not isinstance(modules, list):
+        return set()
+    # The model itself is the module at path "": only subfolders are module folders here.
+    return {m["path"].strip("/") for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str)} - {""}
 
-    Subfolders count: a sentence-transformers model keeps its pooling and normalization in ``1_Pooling/``,
-    ``2_Normalize/`` (which may be empty). Left out: the top-level config.json and index (rewritten), weight files
-    of any format (``_WEIGHT_FILE_SUFFIXES``) and hidden folders (``.git`` holds every weight file the repository
-    ever had, ``.cache`` a download's bookkeeping).
+
+def _side_files(in_dir: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every file (and empty folder) of ``in_dir``'s tree that is copied next to a converted checkpoint, and the
+    weight files left out, with why.
+
+    Subfolders count: a sentence-transformers model keeps its pooling, normalization and dense modules there
+    (``1_Pooling/``, ``2_Normalize/`` which may be empty, ``2_Dense/model.safetensors``). Weight files of a module
+    folder its ``modules.json`` lists are copied unconverted: that module's own loader reads them, in float.
+    Left out: the top-level config.json and index (rewritten), other weight files (``_WEIGHT_FILE_SUFFIXES``: the
+    model's weights in another format or export, ``onnx/``, ``tf/``; the converted safetensors replace them)
+    and hidden folders (``.git`` holds every weight file the repository ever had, ``.cache`` a download's
+    bookkeeping).
     """
-    paths = []
+    modules = _module_dirs(in_dir)
+    paths, left_out = [], {}
     for root, dirs, names in os.walk(in_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths += [Path(root) / d for d in dirs if not any((Path(root) / d).iterdir())]  # others come with their files
         for name in sorted(names):
             path = Path(root) / name
             rel = path.relative_to(in_dir).as_posix()
-            if path.is_file() and rel not in (CONFIG_NAME, INDEX_NAME) and path.suffix not in _WEIGHT_FILE_SUFFIXES:
+            if not path.is_file() or rel in (CONFIG_NAME, INDEX_NAME):
+                continue
+            folder = rel.split("/", 1)[0] if "/" in rel else ""
+            if path.suffix not in _WEIGHT_FILE_SUFFIXES or (folder and folder in modules):
                 paths.append(path)
-    return paths
+            elif folder:
+                left_out[rel] = ("weights of another format or export (not a module folder of modules.json): "
+                                 "not converted, not copied")
+            elif path.suffix != ".safetensors":
+                left_out[rel] = "weights in another format: the converted safetensors replace them"
+    return paths, left_out
 
 
 def _copy_side_files(in_dir: Path, paths: list[Path], out_dir: Path) -> list[str]:
@@ -166,10 +198,13 @@ def convert_checkpoint(
     config_path = src / CONFIG_NAME
     config = read_config(src)
     _check_input_config(config, config_path)
-    side_files = _side_files(src)
+    side_files, left_out = _side_files(src)
+    read = {info.file.name for info in infos.values()}
+    left_out.update({p.name: "a safetensors file the checkpoint's index does not name"
+                     for p in sorted(src.glob("*.safetensors")) if p.name not in read})
     # Everything read is protected: a weight file may be a symlink into a cache folder elsewhere.
     inputs = [src, config_path, src / INDEX_NAME, *{info.file for info in infos.values()}, *side_files]
-    summary = ConvertSummary(out_dir=dst)
+    summary = ConvertSummary(out_dir=dst, left_out=left_out)
     with atomic_output_dir(dst, overwrite, inputs) as tmp:
         writer = ShardWriter(tmp, max_bytes)
         for info, tensor in iter_tensors(infos, progress, f"converting {src.name}"):
@@ -201,4 +236,5 @@ def convert_checkpoint(
         not_converted = [p for p, r in summary.skipped.items() if len(infos[p + WEIGHT_SUFFIX].shape) == 2]
         write_config(tmp, config, Fp8QuantConfig(modules_to_not_convert=tuple(not_converted)))
         summary.files_copied = _copy_side_files(src, side_files, tmp)
+        summary.weights_copied = [f for f in summary.files_copied if Path(f).suffix in _WEIGHT_FILE_SUFFIXES]
     return summary

@@ -16,7 +16,7 @@ from rich.text import Text
 from ..backends import backend_names
 from ..format import cdiv
 from ..reference import TOLERANCE
-from ..tables import merge_table_file
+from ..tables import merge_table_file, read_table_file
 from ..testing import Status
 from ..testing.bench import (
     DEFINITIONS,
@@ -300,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     if args.host:
         return run_host(args, device)
+    if args.save_table:
+        read_table_file(args.save_table)  # a target that cannot be merged into fails now, not after the run
     shapes = load_shapes(args.shapes or ("deepseek-v3" if big else CPU_SHAPES))
     ms = parse_m_values(args.m or (None if big else CPU_M))
     backends = parse_names(args.backends, gpu_backends() if cuda else ("reference",), backend_names(), "--backends")

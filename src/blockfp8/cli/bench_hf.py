@@ -346,8 +346,10 @@ def _resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespa
                           ("new_tokens", new_tokens), ("repeats", repeats)):
         value = getattr(args, name)
         value = default if value is None else value
-        if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        # Prompts draw token ids from 1..vocab-1 (0 pads): a vocabulary needs two tokens.
+        least = 2 if name == "vocab" else 1
+        if value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
         setattr(args, name, value)
     args.variants = parse_names(args.variants, VARIANTS, VARIANTS, "--variants")
     if BF16 not in args.variants:

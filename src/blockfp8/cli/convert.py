@@ -113,6 +113,10 @@ def summary_tables(summary: ConvertSummary):
         add_row(totals, "median relative error", f"{errs[len(errs) // 2]:.4f}")
         add_row(totals, "worst relative error", f"{worst:.4f} ({name})")
     add_row(totals, "files copied", _examples(summary.files_copied, 12) or "-")
+    if summary.weights_copied:
+        add_row(totals, "subfolder weights copied unconverted", _examples(summary.weights_copied, 12))
+    for name, why in summary.left_out.items():
+        add_row(totals, f"left out {name}", why)
 
     by_reason: dict[str, list[str]] = {}
     for layer, reason in summary.skipped.items():

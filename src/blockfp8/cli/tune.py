@@ -115,7 +115,7 @@ def _install(dev) -> list[str]:
     written = []
     for kind, (name, _) in tables.KINDS.items():
         if found and found.tables[kind]:
-            tables.merge_table_file(tables.data_path(name), {dev.name: found.tables[kind]})
+            tables.merge_table_file(tables.data_path(name), {dev.name: found.tables[kind]}, kind)
             written.append(name)
     path = tables.data_path(tables.DEVICES_FILE)
     devices = json.loads(path.read_text())
