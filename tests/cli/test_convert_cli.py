@@ -159,3 +159,33 @@ def test_module_weights_are_copied_and_other_weight_files_are_listed(tmp_path, c
     assert "subfolder weights copied unconverted" in text and "2_Dense/model.safetensors" in text
     for rel in ("pytorch_model.bin", "onnx/model.onnx", "tf/tf_model.h5"):
         assert not (out / rel).exists() and f"left out {rel}" in text, rel
+
+
+def test_a_link_out_of_the_model_folder_is_refused_in_one_line(tmp_path, capsys):
+    src, out = tmp_path / "model", tmp_path / "fp8"
+    write_model(src, {"tokenizer.json": ("{}", 0o644)})
+    secret = tmp_path / "elsewhere" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("private")
+    (src / "notes.txt").symlink_to(secret)
+    assert main(["convert", str(src), str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.txt is a link to" in err[0] and "outside" in err[0]
+    assert not out.exists()
+    (src / "notes.txt").unlink()
+    (src / "docs").symlink_to(secret.parent, target_is_directory=True)  # a folder link out: refused too
+    assert main(["convert", str(src), str(out), "--no-progress"]) == 2
+    assert "docs is a link to" in capsys.readouterr().err and not out.exists()
+
+
+def test_links_inside_the_model_folder_are_followed(tmp_path, capsys):
+    src, out = tmp_path / "model", tmp_path / "fp8"
+    write_model(src, {"1_Pooling/config.json": ('{"pooling": 1}', 0o644), "tokenizer.json": ("{}", 0o644)})
+    (src / "tokenizer_alias.json").symlink_to(src / "tokenizer.json")
+    (src / "2_Pooling").symlink_to(src / "1_Pooling", target_is_directory=True)  # was skipped without a word
+    (src / "1_Pooling" / "loop").symlink_to(src, target_is_directory=True)  # a loop: not followed, listed
+    assert main(["convert", str(src), str(out), "--no-progress"]) == 0
+    assert (out / "tokenizer_alias.json").read_text() == "{}" and not (out / "tokenizer_alias.json").is_symlink()
+    assert (out / "2_Pooling" / "config.json").read_text() == '{"pooling": 1}'
+    assert (out / "1_Pooling" / "config.json").is_file()
+    assert "left out 1_Pooling/loop" in capsys.readouterr().out

@@ -104,6 +104,25 @@ def _module_dirs(in_dir: Path) -> set[str]:
     return {m["path"].strip("/") for m in modules if isinstance(m, dict) and isinstance(m.get("path"), str)} - {""}
 
 
+def _allowed_roots(in_dir: Path) -> list[Path]:
+    """Where a link inside ``in_dir`` may point: into ``in_dir`` itself, and, for a Hugging Face cache snapshot
+    (``models--ORG--NAME/snapshots/HASH``), into its repository's ``blobs/``, where the hub keeps every file the
+    snapshot links to."""
+    roots = [in_dir.resolve()]
+    if in_dir.parent.name == "snapshots":
+        roots.append((in_dir.parent.parent / "blobs").resolve())
+    return roots
+
+
+def _check_link(path: Path, in_dir: Path, roots: list[Path]) -> None:
+    """Refuse a link that leads out of the model folder: its target would be copied into a folder the user may
+    publish (a cloned repository can carry such a link)."""
+    target = path.resolve()
+    if not any(target == r or target.is_relative_to(r) for r in roots):
+        raise ValueError(f"{path} is a link to {target}, outside {in_dir}: convert copies only the model folder's "
+                         f"own files; copy the file into the folder or remove the link")
+
+
 def _side_files(in_dir: Path) -> tuple[list[Path], dict[str, str]]:
     """Every file (and empty folder) of ``in_dir``'s tree that is copied next to a converted checkpoint, and the
     weight files left out, with why.
@@ -114,15 +133,26 @@ def _side_files(in_dir: Path) -> tuple[list[Path], dict[str, str]]:
     Left out: the top-level config.json and index (rewritten), other weight files (``_WEIGHT_FILE_SUFFIXES``: the
     model's weights in another format or export, ``onnx/``, ``tf/``; the converted safetensors replace them)
     and hidden folders (``.git`` holds every weight file the repository ever had, ``.cache`` a download's
-    bookkeeping).
+    bookkeeping). Links are followed while they stay inside the folder (or, for a Hugging Face cache snapshot,
+    its blobs); one leading anywhere else is refused (``_check_link``).
     """
     modules = _module_dirs(in_dir)
+    roots = _allowed_roots(in_dir)
     paths, left_out = [], {}
-    for root, dirs, names in os.walk(in_dir):
+    for root, dirs, names in os.walk(in_dir, followlinks=True):
+        for d in list(dirs):
+            link = Path(root) / d
+            if link.is_symlink():
+                _check_link(link, in_dir, roots)
+                if Path(root).resolve().is_relative_to(link.resolve()):  # a folder containing the link: a loop
+                    dirs.remove(d)
+                    left_out[link.relative_to(in_dir).as_posix()] = "a link to a folder that contains it: not followed"
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         paths += [Path(root) / d for d in dirs if not any((Path(root) / d).iterdir())]  # others come with their files
         for name in sorted(names):
             path = Path(root) / name
+            if path.is_symlink():
+                _check_link(path, in_dir, roots)
             rel = path.relative_to(in_dir).as_posix()
             if not path.is_file() or rel in (CONFIG_NAME, INDEX_NAME):
                 continue
