@@ -133,8 +133,9 @@ def _side_files(in_dir: Path) -> tuple[list[Path], dict[str, str]]:
     Left out: the top-level config.json and index (rewritten), other weight files (``_WEIGHT_FILE_SUFFIXES``: the
     model's weights in another format or export, ``onnx/``, ``tf/``; the converted safetensors replace them)
     and hidden folders (``.git`` holds every weight file the repository ever had, ``.cache`` a download's
-    bookkeeping). Links are followed while they stay inside the folder (or, for a Hugging Face cache snapshot,
-    its blobs); one leading anywhere else is refused (``_check_link``).
+    bookkeeping). Links to what is copied are followed while they stay inside the folder (or, for a Hugging Face
+    cache snapshot, its blobs); one leading anywhere else is refused (``_check_link``). The checkpoint's own weight
+    files are read, not copied, and may link anywhere.
     """
     modules = _module_dirs(in_dir)
     roots = _allowed_roots(in_dir)
@@ -151,13 +152,13 @@ def _side_files(in_dir: Path) -> tuple[list[Path], dict[str, str]]:
         paths += [Path(root) / d for d in dirs if not any((Path(root) / d).iterdir())]  # others come with their files
         for name in sorted(names):
             path = Path(root) / name
-            if path.is_symlink():
-                _check_link(path, in_dir, roots)
             rel = path.relative_to(in_dir).as_posix()
             if not path.is_file() or rel in (CONFIG_NAME, INDEX_NAME):
                 continue
             folder = rel.split("/", 1)[0] if "/" in rel else ""
             if path.suffix not in _WEIGHT_FILE_SUFFIXES or (folder and folder in modules):
+                if path.is_symlink():  # copied: its target must be the folder's own (weights read may live anywhere)
+                    _check_link(path, in_dir, roots)
                 paths.append(path)
             elif folder:
                 left_out[rel] = ("weights of another format or export (not a module folder of modules.json): "
