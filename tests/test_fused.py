@@ -280,3 +280,14 @@ def test_bad_inputs_name_the_argument():
     for call, exc, msg in cases:
         with pytest.raises(exc, match=msg):
             call()
+
+
+@pytest.mark.parametrize("eps", [1e-2, 1.0])
+def test_rms_norm_quant_uses_the_callers_eps(eps):
+    x = _x(4, 256) * 0.05  # mean square ~2.5e-3: an eps of 1e-2 or 1 changes the norm several-fold
+    w = torch.ones(256, device=DEVICE)
+    qa = rms_norm_quant(x, w, eps, layout="row")
+    want_q, want_s = quantize_activation(rms_norm(x, w, eps))
+    assert torch.equal(qa.values.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(qa.scales, want_s)
+    other_q, other_s = quantize_activation(rms_norm(x, w, 1e-6))
+    assert not torch.equal(qa.scales, other_s)

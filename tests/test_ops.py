@@ -295,3 +295,14 @@ def test_gemm_zeroes_split_k_counters_itself(garbage_workspace):
         want = blockfp8.gemm(xq, xs, wq, ws, backend="reference")
     assert garbage_workspace
     assert blockfp8.rel_error(got.float(), want.float()) <= blockfp8.reference.TOLERANCE
+
+
+def test_gemm_plans_follow_out_dtype_and_the_forced_backend():
+    wq, ws = random_fp8_weight(200, 300, device=DEVICE)
+    xq, xs = blockfp8.quantize_activation(random_activation(2, 300, device=DEVICE))
+    with torch.inference_mode():
+        assert blockfp8.gemm(xq, xs, wq, ws, out_dtype=torch.bfloat16).dtype == torch.bfloat16
+        assert blockfp8.gemm(xq, xs, wq, ws, out_dtype=torch.float32).dtype == torch.float32  # not the bf16 plan
+        blockfp8.gemm(xq, xs, wq, ws, backend="reference")
+        blockfp8.gemm(xq, xs, wq, ws, backend="triton")  # not the reference plan
+    assert {p.backend.name for p in PLANS.plans_of(wq)} >= {"reference", "triton"}

@@ -259,3 +259,39 @@ def test_written_tables_get_the_usual_mode_and_keep_theirs(tmp_path):
         assert stat.S_IMODE(kept.stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def _save_rows(worker: int, count: int) -> None:
+    for i in range(count):
+        tuning_cache.save(GPU, {"dispatch": {f"{worker + 1},{i + 1}": {"1": ["triton"]}}})
+
+
+def test_processes_saving_at_once_keep_every_row(cache):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the children keep this test's cache folder and versions
+    procs = [ctx.Process(target=_save_rows, args=(w, 60)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert len(tuning_cache.load(GPU).tables["dispatch"]) == 4 * 60
+
+
+def test_write_atomic_replaces_the_file_rather_than_writing_into_it(tmp_path):
+    import os
+
+    path = tmp_path / "t.json"
+    path.write_text("old\n")
+    os.link(path, tmp_path / "reader.json")  # a reader that opened the old file keeps the old bytes, whole
+    tuning_cache.write_atomic(path, "new\n")
+    assert path.read_text() == "new\n" and (tmp_path / "reader.json").read_text() == "old\n"
+
+
+def test_the_key_holds_every_version_and_the_file_name_its_hash():
+    versions = tuning_cache.library_versions.__wrapped__()  # not the fixture's fixed versions
+    assert {"driver", "cuda", "blockfp8", "torch", "triton", "deep_gemm"} <= set(versions)
+    key = tuning_cache.cache_key(GPU)
+    assert tuning_cache.cache_path(key) != tuning_cache.cache_path({**key, "triton": "0.0"})
+    assert tuning_cache.cache_path(key).name.startswith("tuning-fake-hopper-141gb-")

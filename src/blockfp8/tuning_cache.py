@@ -22,6 +22,7 @@ rules. Writes merge into the file and replace it atomically (a temporary file in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import re
 import stat
 import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import metadata
@@ -255,9 +257,9 @@ def load(dev: DeviceId) -> TuningCache | None:
 
 def save(dev: DeviceId, tables: dict | None = None, cells: dict | None = None) -> Path:
     """Merge rows (``{kind: {"N,K": {"M": value}}}``) and cell records into this device's cache file, atomically;
-    returns the file's path. A file that was ignored on reading is replaced."""
-    current = load(dev)
-    if current is None:
+    returns the file's path. A file that was ignored on reading is replaced. Processes saving at once take turns
+    (a lock file next to the cache file), so none loses another's rows."""
+    if dev.arch is None:
         raise ValueError(f"device {dev.name!r} has no compute capability: only CUDA devices are tuned")
     for kind, table in (tables or {}).items():
         if kind not in KINDS:
@@ -265,12 +267,35 @@ def save(dev: DeviceId, tables: dict | None = None, cells: dict | None = None) -
         problem = table_problem(kind, table)
         if problem:
             raise ValueError(f"cannot save: {problem}")
-        for nk, by_m in table.items():
-            current.tables[kind].setdefault(nk, {}).update(by_m)
-    current.cells.update(cells or {})
-    data = {"schema": SCHEMA, "key": current.key, "tables": current.tables, "cells": current.cells}
-    write_atomic(current.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    key = cache_key(dev)
+    path = cache_path(key)
+    with _exclusive(path):
+        current = _read(path, key)
+        for kind, table in (tables or {}).items():
+            for nk, by_m in table.items():
+                current.tables[kind].setdefault(nk, {}).update(by_m)
+        current.cells.update(cells or {})
+        data = {"schema": SCHEMA, "key": current.key, "tables": current.tables, "cells": current.cells}
+        write_atomic(current.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
     return current.path
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<name>.lock`` next to ``path`` (read-merge-write must not interleave between
+    processes: two tuning runs sharing a cache folder lost rows). Without ``fcntl`` (Windows) no lock is taken."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def write_atomic(path: Path, text: str) -> None:
