@@ -306,3 +306,18 @@ def test_gemm_plans_follow_out_dtype_and_the_forced_backend():
         blockfp8.gemm(xq, xs, wq, ws, backend="reference")
         blockfp8.gemm(xq, xs, wq, ws, backend="triton")  # not the reference plan
     assert {p.backend.name for p in PLANS.plans_of(wq)} >= {"reference", "triton"}
+
+
+def test_replaced_or_moved_weights_are_freed_with_their_plans():
+    layer = _layer()
+    x = random_activation(3, 300, device=DEVICE)
+    with torch.inference_mode():
+        layer(x)
+    old = [weakref.ref(t) for t in (layer.weight, layer.weight_scale_inv, layer.bias)]
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=True)
+    with torch.inference_mode():
+        layer(x)
+    assert all(r() is None for r in old)  # no plan (nor its graphs) keeps the replaced tensors
+    current = [weakref.ref(t) for t in (layer.weight, layer.weight_scale_inv)]
+    layer.to("meta")  # a device move gives the layer new tensors
+    assert all(r() is None for r in current)

@@ -155,3 +155,16 @@ def test_tune_measures_for_real_on_cpu(cache):
     assert all(t.status == "ok" and t.rel_error < 5e-3 for t in cell.trials) and len(cell.trials) == 2
     assert cell.default_trial is not None  # the dispatcher's choice before tuning was among the candidates
     assert tuning_cache.load(GPU).tables["dispatch"]["64,256"]["1"] == ["triton"]
+
+
+def test_warm_processes_fit_the_free_memory():
+    from blockfp8.testing.tuning import WARM_PROCESS_BYTES, warm_process_count
+
+    gb = 1 << 30
+    jobs = [(m, 7168, 18432, []) for m in (1, 4096)] * 20  # 40 cells; the largest holds ~0.8 GB of operands
+    per_process = WARM_PROCESS_BYTES + 2 * (7168 * 18432 + 4 * 4096 * 18432 + 4 * 4096 * 7168)
+    assert warm_process_count(jobs, 16, 80 * gb) == int(0.8 * 80 * gb) // per_process == 7  # an 80 GB H100
+    assert warm_process_count(jobs, 16, 1000 * gb) == 16  # never more than asked
+    assert warm_process_count(jobs[:3], 16, 1000 * gb) == 3  # nor more than cells
+    assert warm_process_count(jobs, 16, 1 * gb) == 1  # at least one: a cell that does not fit fails in it alone
+    assert warm_process_count(jobs, 0, 80 * gb) == 0 and warm_process_count([], 16, 80 * gb) == 0

@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="measure again the cells the cache already holds")
     p.add_argument("--warm-procs", type=int, default=min(16, os.cpu_count() or 1),
                    help="processes that compile every candidate before timing (0: compile while timing; "
-                        "default: min(16, CPU cores))")
+                        "default: min(16, CPU cores), fewer where the free GPU memory holds fewer)")
     p.add_argument("--list", action="store_true", help="print the shapes and cells that would be tuned, then stop")
     p.add_argument("--install", action="store_true",
                    help="also merge this device's tuned rows into the package data (to ship them)")

@@ -260,7 +260,9 @@ def tune(shapes: list[Shape], ms: list[int], device: torch.device, *, backends: 
     t0 = time.perf_counter()
     if warm_procs > 0 and device.type == "cuda":
         jobs = [(m, shape.n, shape.k, cands) for shape, cells in plan for m, _, cands, _ in cells]
-        run.warm_failures = warm(jobs, warm_procs)
+        procs = warm_process_count(jobs, warm_procs, torch.cuda.mem_get_info(device)[0])
+        if procs:
+            run.warm_failures = warm(jobs, procs)
     run.warm_s = time.perf_counter() - t0
     for shape, cells in plan:
         weights = make_weight_copies(shape.n, shape.k, device, factor=1)
@@ -294,11 +296,31 @@ def _save(dev: DeviceId, results: list[CellResult]) -> object:
 # ------------------------------------------------------------------------------------------------ warming
 
 
+# What one warm-up process may need at its peak besides twice its operands: a CUDA context, the libraries'
+# workspaces, the compilers' device allocations. Sixteen processes ran an 80 GB H100 out of memory (more than
+# 4.9 GB each) and four did not: 8 GB keeps a margin above the failure.
+WARM_PROCESS_BYTES = 8 << 30
+
+
+def warm_process_count(jobs: list[tuple[int, int, int, list[Candidate]]], requested: int, free_bytes: int) -> int:
+    """How many warm-up processes fit: at most ``requested`` and one per job, and no more than 80% of the device's
+    free memory holds at ``WARM_PROCESS_BYTES`` plus twice the largest cell's operands each (every process may hold
+    its biggest cell at once)."""
+    if not jobs or requested <= 0:
+        return 0
+    largest = max(n * k + 4 * m * k + 4 * m * n for m, n, k, _ in jobs)  # fp8 weight, activation, fp32 output
+    per_process = WARM_PROCESS_BYTES + 2 * largest
+    return max(1, min(requested, len(jobs), int(0.8 * free_bytes) // per_process))
+
+
 def _warm_job(job: tuple[int, int, int, list[Candidate]]) -> list[str]:
     """Run every candidate of one cell once on small operands (one weight copy): each kernel is compiled and
     kept in its library's disk cache. Returns the labels that failed (the timing pass reports why)."""
     m, n, k, candidates = job
-    ops = make_operands(make_weight_copies(n, k, "cuda", copies=1), m)
+    try:
+        ops = make_operands(make_weight_copies(n, k, "cuda", copies=1), m)
+    except torch.OutOfMemoryError:  # leave the cell to the timing pass, which runs alone
+        return [c.label for c in candidates]
     failed = []
     for c in candidates:
         try:
