@@ -51,10 +51,14 @@ def test_cache_dir_rules(monkeypatch, tmp_path):
 
 
 def test_cache_dir_uses_platformdirs_when_installed(monkeypatch, tmp_path):
-    platformdirs = pytest.importorskip("platformdirs")
+    # A stand-in module: the optional package is not installed on every test machine, and a skip would never run.
+    import types
+
+    platformdirs = types.ModuleType("platformdirs")
+    platformdirs.user_cache_dir = lambda app, appauthor: str(tmp_path / f"pd-{app}-{appauthor}")
+    monkeypatch.setitem(sys.modules, "platformdirs", platformdirs)
     monkeypatch.delenv(tuning_cache.ENV_DIR, raising=False)
-    monkeypatch.setattr(platformdirs, "user_cache_dir", lambda app, appauthor: str(tmp_path / f"pd-{app}"))
-    assert tuning_cache.cache_dir() == tmp_path / "pd-blockfp8"
+    assert tuning_cache.cache_dir() == tmp_path / "pd-blockfp8-False"
 
 
 def test_dispatcher_reads_the_cache_without_a_setting(cache):

@@ -14,6 +14,10 @@ from blockfp8.testing.conformance import dtype_tolerance
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 
+# A whole FP8 model against its bf16 original: e4m3 rounding of activations and weights, compounded over a few
+# layers (see test_demo_prints_the_table_and_writes_json), below 0.1; a kernel bug gives O(1).
+MODEL_FP8_BOUND = 0.1
+
 
 def test_demo_prints_the_table_and_writes_json(capsys, tmp_path, monkeypatch):
     # On CPU the dispatcher runs every layer on the reference; under the interpreter the layers go to the Triton
@@ -31,8 +35,10 @@ def test_demo_prints_the_table_and_writes_json(capsys, tmp_path, monkeypatch):
     result = json.loads(out_json.read_text())
     assert result["cosine"] > 0.99
     assert len(result["layers"]) == 12
-    # fp8 layers against the bf16 model: the quantization error (a few percent), never zero.
-    assert all(r["backend"] == layer_backend and 1e-3 < r["rel_err"] < 0.2 for r in result["layers"])
+    # fp8 layers against the bf16 model: the quantization error, never zero. One e4m3 rounding of x and of W
+    # costs about 3-4% of a GEMM's output (3 mantissa bits), and it compounds through the model's two blocks:
+    # 0.038-0.076 measured on this model. A misapplied scale is off by O(1).
+    assert all(r["backend"] == layer_backend and 1e-3 < r["rel_err"] < MODEL_FP8_BOUND for r in result["layers"])
     ran = {r["backend"]: r["rel_err"] for r in result["probe"]["results"] if r["rel_err"] is not None}
     others = {name: err for name, err in ran.items() if name != "reference"}
     if INTERPRETER:
@@ -51,10 +57,10 @@ def test_bench_e2e_tiny_on_cpu(capsys, tmp_path):
     rows = {r["variant"]: r for r in result["rows"]}
     assert result["modes"] == ["eager"]
     assert rows["bf16"]["rel_err"] == 0.0 and rows["bf16"]["tpot_ms"] > 0
-    assert 0 < rows["auto"]["rel_err"] < 0.2
+    assert 0 < rows["auto"]["rel_err"] < MODEL_FP8_BOUND
     assert {"cublas", "deepgemm"} <= set(result["skipped"])
     if INTERPRETER:
-        assert rows["triton"]["tpot_ms"] > 0 and rows["triton"]["rel_err"] < 0.2
+        assert rows["triton"]["tpot_ms"] > 0 and rows["triton"]["rel_err"] < MODEL_FP8_BOUND
     md = out_md.read_text()
     assert "| bf16 | eager | 1 |" in md and "--preset tiny" in md
 
