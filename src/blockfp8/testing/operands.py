@@ -112,3 +112,17 @@ def make_operands(weights: list[tuple[torch.Tensor, torch.Tensor]], m: int, seed
     col = empty_scales(m, xs.shape[1], "col", device)
     col.copy_(xs)
     return Operands(x, xq, xs, col, dequantize_activation(xq, xs, dtype=BF16), weights)
+
+
+def float64_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The block-FP8 GEMM written out independently of ``reference_gemm`` (no shared dequantization code, float64
+    arithmetic, scales expanded by index rather than by block reshapes): what the reference backend is checked
+    against, so that no test compares the reference with itself."""
+    k, n = x_fp8.shape[-1], w_fp8.shape[0]
+    cols = torch.arange(k, device=x_fp8.device) // BLOCK
+    rows = torch.arange(n, device=w_fp8.device) // BLOCK
+    x = x_fp8.double() * x_scale.double()[..., cols]
+    w = w_fp8.double() * weight_scale_inv.double()[rows][:, cols]
+    y = x @ w.T
+    return y if bias is None else y + bias.double()
