@@ -111,3 +111,16 @@ def test_no_warning_on_fp8_gpus_or_cpu(installed, monkeypatch):
         choose(1, 2112, 7168, H100)
         choose(1, 2112, 7168, dict(device_type="cpu", device_name="cpu"))
         dispatch.choose(Problem(1, 2112, 7168, **A100), backend="reference")  # forced: the user asked for it
+
+
+@pytest.mark.parametrize("m,n,k,rule", [
+    # Each boundary from both sides: M = 16 | 17, M = 64 | 65, M = 255 | 256, M = 2048 | 2049, K = 4095 | 4096.
+    (16, 2112, 7168, "decode-small-weight"), (17, 2112, 7168, "decode"),
+    (64, 36864, 7168, "decode"), (65, 36864, 7168, "prefill"),
+    (255, 36864, 7168, "prefill"), (256, 36864, 7168, "prefill-large-weight"),
+    (2048, 36864, 7168, "prefill-large-weight"), (2049, 36864, 7168, "prefill-deep-k"),
+    (512, 2112, 4095, "prefill"), (512, 2112, 4096, "prefill-deep-k"),
+    (511, 2112, 7168, "prefill"),  # the deep-K rule starts at M = 512
+])
+def test_rule_boundaries(m, n, k, rule):
+    assert rules.static_rule(Problem(m, n, k, **OTHER_HOPPER)).name == rule

@@ -92,6 +92,10 @@ def test_nearest_uses_the_family_and_stays_close():
     assert tables.nearest("triton", SIBLING, 2000, 7168, 1, max_ratio=1.0) is None
     # This device's own exact shape is lookup's answer, not nearest's.
     assert tables.nearest("dispatch", H100, 2112, 7168, 1, max_ratio=1.0) is None
+    # K counts as much as N: 7168 x 18000 is nearer 7168 x 18432 than 7168 x 16384, and 7168 x 1000 is more than
+    # 2x from 7168 x 2048 in K (no other row is within 2x in N).
+    assert tables.nearest("dispatch", SIBLING, 7168, 18000, 1).k == 18432
+    assert tables.nearest("dispatch", SIBLING, 7168, 1000, 1) is None
 
 
 def test_nearest_prefers_the_own_device_on_a_tie():
