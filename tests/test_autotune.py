@@ -150,3 +150,32 @@ def test_unwritable_cache_keeps_the_ranking_in_memory(online, monkeypatch):
         assert dispatch.choose(P, operands=lambda: ()) == "cublas"
     assert dispatch.choose(P, operands=lambda: ()) == "cublas" and len(online) == 1
     assert dispatch.explain_problem(P).source.startswith("recorded row")
+
+
+def test_a_cell_measured_at_another_bucket_is_still_tuned(online):
+    # A row at M=1 answers M=16 queries (its phase), but the M=16 bucket itself was never measured: tune it.
+    tables.record("dispatch", GPU["device_name"], 4096, 512, 1, ["triton"])
+    try:
+        assert dispatch.choose(Problem(16, 4096, 512, **GPU), operands=lambda: ()) == "cublas"
+        assert online == [(4096, 512, 16)]
+    finally:
+        tables.forget_recorded()
+
+
+def test_measure_backends_never_ranks_a_wrong_result(monkeypatch):
+    """The real measurement, on the CPU: a backend that returns zeros is checked against the reference and
+    left out of the ranking, however fast it is."""
+    from blockfp8.quant import quantize_activation
+    from blockfp8.testing.operands import random_activation, random_fp8_weight
+
+    p = Problem.of(2, 128, 256, "cpu")
+    fast_and_wrong = get_backend("triton")
+    if not fast_and_wrong.supports(p):
+        pytest.skip(f"triton does not run here: {fast_and_wrong.supports(p).reason}")
+    monkeypatch.setattr(fast_and_wrong, "run",
+                        lambda x, s, w, ws, b, dt, out=None: torch.zeros(x.shape[0], w.shape[0], dtype=dt))
+    wq, ws = random_fp8_weight(128, 256)
+    xq, xs = quantize_activation(random_activation(2, 256))
+    trials = autotune.measure_backends(p, xq, xs, wq, ws, reps=1)
+    assert {t.config: t.status for t in trials}["triton"] == Status.WRONG
+    assert "triton" not in [t.config for t in autotune.ranked(trials)]
