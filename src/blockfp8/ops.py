@@ -185,7 +185,7 @@ class LinearPlan:
             if graphs is None and len(self.graphs) >= _GRAPH_SETS:
                 self.graphs.clear()  # many threads or layouts over time: start over rather than grow
             x = inputs[0]
-            graphs = self.graphs[key] = EagerGraphs(inputs, (*x.shape[:-1], self.n), self.out_dtype, stream, ptrs)
+            graphs = self.graphs[key] = EagerGraphs(x.device, (*x.shape[:-1], self.n), self.out_dtype, stream, ptrs)
         return graphs(inputs, run, (weight, weight_scale_inv, bias))
 
 

@@ -79,24 +79,29 @@ def merge_tables(dst: dict, src: dict) -> dict:
     return dst
 
 
-def read_table_file(path: str | Path, kind: str = "dispatch") -> dict:
-    """The tables in the JSON file at ``path`` (device name -> "N,K" -> "M" -> value; {} when it does not exist);
-    ``ValueError`` naming the file when it cannot be read or is not shaped so. Commands that will merge into a
-    file call this before measuring, so a bad target fails at once rather than after the run."""
-    path = Path(path)
-    if not path.exists():
-        return {}
+def _parse_table_file(path: Path, kind: str, name: str) -> dict:
+    """The tables in the JSON file at ``path`` (device name -> "N,K" -> "M" -> value); ``ValueError`` starting with
+    ``name`` (how the caller knows the file) when it cannot be read or is not shaped so. Devices named ``_...``
+    are comments, as in the shipped files."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path} must be a readable JSON {kind} table file: {type(e).__name__}: {e}") from e
+        raise ValueError(f"{name}: cannot read it as a JSON {kind} table file: {type(e).__name__}: {e}") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object (device name -> {kind} table), got {type(data).__name__}")
+        raise ValueError(f"{name} must hold a JSON object (device name -> {kind} table), got {type(data).__name__}")
     for dev, rows in data.items():
         problem = tuning_cache.structure_problem(kind, rows)
         if problem and not str(dev).startswith("_"):
-            raise ValueError(f"{path}: device {dev!r}: {problem}")
+            raise ValueError(f"{name}: device {dev!r}: {problem}")
     return data
+
+
+def read_table_file(path: str | Path, kind: str = "dispatch") -> dict:
+    """The tables in the JSON file at ``path`` ({} when it does not exist); ``ValueError`` naming the file when it
+    cannot be read or is not shaped so. Commands that will merge into a file call this before measuring, so a
+    bad target fails at once rather than after the run."""
+    path = Path(path)
+    return _parse_table_file(path, kind, str(path)) if path.exists() else {}
 
 
 def merge_table_file(path: str | Path, table: dict, kind: str = "dispatch") -> dict:
@@ -129,17 +134,7 @@ def override(kind: str) -> tuple[dict, str]:
     path = os.environ.get(env)
     if not path:
         return {}, ""
-    try:
-        table = json.loads(Path(path).read_text())
-    except (OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{env}={path!r} must name a readable JSON table file: {type(e).__name__}: {e}") from e
-    if not isinstance(table, dict):
-        raise ValueError(f"{env}={path!r} must hold a JSON object (device name -> table), got {type(table).__name__}")
-    for dev, rows in table.items():
-        problem = tuning_cache.structure_problem(kind, rows)
-        if problem:
-            raise ValueError(f"{env}={path!r}: device {dev!r}: {problem}")
-    return table, path
+    return _parse_table_file(Path(path), kind, f"{env}={path!r}"), path
 
 
 @cache

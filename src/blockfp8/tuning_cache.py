@@ -298,6 +298,13 @@ def _exclusive(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def new_file_mode() -> int:
+    """The mode a newly created file gets under the process's umask (0o644 under the usual 022)."""
+    mask = os.umask(0o022)  # reading the umask means setting it
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part. The file keeps
     the mode it had, or gets the one any new file gets under the umask: the private temporary file (0600) would
@@ -310,9 +317,7 @@ def write_atomic(path: Path, text: str) -> None:
         try:
             mode = stat.S_IMODE(path.stat().st_mode)
         except FileNotFoundError:
-            mask = os.umask(0o022)  # reading the umask means setting it
-            os.umask(mask)
-            mode = 0o666 & ~mask
+            mode = new_file_mode()
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

@@ -85,9 +85,10 @@ class Limits:
             value = getattr(p, dim.lower())
             if value % mult:
                 return Support(False, f"needs {dim} % {mult} == 0, got {dim}={value}")
-        if self.max_elements is not None and max(p.m * p.k, p.n * p.k, p.m * p.n) > self.max_elements:
-            return Support(False, f"an operand of {max(p.m * p.k, p.n * p.k, p.m * p.n)} elements is beyond the "
-                                  f"{self.max_elements} its kernels index")
+        largest = max(p.m * p.k, p.n * p.k, p.m * p.n)
+        if self.max_elements is not None and largest > self.max_elements:
+            return Support(False, f"an operand of {largest} elements is beyond the {self.max_elements} its kernels "
+                                  "index")
         if p.out_dtype not in self.out_dtypes:
             return Support(False, f"output dtype {p.out_dtype} not in {[str(d) for d in self.out_dtypes]}")
         return YES

@@ -55,7 +55,8 @@ class ConvertSummary:
     # Weight files in subfolders (a sentence-transformers ``2_Dense/model.safetensors``): copied as they are, since
     # their loader is not the model's and reads float weights.
     weights_copied: list[str] = field(default_factory=list)
-    # Files of the input not written to the output, with why (weights of the top folder in another format).
+    # Files of the input not written to the output, with why (weight files that are not the checkpoint's own nor a
+    # module folder's, links that would loop).
     left_out: dict[str, str] = field(default_factory=dict)
 
     @property

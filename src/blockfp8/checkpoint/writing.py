@@ -18,6 +18,7 @@ from torch import nn
 from ..format import FP8_DTYPE
 from ..hf_config import check_saveable
 from ..nn import is_convertible_linear
+from ..tuning_cache import new_file_mode
 from ..validate import check_fp8_linear, require_tensor
 from .files import (
     CONFIG_NAME,
@@ -237,9 +238,7 @@ class ShardWriter:
 def _publish(shard: Path, final: Path) -> None:
     """Give a written shard its final name and the mode any new file gets under the umask, as config.json and
     the copied files have: safetensors writes through a private temporary file, which leaves it 0600."""
-    mask = os.umask(0o022)  # reading the umask means setting it
-    os.umask(mask)
-    os.chmod(shard, 0o666 & ~mask)
+    os.chmod(shard, new_file_mode())
     shard.rename(final)
 
 
