@@ -321,3 +321,17 @@ def test_replaced_or_moved_weights_are_freed_with_their_plans():
     current = [weakref.ref(t) for t in (layer.weight, layer.weight_scale_inv)]
     layer.to("meta")  # a device move gives the layer new tensors
     assert all(r() is None for r in current)
+
+
+@pytest.mark.parametrize("bad", ["x_scale shape", "x_scale dtype", "x_fp8 K"])
+def test_gemm_checks_the_activation_on_every_call_not_only_the_first(bad):
+    """The weight side is checked when a plan is built; the activation changes from call to call and is checked on
+    each, also once a plan for the weight exists."""
+    wq, ws = random_fp8_weight(200, 300, device=DEVICE)
+    xq, xs = blockfp8.quantize_activation(random_activation(2, 300, device=DEVICE))
+    # Triton: a kernel has no checks of its own (the reference backend's dequantization would catch these).
+    blockfp8.gemm(xq, xs, wq, ws, backend="triton")  # builds the plan
+    args = {"x_scale shape": (xq, xs[:, :2]), "x_scale dtype": (xq, xs.double()),
+            "x_fp8 K": (xq[:, :256], xs)}[bad]
+    with pytest.raises((ValueError, TypeError), match="x_scale|x_fp8"):
+        blockfp8.gemm(*args, wq, ws, backend="triton")
