@@ -230,3 +230,41 @@ def test_cublas_weight_scales_are_never_a_stale_copy():
     assert torch.equal(padded[:5].t(), odd) and bool((padded[5:] == 1).all())
     odd.mul_(2.0)
     assert torch.equal(_weight_scales(odd)[:5].t(), odd)
+
+
+def test_a_backend_whose_run_takes_no_out_still_fills_out():
+    """Callers that need the output at a fixed address (eager graphs) pass ``out``; a backend written before that
+    parameter existed returns a new tensor, which the default plan copies into ``out``."""
+    from blockfp8.backends.base import Backend, RunPlan
+
+    class Old(Backend):
+        def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype):
+            return torch.full((x_fp8.shape[0], w_fp8.shape[0]), 3.0, dtype=out_dtype)
+
+    plan = RunPlan(Old.__new__(Old), torch.bfloat16)
+    x, w = torch.zeros(2, 128), torch.zeros(5, 128)
+    out = torch.zeros(2, 5, dtype=torch.bfloat16)
+    assert plan(x, None, w, None, None, out=out) is out and out.eq(3).all()
+    assert plan(x, None, w, None, None).eq(3).all()
+
+
+def test_forced_triton_on_cpu_without_the_interpreter_names_the_fix(monkeypatch):
+    """Triton reads TRITON_INTERPRET when blockfp8 is imported, so the refusal is seen in a fresh process started
+    without it; its reason must say how to run the kernel on the CPU."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    code = ("import torch, blockfp8\n"
+            "w, s = blockfp8.quantize_weight(torch.randn(256, 256, dtype=torch.bfloat16))\n"
+            "try:\n"
+            "    blockfp8.linear(torch.randn(4, 256, dtype=torch.bfloat16), w, s, backend='triton')\n"
+            "except ValueError as e:\n"
+            "    print(e)\n")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": src}).stdout
+    assert "'triton' was requested but cannot run" in out
+    assert "set TRITON_INTERPRET=1 before importing blockfp8 to run it on the CPU" in out

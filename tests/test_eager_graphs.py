@@ -48,22 +48,36 @@ def test_a_decode_loop_replays_in_place_with_the_bytes_of_a_direct_launch(backen
     layer = _layer(backend=backend, bias=True)
     x = torch.empty(1, 4, 7168, device="cuda", dtype=torch.bfloat16)  # a fixed address, as a decode loop's
     with torch.inference_mode():
-        for step in range(5):
+        for step in range(EagerGraphs.STREAK + 2):
             x.copy_(random_activation(4, 7168, seed=step, device="cuda").view(1, 4, 7168))
             y = layer(x)
             assert y.shape == (1, 4, 2112)
             assert torch.equal(y, _direct(x, layer)), f"step {step}"
             del y
     graphs, = _sets(layer.weight)
-    # First call: the copying graph; second call from the same address: one reading x in place, then replays.
+    # HOT - 1 direct launches, then the copying graph; after STREAK calls in a row from x's address a graph
+    # reading x in place, then replays.
+    assert EagerGraphs.HOT < EagerGraphs.STREAK
     assert graphs.captures == 2 and list(graphs.in_place) == [(x.data_ptr(),)]
+
+
+def test_a_set_called_once_never_captures_and_alternating_addresses_never_capture_in_place():
+    layer = _layer()
+    a, b = random_activation(1, 7168, seed=1, device="cuda"), random_activation(1, 7168, seed=2, device="cuda")
+    with torch.inference_mode():
+        assert torch.equal(layer(a), _direct(a, layer))
+        graphs, = _sets(layer.weight)
+        assert graphs.captures == 0
+        for x in [a, a, b, b, a, a, a, b] * 3:  # never STREAK calls in a row from one address
+            assert torch.equal(layer(x), _direct(x, layer))
+    assert graphs.captures == 1 and not graphs.in_place
 
 
 def test_a_held_output_is_never_rewritten():
     layer = _layer()
     x1, x2 = random_activation(4, 7168, seed=1, device="cuda"), random_activation(4, 7168, seed=2, device="cuda")
     with torch.inference_mode():
-        for _ in range(3):  # past the captures, so later calls would replay
+        for _ in range(EagerGraphs.HOT + EagerGraphs.STREAK):  # past the captures: later calls replay
             layer(x1)
         y1 = layer(x1)
         want1 = y1.clone()
@@ -77,7 +91,7 @@ def test_a_view_of_an_output_counts_as_held():
     layer = _layer()
     x1, x2 = random_activation(2, 7168, seed=1, device="cuda"), random_activation(2, 7168, seed=2, device="cuda")
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(EagerGraphs.HOT + EagerGraphs.STREAK):
             layer(x1)
         row = layer(x1)[1]  # the output itself is dropped at once, a view of it is kept
         want = row.clone()
@@ -100,7 +114,7 @@ def test_calls_from_ever_new_addresses_copy_and_stop_capturing():
 def test_gemm_replays_and_matches_the_op():
     wq, ws = random_fp8_weight(2112, 7168, device="cuda")
     with torch.inference_mode():
-        for step in range(4):
+        for step in range(EagerGraphs.HOT + 2):
             xq, xs = blockfp8.quantize_activation(random_activation(3, 7168, seed=step, device="cuda"))
             got = blockfp8.gemm(xq, xs, wq, ws)
             assert torch.equal(got, torch.ops.blockfp8.gemm(xq, xs, wq, ws, None, torch.bfloat16, ""))
@@ -110,7 +124,7 @@ def test_gemm_replays_and_matches_the_op():
 def test_autograd_output_can_be_modified_in_place_and_gradients_are_right():
     layer = _layer()
     w = blockfp8.dequantize_weight(layer.weight, layer.weight_scale_inv, dtype=torch.float32)
-    for step in range(3):
+    for step in range(EagerGraphs.HOT + 2):
         x = random_activation(2, 7168, seed=step, device="cuda").requires_grad_()
         y = layer(x)
         y.mul_(2)  # a Function's output that is not a view: in-place ops are allowed
@@ -123,7 +137,7 @@ def test_new_weight_storage_is_read_after_a_replay():
     layer = _layer()
     x = random_activation(1, 7168, device="cuda")
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(EagerGraphs.HOT + EagerGraphs.STREAK):
             layer(x)
         before = layer(x).clone()
     with torch.no_grad():

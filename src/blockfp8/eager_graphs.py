@@ -13,11 +13,19 @@ and on a host-bound step they cost about as much as the launches they replace. `
   calling the layer again -- every decode loop -- always replays.
 * **Input**: a graph reads the memory of the tensors it was captured with, so a graph captured on the caller's
   own activation replays correctly for any later activation at that address with that layout (it is alive
-  during the call). When two calls in a row come from one address (a decode loop whose allocations repeat step
-  after step), a graph reading it in place is captured (at most ``IN_PLACE`` per set). Other calls copy the
-  activation into the set's input buffer and replay a graph captured on that. Captures cost milliseconds, so a
-  set makes at most ``CAPTURES``: transformers' generate() with a growing cache moves its activations every
-  step, and capturing on any repeated address cost 62 captures over three 32-token calls of a 4-layer model.
+  during the call). Once ``STREAK`` calls in a row have come from one address (a decode loop whose allocations
+  repeat step after step), a graph reading it in place is captured (at most ``IN_PLACE`` per set). Other calls
+  copy the activation into the set's input buffer and replay a graph captured on that.
+* **Captures** cost about half a millisecond each (a device synchronize, a warm-up launch, the capture and its
+  instantiation: 0.47 ms measured inside generate() on an H100), so they are bought as a rental is: a set
+  captures once the launches it made without a graph have cost about as much as the capture would. A direct
+  launch costs about 50 us more than a replay, so a set's first ``HOT - 1`` calls launch directly and the next
+  captures the copying graph (a shape called a few times, such as one prompt's prefill, never costs a
+  capture); a copy costs about 10 us, so a graph reading an address in place is captured after ``STREAK`` calls
+  in a row from it. A set makes at most ``CAPTURES`` in its life. transformers' generate() with a growing cache
+  moves its activations between steps, yet a prefill's addresses repeat from one call to the next: with a set
+  capturing on its second call and in place after two calls in a row, three timed 32-token calls of a 4-layer
+  model made 49 captures (23 ms, 0.24 ms per token).
 
 The caller's contract is PyTorch's own for freed memory: once an output is dropped on one stream, work on
 another stream must not still be reading it unless the streams are synchronized (the caching allocator would
@@ -49,8 +57,10 @@ class EagerGraphs:
     operands)`` returns the output, or None when the call must launch directly. ``run(*inputs, *operands,
     out=)`` launches the plan's kernels into ``out``."""
 
+    HOT = 8  # the call of a set that makes its first capture (earlier ones launch directly)
+    STREAK = 48  # calls in a row from one address before a graph reading it in place is captured
     IN_PLACE = 2  # most graphs reading a caller's tensors where they are, per set
-    CAPTURES = 4  # most captures in the life of one set (an address-hopping caller stops costing captures)
+    CAPTURES = 3  # most captures in the life of one set (an address-hopping caller stops costing captures)
 
     # BLOCKFP8_EAGER_GRAPHS=0 launches directly; cleared for the process after a capture fails (see _capture).
     enabled = os.environ.get("BLOCKFP8_EAGER_GRAPHS", "1") != "0"
@@ -67,6 +77,8 @@ class EagerGraphs:
         self._idle = _use_count(self._storage)  # the count while no alias of ``out`` is alive
         self.in_place: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         self.last: tuple[int, ...] = ()  # the addresses of the previous call
+        self.streak = 0  # calls in a row from ``last``
+        self.calls = 0
         self.copy_graph: torch.cuda.CUDAGraph | None = None
         self.copy_inputs: tuple[torch.Tensor, ...] = ()
         self.captures = 0
@@ -79,6 +91,11 @@ class EagerGraphs:
         ptrs = tuple(t.data_ptr() for t in inputs)
         graph = self.in_place.get(ptrs)
         if graph is None:
+            self.streak = self.streak + 1 if ptrs == self.last else 1
+            self.last = ptrs
+            self.calls += 1
+            if self.calls < self.HOT:
+                return None
             graph = self._in_place(ptrs, inputs, run, operands) or self._copying(inputs, run, operands)
             if graph is None:
                 return None
@@ -87,11 +104,10 @@ class EagerGraphs:
 
     def _in_place(self, ptrs: tuple[int, ...], inputs: tuple[torch.Tensor, ...], run: Callable,
                   operands: tuple) -> torch.cuda.CUDAGraph | None:
-        """A graph reading ``inputs`` where they are, captured when two calls in a row come from one address
-        (a loop with stable addresses captures once; addresses that move every call -- a growing cache's
-        allocations -- never cost a capture)."""
-        if ptrs != self.last or len(self.in_place) >= self.IN_PLACE or self.captures >= self.CAPTURES:
-            self.last = ptrs
+        """A graph reading ``inputs`` where they are, captured once ``STREAK`` calls in a row have come from their
+        address (a loop with stable addresses captures once; addresses that move between calls -- a growing
+        cache's allocations -- do not cost captures)."""
+        if self.streak < self.STREAK or len(self.in_place) >= self.IN_PLACE or self.captures >= self.CAPTURES:
             return None
         graph = self._capture(inputs, run, operands)
         if graph is not None:

@@ -114,8 +114,9 @@ class LinearPlan:
         n, k = weight.shape
         self.m, self.n, self.out_dtype = m, n, out_dtype
         self.keep = not (weight.is_cuda and torch.cuda.is_current_stream_capturing())
-        # ``operands`` (built only if online tuning measures this cell, on its first call) are this call's.
-        self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands if self.keep else None)
+        # ``operands`` (built only if online tuning measures this cell, on its first call) are this call's. Inside
+        # a capture nothing is measured; online tuning notes why for ``explain``, and the next eager call tunes.
+        self.backend = _pick(m, n, k, weight.device, out_dtype, backend, operands)
         self.launch: GemmPlan = self.backend.plan(weight, weight_scale_inv, bias, out_dtype, m)
         # Eager calls replay CUDA graphs (eager_graphs.py): decode sizes on CUDA, with a backend that captures.
         self.graphed = weight.is_cuda and self.keep and is_decode(m) and self.backend.capturable

@@ -36,13 +36,20 @@ def test_bench_hf_tiny_on_cpu(capsys, tmp_path):
             # Against the format reference (the same model on the float32 reference backend) the Triton
             # kernel's logits are much closer than the format is to bf16.
             assert r["format_cos_min"] > r["logits_cos_min"] and r["format_cos_min"] >= 0.999
-        else:  # transformers' FP8 layers run only on a GPU: the row says why, the command goes on
+            # Each layer against the float32 reference on its own input: bf16 rounding, within the bound.
+            assert 1e-4 < r["layer_error"] <= 5e-3
+        else:  # transformers' FP8 layers need a GPU and a Hub kernel: the row says why in one line, the command goes on
             assert r["status"] in (Status.UNAVAILABLE, Status.CRASHED) and r["note"] and r["tokens_per_s"] is None
+            assert "\n" not in r["note"] and len(r["note"]) < 200
+            if r["note"].startswith("needs the Hub kernel"):
+                assert r["status"] == Status.UNAVAILABLE
     assert result["config"]["hidden_size"] == 256 and result["settings"]["new_tokens"] == 2
     # What the format itself costs on this model, per batch, is reported; it is not a verdict.
     assert set(result["format_bound"]) == {"1", "2"}
     assert all(0.99 <= lo <= mean < 1.0 for lo, mean in result["format_bound"].values())
     assert "the format reference itself against bf16" in captured.out
+    first = captured.err.splitlines()[0]
+    assert first.startswith("bench-hf: generate() of a tiny x2 model") and "the full version: on a GPU" in first
     md = out_md.read_text()
     assert "| variant | mode | batch | status | tokens/s |" in md and "cos vs format ref min" in md
     assert "--preset tiny --layers 2 --vocab 512 --batch 1,2 --prompt-len 8 --new-tokens 2" in md
@@ -83,3 +90,45 @@ def test_arguments_are_checked():
         bench_hf._resolve(_args(variants="bf16,fp4"), torch.device("cpu"))
     with pytest.raises(ValueError, match="--new-tokens must be >= 1, got 0"):
         bench_hf._resolve(_args(new_tokens=0), torch.device("cpu"))
+
+
+def test_a_layer_off_the_reference_makes_the_variant_wrong():
+    config = bench_hf.build_config("tiny", 1, 256)
+    model = bench_hf.build_models(config, ["bf16", "blockfp8"], torch.device("cpu"))["blockfp8"]
+    ids = bench_hf.prompts(256, 1, 8, torch.device("cpu"))
+    _, worst = bench_hf.forward_checked(model, ids)
+    assert worst is not None and worst <= 5e-3
+    # One layer 2% off (a misapplied scale gives far more) is caught, whatever the logits say.
+    handle = model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: out * 1.02)
+    try:
+        _, worst = bench_hf.forward_checked(model, ids)
+    finally:
+        handle.remove()
+    assert worst == pytest.approx(0.02, rel=0.2)
+    row = bench_hf.Row("blockfp8", "eager", 1)
+    settings = bench_hf.Settings([1], 8, 1, 1, ["eager"], torch.device("cpu"))
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: out * 1.02)
+    bench_hf.measure_cell(row, model, (model(ids).logits.float(), None), ids, {}, settings)
+    assert row.status == Status.WRONG and row.layer_error > 5e-3
+
+
+def test_a_hub_kernel_that_cannot_load_is_unavailable_in_one_line():
+    kernels = pytest.importorskip("kernels")
+    import os
+
+    inside = os.path.join(os.path.dirname(os.path.abspath(kernels.__file__)), "resolver.py")
+    message = ("Kernel repository 'kernels-community/finegrained-fp8' could not verify publisher trust status. "
+               "Set trust_remote_code=True or add the repository ID to the trust_remote_code allowlist to allow it")
+    try:
+        exec(compile(f"raise ValueError({message!r})", inside, "exec"))
+    except ValueError as e:
+        assert bench_hf.failure_status(e) == Status.UNAVAILABLE
+        note = bench_hf.failure_note(e)
+    assert note.startswith("needs the Hub kernel kernels-community/finegrained-fp8") and len(note) < 160
+    # The same error from anywhere else is a crash, its note cut at a word with "...".
+    try:
+        raise ValueError(message)
+    except ValueError as e:
+        assert bench_hf.failure_status(e) == Status.CRASHED
+        cut = bench_hf.short_error(e)
+    assert cut.endswith(" ...") and len(cut) < 180 and cut[:-4] in "ValueError: " + message

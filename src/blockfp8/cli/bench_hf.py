@@ -13,17 +13,24 @@ static KV cache, with which ``generate`` compiles the decode step with ``torch.c
 size; tokens/s is batch x new tokens over the median wall time of a ``generate`` call (prefill included). The
 first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds.
 
-Fidelity: per-position logits on the same prompts, as the cosine over the vocabulary at each position (random
-weights make greedy tokens meaningless, logits are not), of each FP8 variant against two models:
+Fidelity, on one forward pass of the prompts per FP8 variant and batch:
 
-* the bf16 model: what block FP8 costs on this model (informative; on a random-weight model the format alone
-  costs more than on a trained one, whose weights and activations are smoother);
-* the format reference: the blockfp8 model run on the float32 reference backend (dequantize, then matmul), the
-  exact numerics of the format. A variant is ``wrong`` when it is further than ``MIN_COSINE`` from this one --
-  a kernel error, never the format's own rounding.
+* per layer: each block-FP8 linear's output against the float32 reference (dequantize, then matmul) of that
+  layer's own input, as the relative Frobenius error. A variant is ``wrong`` when any layer is further than
+  ``TOLERANCE`` (5e-3, the project's bound for one GEMM with bf16 output) from the format's exact numerics.
+  Judging each GEMM on its own input keeps the verdict independent of depth: a random-weight model amplifies
+  any difference from layer to layer (on an H100, the blockfp8 model's logits were 0.992 cosine from the
+  reference model's on the 4-layer llama preset and 0.96 on 16 layers, where the format itself was 0.87 from
+  bf16), so one logits threshold cannot serve every depth.
+* per-position logits, as the cosine over the vocabulary at each position (random weights make greedy tokens
+  meaningless, logits are not), against the bf16 model (what block FP8 costs on this model; on a random-weight
+  model the format alone costs more than on a trained one, whose weights and activations are smoother) and
+  against the format reference, the blockfp8 model on the reference backend. Both are reported, neither is a
+  verdict.
 
-A cell that cannot run (transformers' FP8 kernels missing offline, no GPU, a compile failure) gets its error in
-the row.
+A cell that cannot run gets its reason in the row: ``unavailable`` for what this machine lacks (a package, or
+transformers' FP8 kernel, which it fetches from the Hugging Face Hub and cannot load offline or untrusted),
+``crashed`` for any other error.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import re
 import statistics
 import sys
 import time
@@ -45,15 +54,16 @@ from torch import nn
 from .. import hf
 from ..hf_config import fp8_layout
 from ..nn import Fp8BlockLinear
+from ..quant import quantize_activation
+from ..reference import TOLERANCE, reference_gemm, rel_error
 from ..testing import Status
 from ..testing.environment import dist_version, environment, environment_line
 from ..testing.timing import synchronize, time_steps
-from .common import parse_names, positive_ints
+from .common import announce, parse_names, positive_ints
 
 BF16, HF_FP8, BLOCKFP8 = "bf16", "transformers-fp8", "blockfp8"
 VARIANTS = (BF16, HF_FP8, BLOCKFP8)
 MODES = ("eager", "compiled")
-MIN_COSINE = 0.99  # acceptance for the FP8 variants' per-position logits against the format reference
 SEED = 0
 
 # Decoder shapes of real width (Llama-3-8B, Qwen3-8B; their vocabularies are 128256 and 151936, see --vocab)
@@ -137,6 +147,7 @@ class Row:
     logits_cos_min: float | None = None  # against bf16
     logits_cos_mean: float | None = None
     format_cos_min: float | None = None  # against the format reference (the reference backend)
+    layer_error: float | None = None  # the largest per-layer error against the float32 reference
     note: str = ""
 
 
@@ -150,14 +161,65 @@ class Settings:
     device: torch.device
 
 
-def short_error(e: BaseException) -> str:
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line``, cut at a word boundary with "..." past ``limit`` characters."""
     first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:200]}"
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {first}"
+
+
+def _from_hub_kernels(e: BaseException) -> bool:
+    """Whether ``e`` came out of the Hugging Face ``kernels`` package (transformers loads its FP8 kernel with it)."""
+    try:
+        import kernels
+    except ImportError:
+        return False
+    root = os.path.dirname(os.path.abspath(kernels.__file__)) + os.sep
+    tb = e.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(root):
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def failure_status(e: BaseException) -> str:
-    """A missing package or kernel is unavailable; any other exception is a crash."""
-    return Status.UNAVAILABLE if isinstance(e, ImportError) else Status.CRASHED
+    """A missing package or Hub kernel is unavailable; any other exception is a crash."""
+    return Status.UNAVAILABLE if isinstance(e, ImportError) or _from_hub_kernels(e) else Status.CRASHED
+
+
+def failure_note(e: BaseException) -> str:
+    """One line for the row: why the cell could not run."""
+    if _from_hub_kernels(e):
+        repo = re.search(r"'([\w.-]+/[\w.-]+)'", str(e))
+        return (f"needs the Hub kernel {repo.group(1) if repo else 'of its FP8 layers'}, which could not be loaded "
+                f"here (offline or not trusted: {type(e).__name__})")
+    return short_error(e)
+
+
+@torch.inference_mode()
+def forward_checked(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, float | None]:
+    """(float logits of ``model`` on ``ids``, the largest relative error of any block-FP8 linear against the
+    float32 reference on that layer's own input; None when the model has no such layer)."""
+    worst: list[float] = []
+
+    def check(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1])
+        xq, xs = quantize_activation(x)
+        ref = reference_gemm(xq, xs, layer.weight, layer.weight_scale_inv, layer.bias, torch.float32)
+        worst.append(rel_error(out.reshape(ref.shape), ref))
+
+    # Any layer holding an fp8 weight and its block scales: blockfp8's and transformers' own.
+    handles = [m.register_forward_hook(check) for m in model.modules()
+               if getattr(m, "weight_scale_inv", None) is not None and getattr(m, "weight", None) is not None
+               and m.weight.dtype == torch.float8_e4m3fn]
+    try:
+        logits = model(ids).logits.float()
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, max(worst) if worst else None
 
 
 def prompts(vocab: int, batch: int, length: int, device: torch.device) -> torch.Tensor:
@@ -219,15 +281,15 @@ def measure_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, tor
     """Fill ``row`` with the logits cosines (once per variant and batch) and the generate() speed.
     ``references``: the bf16 model's logits and the format reference's (None without an FP8 variant)."""
     if row.variant != BF16 and row.variant not in cosines:
-        with torch.inference_mode():
-            got = model(ids).logits.float()
+        got, worst = forward_checked(model, ids)
         bf16, fmt = references
-        cosines[row.variant] = (*cosine(got, bf16), None if fmt is None else cosine(got, fmt)[0])
-    row.logits_cos_min, row.logits_cos_mean, row.format_cos_min = cosines.get(row.variant, (None, None, None))
+        cosines[row.variant] = (*cosine(got, bf16), None if fmt is None else cosine(got, fmt)[0], worst)
+    row.logits_cos_min, row.logits_cos_mean, row.format_cos_min, row.layer_error = cosines.get(
+        row.variant, (None, None, None, None))
     row.setup_s, seconds = time_generate(model, ids, row.mode, s)
     row.tokens_per_s = row.batch * s.new_tokens / seconds
     row.ms_per_token = seconds / s.new_tokens * 1e3
-    if row.format_cos_min is not None and row.format_cos_min < MIN_COSINE:
+    if row.layer_error is not None and not row.layer_error <= TOLERANCE:
         row.status = Status.WRONG
 
 
@@ -248,7 +310,7 @@ def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: S
         fmt = format_logits(fp8, ids) if isinstance(fp8, nn.Module) else None
         if fmt is not None and bounds is not None:
             bounds[batch] = cosine(fmt, reference)
-        cosines: dict[str, tuple[float, float, float | None]] = {}
+        cosines: dict[str, tuple[float, float, float | None, float | None]] = {}
         for mode in s.modes:
             base: Row | None = None
             for variant, model in models.items():
@@ -261,7 +323,7 @@ def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: S
                     else:
                         measure_cell(row, model, (reference, fmt), ids, cosines, s)
                 except Exception as e:  # noqa: BLE001 - one failing cell must not stop the rest
-                    row.status, row.note = failure_status(e), short_error(e)
+                    row.status, row.note = failure_status(e), failure_note(e)
                     if row.status == Status.UNAVAILABLE:
                         unavailable[variant] = row.note
                 if variant == BF16:
@@ -280,22 +342,24 @@ def _fmt(v: float | None, spec: str) -> str:
     return "-" if v is None else format(v, spec)
 
 
-COLUMNS = ("variant", "mode", "batch", "status", "tokens/s", "ms/token", "vs bf16", "cos vs bf16 min",
-           "cos vs bf16 mean", "cos vs format ref min", "setup s", "note")
+COLUMNS = ("variant", "mode", "batch", "status", "tokens/s", "ms/token", "vs bf16", "worst layer err",
+           "cos vs bf16 min", "cos vs bf16 mean", "cos vs format ref min", "setup s", "note")
 
 
 def _cells(r: Row) -> list[str]:
     speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
     return [r.variant, r.mode, str(r.batch), r.status, _fmt(r.tokens_per_s, ".1f"), _fmt(r.ms_per_token, ".2f"),
-            speedup, _fmt(r.logits_cos_min, ".5f"), _fmt(r.logits_cos_mean, ".5f"), _fmt(r.format_cos_min, ".5f"),
-            _fmt(r.setup_s, ".2f"), r.note]
+            speedup, _fmt(r.layer_error, ".2e"), _fmt(r.logits_cos_min, ".5f"), _fmt(r.logits_cos_mean, ".5f"),
+            _fmt(r.format_cos_min, ".5f"), _fmt(r.setup_s, ".2f"), r.note]
 
 
 def fidelity_line(bounds: dict[int, tuple[float, float]]) -> str:
     """What the format itself allows on this model, and how a variant is judged."""
     got = "; ".join(f"batch {b}: min {lo:.5f}, mean {mean:.5f}" for b, (lo, mean) in bounds.items()) or "not measured"
-    return (f"fidelity: a variant is wrong when its logits cosine against the format reference (the blockfp8 model on "
-            f"the float32 reference backend) is below {MIN_COSINE}; the format reference itself against bf16 "
+    return (f"fidelity: a variant is wrong when any of its block-FP8 layers is further than {TOLERANCE:g} (relative "
+            f"error, 'worst layer err') from the float32 reference on that layer's own input -- the format's exact "
+            f"numerics, judged per GEMM as the project judges every backend; the logits cosines are informative "
+            f"(a deep random-weight model amplifies any difference); the format reference itself against bf16 "
             f"(what block FP8 costs on this model): {got}")
 
 
@@ -392,6 +456,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
     hf.import_transformers()
     args = _resolve(args, device)
+    small = device.type == "cpu"
+    announce(f"bench-hf: generate() of a {args.preset} x{args.layers} model (vocab {args.vocab}), batch "
+             f"{','.join(map(str, args.batch))}, {args.prompt_len}-token prompt + {args.new_tokens} new tokens, "
+             f"median of {args.repeats}; variants {','.join(args.variants)}; modes {','.join(args.modes)}; on "
+             f"{device.type}" + (" (CPU-sized)" if small else ""),
+             "on a GPU, blockfp8 bench-hf (the llama preset at real width, eager and compiled; --layers 32 for "
+             "Llama-3-8B's depth)" if small else None)
     env = environment(device)
     env["transformers"] = dist_version("transformers")
     print(environment_line(env) + f" | transformers {env['transformers']}")
@@ -421,6 +492,6 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "config": config.to_diff_dict(), "command": _command(args),
                        "settings": {k: v for k, v in asdict(settings).items() if k != "device"},
-                       "min_cosine": MIN_COSINE, "format_bound": {str(b): v for b, v in bounds.items()},
+                       "tolerance": TOLERANCE, "format_bound": {str(b): v for b, v in bounds.items()},
                        "rows": [asdict(r) for r in rows]}, f, indent=1, default=str)
     return 0
