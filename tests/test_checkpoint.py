@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from blockfp8 import Fp8BlockLinear, convert_model
+from blockfp8 import Fp8BlockLinear, convert_model, quantize_weight
 from blockfp8.checkpoint import (
     DEFAULT_SKIP,
     INDEX_NAME,
     SINGLE_NAME,
+    LoadReport,
     convert_checkpoint,
     iter_checkpoint,
     load_fp8_model,
@@ -840,3 +841,129 @@ def test_load_all_minilm_l6_v2_strict(tmp_path):
     ids = torch.randint(1000, 2000, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).last_hidden_state, ref(input_ids=ids).last_hidden_state)
+
+
+# ------------------------------------------------------------------------- all or nothing, skip patterns, reprs
+
+
+class Stack(nn.Module):
+    """Names as in a decoder (embed, layers.<i>.mlp.up/down, norm, lm_head): four linears to convert, which
+    stream in name order, so the third, layers.1.mlp.down, comes after the embedding and two layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 160)
+        self.layers = nn.ModuleList(nn.ModuleDict({"mlp": nn.ModuleDict({
+            "up": nn.Linear(160, 300), "down": nn.Linear(300, 160, bias=False)})}) for _ in range(2))
+        self.norm = nn.LayerNorm(160)
+        self.lm_head = nn.Linear(160, 50, bias=False)
+
+
+def stack(seed: int = 0) -> Stack:
+    torch.manual_seed(seed)
+    return Stack().to(torch.bfloat16).eval()
+
+
+@pytest.fixture
+def stack_fp8(tmp_path):
+    save_float(stack(), tmp_path / "float")
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", progress=False)
+    return tmp_path / "fp8"
+
+
+def _replace_third_layer(state, shape=(160, 300), dtype=None):
+    weight, scale = quantize_weight(torch.randn(shape))
+    state["layers.1.mlp.down.weight"] = weight if dtype is None else weight.to(dtype)
+    state["layers.1.mlp.down.weight_scale_inv"] = scale
+
+
+THIRD_LAYER_BREAKS = {  # how the third linear's tensors are broken -> what the error says
+    "NaN scale": (lambda s: s["layers.1.mlp.down.weight_scale_inv"].__setitem__((0, 1), math.nan),
+                  r"tensor 'layers.1.mlp.down.weight_scale_inv' in .* holds 1 invalid value"),
+    "NaN fp8 byte": (lambda s: s["layers.1.mlp.down.weight"].view(torch.uint8).__setitem__((2, 3), 0x7F),
+                     r"tensor 'layers.1.mlp.down.weight' in .* holds 1 NaN encoding"),
+    "wrong shape": (lambda s: _replace_third_layer(s, shape=(150, 300)),
+                    r"tensor 'layers.1.mlp.down.weight' in .* has shape \(150, 300\); model layer "
+                    r"'layers.1.mlp.down' is \(160, 300\)"),
+    "wrong dtype": (lambda s: _replace_third_layer(s, dtype=torch.bfloat16), r"'layers.1.mlp.down.weight"),
+}
+
+
+@pytest.mark.parametrize("case", THIRD_LAYER_BREAKS)
+def test_load_fp8_model_is_all_or_nothing(stack_fp8, case):
+    """The third linear's tensors are bad: the error names them, and every module and tensor of the model is the
+    original one, with its values (the embedding and two layers before it were read already)."""
+    change, message = THIRD_LAYER_BREAKS[case]
+    rewrite(stack_fp8, change)
+    model = stack(seed=1)  # values unlike the checkpoint's, so a copied tensor would show
+    modules = dict(model.named_modules(remove_duplicate=False))
+    tensors = {name: (t, t.detach().clone()) for name, t in model.state_dict(keep_vars=True).items()}
+    with pytest.raises(ValueError, match=message):
+        load_fp8_model(model, stack_fp8, progress=False)
+    assert dict(model.named_modules(remove_duplicate=False)) == modules
+    assert all(model.get_submodule(name) is module for name, module in modules.items() if name)
+    state = model.state_dict(keep_vars=True)
+    assert state.keys() == tensors.keys()
+    for name, (t, values) in tensors.items():
+        assert state[name] is t and torch.equal(t, values), name
+    assert not hasattr(model, "hf_quantizer")
+
+
+def test_load_fp8_model_fills_every_layer_when_all_is_well(stack_fp8):
+    model = stack(seed=1)
+    report = load_fp8_model(model, stack_fp8, progress=False)
+    assert sorted(report.replaced) == ["layers.0.mlp.down", "layers.0.mlp.up", "layers.1.mlp.down", "layers.1.mlp.up"]
+    ref = in_memory(stack())
+    for name, t in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[name], t), name
+
+
+def test_convert_skip_pattern_matching_nothing_is_refused_before_writing(tmp_path):
+    save_float(stack(), tmp_path / "float")
+    with pytest.raises(ValueError, match=r"^skip pattern 'layer.0.\*' matches no 2-D float weight of .*float; close "
+                                         r"names: 'layers.0', 'layers.1', 'layers'\. A pattern is a case-sensitive "
+                                         r"glob .* or any one component of the name"):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", skip=["layer.0.*"], progress=False)
+    with pytest.raises(ValueError, match=r"^skip pattern 'norm' matches no 2-D float weight .* it matches only "
+                                         r"other modules, which this conversion leaves as they are: 'norm'\. "):
+        convert_checkpoint(tmp_path / "float", tmp_path / "fp8", skip=["up", "norm"], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float"]
+    # Default patterns match nothing here (no gate): not an error, alone or passed as skip.
+    convert_checkpoint(tmp_path / "float", tmp_path / "fp8", skip=DEFAULT_SKIP, progress=False)
+
+
+@pytest.mark.parametrize("pattern,skipped", [
+    ("mlp", ["layers.0.mlp.down", "layers.0.mlp.up", "layers.1.mlp.down", "layers.1.mlp.up"]),
+    ("layers.1", ["layers.1.mlp.down", "layers.1.mlp.up"]),
+    ("layers.0.*", ["layers.0.mlp.down", "layers.0.mlp.up"]),
+])
+def test_convert_skip_pattern_naming_a_parent_module_skips_its_layers(tmp_path, pattern, skipped):
+    save_float(stack(), tmp_path / "float")
+    summary = convert_checkpoint(tmp_path / "float", tmp_path / "fp8", skip=[pattern], progress=False)
+    assert {k: v for k, v in summary.skipped.items() if v.startswith("--skip")} == {
+        name: f"--skip {pattern!r}" for name in skipped}
+    assert len(summary.converted) == 4 - len(skipped)
+    model = stack(seed=1)
+    load_fp8_model(model, tmp_path / "fp8", progress=False)
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in skipped)
+
+
+def test_summary_and_load_report_reprs_are_short():
+    names = [f"model.layers.{i}.mlp.{proj}" for i in range(80) for proj in ("gate_proj", "up_proj", "down_proj")]
+    summary = ckpt.ConvertSummary(out_dir=Path("out"), converted=names, skipped={"lm_head": "default skip 'lm_head'"},
+                                  errors=dict.fromkeys(names, 0.02), files_copied=["tokenizer.json"] * 40, shards=3,
+                                  left_out={"model.bin": "weights in another format"})
+    text = repr(summary)
+    assert len(text) < 300, text
+    assert text == ("ConvertSummary(out_dir: 'out', converted: 240 ['model.layers.0.mlp.gate_proj', "
+                    "'model.layers.0.mlp.up_proj', ...], skipped: 1 ['lm_head'], tensors copied: 0, shards: 3, "
+                    "files copied: 40, left out: 1; print(summary) lists every name)")
+    full = str(summary)
+    assert all(f"  converted {name} (relative error 0.0200)" in full for name in names)
+    assert "  kept lm_head: default skip 'lm_head'" in full and "  left out model.bin: weights in another" in full
+    report = LoadReport(replaced=names, loaded=500, missing=["a"], ignored=["b", "c"])
+    text = repr(report)
+    assert len(text) < 250, text
+    assert text == ("LoadReport(replaced: 240 ['model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.up_proj', ...], "
+                    "loaded: 500, missing: 1 ['a'], unexpected: 0, ignored: 2; print(report) and report.replaced "
+                    "list every name)")

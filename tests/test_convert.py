@@ -97,6 +97,23 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_cli_skip_pattern_matching_no_layer_is_a_one_line_error(plain_dir, tmp_path, capsys):
+    rc, out, err = run_cli(capsys, plain_dir, tmp_path / "out", "--skip", "layer.0.*")
+    assert rc == 2 and not out and err.count("\n") == 1 and "Traceback" not in err
+    assert "skip pattern 'layer.0.*' matches no 2-D float weight of " in err
+    assert "close names: 'layers.0', 'layers.1', 'layers'" in err
+    assert "the full name of any module containing it, or any one component of the name" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_skip_pattern_naming_a_parent_module_skips_its_layers(plain_dir, tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, plain_dir, tmp_path / "out", "--skip", "mlp")
+    assert rc == 0 and re.search(r"layers converted to fp8\s+│ 0 ", out) and "--skip 'mlp'" in out
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert sorted(qc["modules_to_not_convert"]) == ["embed_tokens", "layers.0.mlp.down_proj", "layers.0.mlp.up_proj",
+                                                    "layers.1.mlp.down_proj", "layers.1.mlp.up_proj", "lm_head"]
+
+
 def test_format_matches_transformers_fp8_loader(transformers, converted):
     """Key names, dtypes and shapes are exactly those of transformers' FP8Linear model for this config."""
     from transformers.integrations.finegrained_fp8 import replace_with_fp8_linear

@@ -3,6 +3,8 @@
 that must be refused. A tiny Llama built from a config and all-MiniLM-L6-v2 from its package; nothing downloaded.
 """
 
+import copy
+import io
 import json
 import subprocess
 import sys
@@ -173,6 +175,39 @@ def test_save_refused_when_a_quantized_layer_is_tied_to_a_float_one(tmp_path):
     model.config.tie_word_embeddings = False
     model.save_pretrained(tmp_path / "untied")
     assert torch.equal(logits(blockfp8.from_pretrained(tmp_path / "untied", progress=False)), before)
+
+
+def test_refused_save_creates_no_folder_and_leaves_an_existing_one_alone(tmp_path):
+    """save_pretrained creates its folder before asking for the state dict: the check runs before that."""
+    model = llama(TINY, tie_word_embeddings=True)
+    convert_model(model, skip=(), default_skip=False)
+    with pytest.raises(ValueError, match="'lm_head.weight' is tied to 'model.embed_tokens.weight'"):
+        model.save_pretrained(tmp_path / "new" / "nested")
+    assert not (tmp_path / "new").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("the user's own file")
+    stamp = (mine / "notes.txt").stat().st_mtime_ns
+    with pytest.raises(ValueError, match="'lm_head' holds block-FP8 weights"):
+        model.save_pretrained(mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    assert (mine / "notes.txt").read_text() == "the user's own file"
+    assert (mine / "notes.txt").stat().st_mtime_ns == stamp
+    # A deep copy checks itself too (its guard points at the copy, not at the model it came from).
+    twin = copy.deepcopy(model)
+    twin.config.tie_word_embeddings = False
+    model.config.tie_word_embeddings = True
+    twin.save_pretrained(tmp_path / "twin")
+    with pytest.raises(ValueError, match="is tied to"):
+        copy.deepcopy(model).save_pretrained(tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()
+    # So does a model pickled with it (torch.save / torch.load).
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with pytest.raises(ValueError, match="is tied to"):
+        torch.load(buffer, weights_only=False).save_pretrained(tmp_path / "unpickled")
+    assert not (tmp_path / "unpickled").exists()
 
 
 def test_save_refused_when_transformers_would_keep_a_quantized_layer_in_float(tmp_path):

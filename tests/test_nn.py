@@ -306,3 +306,123 @@ def test_load_state_dict_names_the_nested_key_and_accepts_good_states():
     # a layer without bias refuses a bias as torch does (unexpected key), after the values pass
     with pytest.raises(RuntimeError, match="Unexpected key"):
         Fp8BlockLinear(300, 200, bias=False).load_state_dict(good)
+
+
+# ------------------------------------------------------------------------- all or nothing, bad arguments
+
+
+def _snapshot(model: nn.Module) -> tuple[dict, dict]:
+    """(every module by name, every tensor by name with a copy of its values) of ``model``."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    tensors = {name: (t, t.detach().clone()) for name, t in model.state_dict(keep_vars=True).items()}
+    return modules, tensors
+
+
+def _assert_unchanged(model: nn.Module, snapshot: tuple[dict, dict]) -> None:
+    modules, tensors = snapshot
+    now = dict(model.named_modules(remove_duplicate=False))
+    assert now.keys() == modules.keys()
+    assert all(now[name] is module for name, module in modules.items())
+    state = model.state_dict(keep_vars=True)
+    assert state.keys() == tensors.keys()
+    for name, (t, values) in tensors.items():
+        assert state[name] is t, name
+        torch.testing.assert_close(t.detach(), values, rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_convert_model_is_all_or_nothing(bad):
+    """The third linear's weight holds a NaN: nothing is swapped, every module and tensor is the original."""
+    torch.manual_seed(0)
+    net = Net(d=128)
+    with torch.no_grad():
+        net.layers[0].mlp[0].weight[5, 7] = bad  # layers.0.attn.q, layers.0.attn.o, then this one
+    snapshot = _snapshot(net)
+    with pytest.raises(ValueError, match=r"cannot convert layer 'layers.0.mlp.0', so no layer was converted and the "
+                                         r"model is unchanged: layers.0.mlp.0.weight_scale_inv holds"):
+        convert_model(net, default_skip=False)
+    _assert_unchanged(net, snapshot)
+    assert not any(isinstance(m, Fp8BlockLinear) for m in net.modules())
+
+
+def test_convert_model_refuses_a_root_linear_and_bad_arguments():
+    lin = nn.Linear(256, 256)
+    with pytest.raises(TypeError, match=r"model is itself an nn.Linear.*Fp8BlockLinear.from_linear\(layer\)"):
+        convert_model(lin)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got dict"):
+        convert_model({"fc": lin})
+    with pytest.raises(TypeError, match="skip patterns must be str, got int 3"):
+        convert_model(nn.Sequential(lin), skip=["fc", 3])
+    with pytest.raises(TypeError, match="skip must be a pattern or an iterable of patterns"):
+        convert_model(nn.Sequential(lin), skip=3)
+
+
+def _decoder() -> nn.Module:
+    """Names as in a transformers decoder: model.layers.<i>.mlp.up_proj, ..., lm_head."""
+    torch.manual_seed(0)
+    layers = nn.ModuleList(nn.ModuleDict({
+        "self_attn": nn.ModuleDict({"q_proj": nn.Linear(128, 128)}),
+        "mlp": nn.ModuleDict({"up_proj": nn.Linear(128, 256), "down_proj": nn.Linear(256, 128)}),
+        "input_layernorm": nn.LayerNorm(128)}) for _ in range(2))
+    model = nn.ModuleDict({"embed_tokens": nn.Embedding(10, 128), "layers": layers})
+    return nn.ModuleDict({"model": model, "lm_head": nn.Linear(128, 10)})
+
+
+@pytest.mark.parametrize("pattern,hint", [
+    ("layer.0.*", "close names: 'layers', 'model.layers.0', 'model.layers.1'"),
+    ("mlpp", "close names: 'mlp'"),
+    ("feed_forward", "layers are named like 'lm_head', 'model.layers.0.self_attn.q_proj', "
+                     "'model.layers.0.mlp.up_proj'"),
+    ("input_layernorm", "it matches only other modules, which this conversion leaves as they are: "
+                        "'model.layers.0.input_layernorm', 'model.layers.1.input_layernorm'"),
+])
+def test_skip_pattern_matching_no_layer_is_an_error(pattern, hint):
+    model = _decoder()
+    snapshot = _snapshot(model)
+    with pytest.raises(ValueError) as info:
+        convert_model(model, skip=["lm_head", pattern])
+    message = str(info.value)
+    assert message.startswith(f"skip pattern {pattern!r} matches no linear layer of the model (plain nn.Linear); ")
+    assert hint in message
+    assert message.endswith("matched against a layer's full dotted name, the full name of any module containing it, "
+                            "or any one component of the name, so 'mlp' and 'model.layers.0.*' both skip "
+                            "'model.layers.0.mlp.up_proj'.")
+    _assert_unchanged(model, snapshot)
+
+
+def test_default_skip_patterns_may_match_nothing():
+    """No embedding, norm, lm_head or gate here; DEFAULT_SKIP passed as skip is exempt too."""
+    model = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    assert convert_model(nn.Sequential(nn.Linear(128, 128))).converted == ["0"]
+    assert convert_model(model, skip=blockfp8.nn.DEFAULT_SKIP).converted == ["0", "1"]
+
+
+@pytest.mark.parametrize("pattern,skipped", [
+    ("mlp", ["model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj",
+             "model.layers.1.mlp.down_proj"]),
+    ("model.layers.1", ["model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj",
+                        "model.layers.1.mlp.down_proj"]),
+    ("*.layers.0.self_attn", ["model.layers.0.self_attn.q_proj"]),
+    ("up_proj", ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"]),
+])
+def test_skip_pattern_naming_a_parent_module_skips_its_layers(pattern, skipped):
+    model = _decoder()
+    report = convert_model(model, skip=[pattern])
+    assert report.skipped == {"lm_head": "default skip 'lm_head'",
+                              **{name: f"matches skip pattern {pattern!r}" for name in skipped}}
+    assert all(type(model.get_submodule(name)) is nn.Linear for name in skipped)
+    assert len(report.converted) == 6 - len(skipped)
+    assert all(isinstance(model.get_submodule(name), Fp8BlockLinear) for name in report.converted)
+
+
+def test_conversion_report_repr_is_short():
+    names = [f"model.layers.{i}.mlp.{proj}" for i in range(80) for proj in ("gate_proj", "up_proj", "down_proj")]
+    report = blockfp8.ConversionReport(converted=names, skipped={"lm_head": "default skip 'lm_head'"},
+                                       shared={"model.tied": "lm_head"})
+    text = repr(report)
+    assert len(text) < 250, text
+    assert text == ("ConversionReport(converted: 240 ['model.layers.0.mlp.gate_proj', 'model.layers.0.mlp.up_proj', "
+                    "...], skipped: 1 ['lm_head'], shared: 1; report.converted, .skipped and .shared list every name)")
+    assert "skipped lm_head: default skip 'lm_head'" in str(report) and "model.tied is the same layer" in str(report)
+    assert repr(blockfp8.ConversionReport()) == ("ConversionReport(converted: 0, skipped: 0, shared: 0; "
+                                                 "report.converted, .skipped and .shared list every name)")

@@ -6,9 +6,10 @@ fp8 bytes as if they were float weights, and the only trace is an "unexpected ``
 ``load_fp8_model``, ``blockfp8.hf.quantize``). On a transformers model it sets ``config.quantization_config``
 (what transformers' ``FineGrainedFP8Config`` reads: quant_method "fp8", 128x128 blocks, the float linears as
 ``modules_to_not_convert``) and attaches transformers' own FP8 quantizer as ``model.hf_quantizer``, as
-``from_pretrained`` does for an FP8 checkpoint, with one addition: ``save_pretrained`` asks it for the state
-dict before writing anything, and there it re-derives the config from the layers as they are now and refuses a
-save that cannot load back (``check_saveable``).
+``from_pretrained`` does for an FP8 checkpoint, with one addition: ``save_pretrained`` asks it whether the model
+can be saved before creating the output folder, and there it refuses a save that cannot load back
+(``check_saveable``), so a refused save leaves no folder; it asks for the state dict before writing any file, and
+there the config is re-derived from the layers as they are now.
 
 transformers is never imported here: a model of its classes exists only once the caller has imported it.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 
 import torch
 from torch import nn
@@ -145,18 +147,41 @@ def _save_guard_class() -> type | None:
         return None
 
     class BlockFp8SaveGuard(FineGrainedFP8HfQuantizer):
-        """What ``from_pretrained`` attaches to an FP8 model, plus: before ``save_pretrained`` writes the config,
-        check that the checkpoint will load back and describe the layers as they are now."""
+        """What ``from_pretrained`` attaches to an FP8 model, plus: before ``save_pretrained`` creates the output
+        folder, check that the checkpoint will load back; before it writes the config, describe the layers as
+        they are now."""
+
+        # The model this guard is attached to (a weak reference: a strong one would make a cycle that keeps a
+        # deleted model's memory until the garbage collector runs).
+        _model: weakref.ref | None = None
+
+        def is_serializable(self, *args, **kwargs):
+            # save_pretrained asks this before it creates save_directory; the quantizer is not given the model,
+            # hence the reference. Refusing here leaves no folder behind.
+            model = self._model() if self._model is not None else None
+            if model is not None:
+                check_saveable(model)
+            return super().is_serializable(*args, **kwargs)
 
         def get_state_dict_and_metadata(self, model, *args, **kwargs):
+            # Checked again: the model may have changed since is_serializable, or this guard may have lost its
+            # reference (a guard pickled on its own, without its model).
+            self._model = weakref.ref(model)
             check_saveable(model)
             model.config.quantization_config = quantization_config_of(model)
             self.quantization_config = _transformers_config(model.config.quantization_config)
             return super().get_state_dict_and_metadata(model, *args, **kwargs)
 
         def __reduce__(self):
-            # The class is made at run time (transformers is optional), so pickles name the factory instead.
-            return _make_save_guard, (self.quantization_config.to_dict(),)
+            # The class is made at run time (transformers is optional), so pickles name the factory instead. The
+            # model goes along; pickled as part of that model, it is a back-reference, so the unpickled guard
+            # checks the unpickled model.
+            return _make_save_guard, (self.quantization_config.to_dict(), self._model() if self._model else None)
+
+        def __deepcopy__(self, memo):
+            # copy.deepcopy(model) copies the model before its attributes: the copy's guard checks the copy.
+            model = self._model() if self._model is not None else None
+            return _make_save_guard(self.quantization_config.to_dict(), None if model is None else memo.get(id(model)))
 
     return BlockFp8SaveGuard
 
@@ -167,8 +192,11 @@ def _transformers_config(config: dict):
     return FineGrainedFP8Config.from_dict(dict(config))
 
 
-def _make_save_guard(config: dict):
-    return _save_guard_class()(_transformers_config(config), pre_quantized=True)
+def _make_save_guard(config: dict, model: nn.Module | None = None):
+    guard = _save_guard_class()(_transformers_config(config), pre_quantized=True)
+    if model is not None:
+        guard._model = weakref.ref(model)
+    return guard
 
 
 def mark_fp8_model(model: nn.Module) -> None:
@@ -178,4 +206,4 @@ def mark_fp8_model(model: nn.Module) -> None:
         return
     model.config.quantization_config = quantization_config_of(model)
     if _save_guard_class() is not None:
-        model.hf_quantizer = _make_save_guard(model.config.quantization_config)
+        model.hf_quantizer = _make_save_guard(model.config.quantization_config, model)

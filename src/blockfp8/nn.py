@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,10 +18,15 @@ from .ops import layer_linear
 from .quant import quantize_weight
 from .validate import check_block_size, check_fp8_linear, check_fp8_state_dict
 
-# Layers ``convert_model`` and ``convert_checkpoint`` keep in float unless told otherwise, as glob patterns on the
-# layer name or its last component: embeddings and norms are not matmuls, lm_head and MoE routers ("gate", not
-# "gate_proj") are small but sensitive to quantization error.
+# Layers ``convert_model`` and ``convert_checkpoint`` keep in float unless told otherwise, as skip patterns
+# (``matches_pattern``): embeddings and norms are not matmuls, lm_head and MoE routers ("gate", not "gate_proj")
+# are small but sensitive to quantization error.
 DEFAULT_SKIP = ("*embed*", "*norm*", "lm_head", "gate")
+
+# How a skip pattern matches, in the words every "matches no layer" error uses.
+PATTERN_RULE = ("A pattern is a case-sensitive glob (fnmatch: '*' also crosses dots) matched against a layer's full "
+                "dotted name, the full name of any module containing it, or any one component of the name, so "
+                "'mlp' and 'model.layers.0.*' both skip 'model.layers.0.mlp.up_proj'")
 
 
 class KeepFp8Buffers:
@@ -122,10 +128,23 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
                 f"bias={self.bias is not None}, backend={self.backend or 'auto'}")
 
 
-@dataclass
+def short_names(names: Iterable[str], limit: int = 2) -> str:
+    """A count and the first ``limit`` names, for a short ``repr``: ``3 ['a', 'b', ...]`` (``0`` when empty)."""
+    names = list(names)
+    if not names:
+        return "0"
+    shown = ", ".join(repr(n) for n in names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"{len(names)} [{shown}]"
+
+
+@dataclass(repr=False)
 class ConversionReport:
     """What ``convert_model`` did: converted layer names, skipped ones with the reason, and the names that reach
-    a layer already listed under another name (one module used twice stays one ``Fp8BlockLinear``)."""
+    a layer already listed under another name (one module used twice stays one ``Fp8BlockLinear``).
+
+    ``repr`` is short (counts and a few names); ``str`` (``print(report)``) lists the skipped and shared names,
+    the fields every name.
+    """
 
     converted: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -140,13 +159,74 @@ class ConversionReport:
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
+    def __repr__(self) -> str:
+        # A real model has hundreds of layer names: the full lists would flood a notebook cell.
+        return (f"ConversionReport(converted: {short_names(self.converted)}, skipped: {short_names(self.skipped)}, "
+                f"shared: {len(self.shared)}; report.converted, .skipped and .shared list every name)")
+
+
+def _module_paths(name: str) -> list[str]:
+    """``"a.b.c"`` -> ``["a.b.c", "a.b", "a"]``: the layer and every module containing it."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
 
 def matches_pattern(name: str, patterns: Iterable[str]) -> str | None:
-    """The first glob pattern matching a qualified module name or its last component, else None."""
+    """The first pattern matching the qualified layer name ``name``, else None (the rule: ``PATTERN_RULE``).
+
+    A module containing the layer counts as the layer, so a pattern naming a parent module (``"mlp"``,
+    ``"model.layers.0"``) skips every layer under it.
+    """
+    paths = _module_paths(name)
     for pat in patterns:
-        if fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], pat) or pat == name:
-            return pat
+        for path in paths:
+            # Equality too: a name holding glob characters ("[") would not match itself as a pattern.
+            if pat == path or fnmatch.fnmatchcase(path, pat) or fnmatch.fnmatchcase(path.rsplit(".", 1)[-1], pat):
+                return pat
     return None
+
+
+def check_skip_patterns(skip: Iterable[str], layers: list[str], what: str,
+                        others: Iterable[str] = ()) -> None:
+    """Raise ``ValueError`` for the first pattern of ``skip`` matching none of ``layers`` (the names a skip can
+    keep in float; ``what`` says what they are, e.g. "linear layer of the model"). The message gives the rule,
+    the names of ``others`` (modules the conversion leaves as they are) the pattern does match, or else up to 3
+    close names. A pattern matching nothing would otherwise convert everything, silently. The ``DEFAULT_SKIP``
+    patterns are exempt, even when passed in ``skip``: they are written for any model, not for this one."""
+    for pat in skip:
+        if pat in DEFAULT_SKIP or any(matches_pattern(name, (pat,)) for name in layers):
+            continue
+        msg = f"skip pattern {pat!r} matches no {what}"
+        hits = [name for name in others if matches_pattern(name, (pat,))]
+        if hits:
+            msg += (f"; it matches only other modules, which this conversion leaves as they are: "
+                    f"{', '.join(map(repr, hits[:3]))}{', ...' if len(hits) > 3 else ''}")
+        else:
+            candidates = sorted({part for name in layers for path in _module_paths(name)
+                                 for part in (path, path.rsplit(".", 1)[-1])})
+            close = difflib.get_close_matches(pat.strip("*?."), candidates, n=3, cutoff=0.5)
+            if close:
+                msg += f"; close names: {', '.join(map(repr, close))}"
+            elif layers:
+                msg += f"; layers are named like {', '.join(map(repr, layers[:3]))}"
+            else:
+                msg += f"; there is no {what}"
+        raise ValueError(f"{msg}. {PATTERN_RULE}.")
+
+
+def check_skip_argument(skip: Iterable[str] | str) -> tuple[str, ...]:
+    """``skip`` as a tuple of patterns: one string or an iterable of strings."""
+    if isinstance(skip, str):
+        return (skip,)
+    try:
+        patterns = tuple(skip)
+    except TypeError:
+        raise TypeError(f"skip must be a pattern or an iterable of patterns (str), got {type(skip).__name__}") \
+            from None
+    for pat in patterns:
+        if not isinstance(pat, str):
+            raise TypeError(f"skip patterns must be str, got {type(pat).__name__} {pat!r}")
+    return patterns
 
 
 def _skip_reason(name: str, skip: tuple[str, ...], default_skip: bool) -> str | None:
@@ -163,28 +243,46 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
 
     Skipped, as ``convert_checkpoint`` skips them: layers matching ``DEFAULT_SKIP`` (embeddings, norms,
     ``lm_head``, MoE routers named ``gate``; ``default_skip=False`` turns these off) or a pattern of ``skip``:
-    globs matched against each layer's qualified name or its last component (e.g. ``"*.gate"``,
-    ``"layers.0.*"``). A layer reached under several names (one module used twice) becomes one
-    ``Fp8BlockLinear`` under all of them, or stays float under all of them if any name is skipped. Returns a
-    ``ConversionReport`` listing every name. ``tune=True`` turns on online tuning for the shapes created here
-    (``autotune.py``): on CUDA, the first call of each (N, K, M bucket) times the backends on that call's inputs
-    and keeps the fastest in the user's tuning cache.
+    case-sensitive globs (``*`` also crosses dots) matched against a layer's full dotted name, the full name of
+    any module containing it, or any one component of the name. So a pattern naming a parent module skips every
+    layer under it: ``"mlp"`` skips ``model.layers.0.mlp.up_proj``, as do ``"model.layers.0"`` and
+    ``"model.layers.0.*"``; ``"*.gate"`` skips MoE routers. A pattern of ``skip`` that matches no plain
+    ``nn.Linear`` is a ``ValueError`` naming it and close names (a typo would otherwise convert everything);
+    the ``DEFAULT_SKIP`` patterns may match nothing, here or in ``skip``. A layer reached under several names
+    (one module used twice) becomes one ``Fp8BlockLinear`` under all of them, or stays float under all of them
+    if any name is skipped.
+
+    All or nothing: every layer is quantized and checked before the first one is swapped in, so an error
+    (a NaN in one weight) names the layer and leaves ``model`` exactly as it was. Until the call returns, the
+    float layers and their fp8 replacements are both in memory. ``model`` itself must not be an ``nn.Linear``
+    (a root cannot be replaced in place): use ``Fp8BlockLinear.from_linear(layer)``.
+
+    Returns a ``ConversionReport`` listing every name. ``tune=True`` turns on online tuning for the shapes
+    created here (``autotune.py``): on CUDA, the first call of each (N, K, M bucket) times the backends on that
+    call's inputs and keeps the fastest in the user's tuning cache.
     A transformers model's config then says block FP8, so ``save_pretrained`` writes a checkpoint that loads
     back (``hf_config``).
     """
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if type(model) is nn.Linear:
+        raise TypeError("convert_model replaces the linear layers inside a model, and model is itself an "
+                        "nn.Linear, which cannot be replaced in place: use Fp8BlockLinear.from_linear(layer)")
+    skip = check_skip_argument(skip)
+    check_backend_name(backend)
     report = ConversionReport()
     # Every (parent, attribute, name) reaching each linear: named_modules/named_children list a module once, so a
     # second use in one parent (Sequential(lin, act, lin)) or a shared parent would keep its float layer.
     uses: dict[int, tuple[nn.Linear, list[tuple[nn.Module, str, str]]]] = {}
-    created: set[tuple[int, int]] = set()  # (N, K) of the layers made here, for tune=True
     for parent_name, parent in model.named_modules(remove_duplicate=False):
         for attr, child in parent._modules.items():
             if child is not None and is_convertible_linear(child):
                 name = f"{parent_name}.{attr}" if parent_name else attr
                 uses.setdefault(id(child), (child, []))[1].append((parent, attr, name))
+    layer_names = [name for _, places in uses.values() for _, _, name in places]
+    check_skip_patterns(skip, layer_names, "linear layer of the model (plain nn.Linear)",
+                        others=[name for name, m in model.named_modules() if name and not is_convertible_linear(m)])
+    swaps: list[tuple[Fp8BlockLinear, list[tuple[nn.Module, str, str]]]] = []
     for lin, places in uses.values():
         names = [name for _, _, name in places]
         reasons = {name: _skip_reason(name, skip, default_skip) for name in names}
@@ -193,13 +291,19 @@ def convert_model(model: nn.Module, skip: Iterable[str] = (), ue8m0: bool = Fals
             for name in names:
                 report.skipped[name] = reasons[name] or f"the same layer as {matched} ({reasons[matched]})"
             continue
-        layer = Fp8BlockLinear.from_linear(lin, ue8m0=ue8m0, backend=backend, name=f"{names[0]}.weight")
-        created.add((layer.out_features, layer.in_features))
-        for parent, attr, _ in places:
-            setattr(parent, attr, layer)
+        try:
+            layer = Fp8BlockLinear.from_linear(lin, ue8m0=ue8m0, backend=backend, name=f"{names[0]}.weight")
+        except ValueError as e:
+            raise ValueError(f"cannot convert layer {names[0]!r}, so no layer was converted and the model is "
+                             f"unchanged: {e}") from e
+        swaps.append((layer, places))
         report.converted += names
         report.shared.update({name: names[0] for name in names[1:]})
+    # Only now is the model touched: assigning a built layer cannot fail halfway through on bad data.
+    for layer, places in swaps:
+        for parent, attr, _ in places:
+            setattr(parent, attr, layer)
     if tune:
-        tune_shapes(created)
+        tune_shapes({(layer.out_features, layer.in_features) for layer, _ in swaps})
     mark_fp8_model(model)
     return report

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..format import DEFAULT_BLOCK, FLOAT_DTYPES
-from ..nn import DEFAULT_SKIP, matches_pattern
+from ..nn import DEFAULT_SKIP, check_skip_argument, check_skip_patterns, matches_pattern, short_names
 from ..quant import dequantize_weight, quantize_weight
 from ..reference import rel_error
 from ..validate import check_finite_values, check_scale_values
@@ -39,9 +39,12 @@ _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", 
                          ".onnx", ".onnx_data", ".ot", ".tflite")
 
 
-@dataclass
+@dataclass(repr=False)
 class ConvertSummary:
-    """What ``convert_checkpoint`` did: layers converted (with their quantization error) and skipped (why)."""
+    """What ``convert_checkpoint`` did: layers converted (with their quantization error) and skipped (why).
+
+    ``repr`` is short (counts and a few names); ``str`` (``print(summary)``) lists everything.
+    """
 
     out_dir: Path
     converted: list[str] = field(default_factory=list)
@@ -68,25 +71,54 @@ class ConvertSummary:
         name = max(self.errors, key=lambda k: (math.isnan(self.errors[k]), self.errors[k]))
         return name, self.errors[name]
 
+    def __str__(self) -> str:
+        lines = [f"{self.out_dir}: converted {len(self.converted)} layer(s) to fp8, kept {len(self.skipped)} "
+                 f"weight(s) as they were, copied {self.copied} other tensor(s); tensor bytes {self.bytes_before} "
+                 f"-> {self.bytes_after} in {self.shards} safetensors file(s)"]
+        if self.worst is not None:
+            lines.append(f"  worst relative error {self.worst[1]:.4f} ({self.worst[0]})")
+        lines += [f"  converted {name} (relative error {self.errors.get(name, math.nan):.4f})"
+                  for name in self.converted]
+        lines += [f"  kept {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  copied {name}" + (" (weights, unconverted)" if name in self.weights_copied else "")
+                  for name in self.files_copied]
+        lines += [f"  left out {name}: {why}" for name, why in self.left_out.items()]
+        return "\n".join(lines)
 
-def skip_reason(info: TensorInfo, skip: Iterable[str] = (), default_skip: bool = True) -> str | None:
-    """Why ``convert_checkpoint`` keeps a tensor as it is, or None when it quantizes it.
+    def __repr__(self) -> str:
+        # A real checkpoint has hundreds of layer names: the full lists would flood a notebook cell.
+        return (f"ConvertSummary(out_dir: {str(self.out_dir)!r}, converted: {short_names(self.converted)}, "
+                f"skipped: {short_names(self.skipped)}, tensors copied: {self.copied}, shards: {self.shards}, "
+                f"files copied: {len(self.files_copied)}, left out: {len(self.left_out)}; print(summary) lists "
+                "every name)")
 
-    Quantized: 2-D float ``*.weight`` tensors of layers matching neither ``DEFAULT_SKIP`` (unless
-    ``default_skip`` is False) nor ``skip`` (glob patterns on the layer name or its last component). Everything
-    else is copied unchanged.
-    """
+
+def _not_a_layer(info: TensorInfo) -> str | None:
+    """Why a tensor is no linear layer's weight (never quantized, whatever the patterns), or None."""
     if not info.name.endswith(WEIGHT_SUFFIX):
         return "not a .weight"
     if len(info.shape) != 2:
         return f"{len(info.shape)}-D, not a linear layer"
     if info.torch_dtype not in FLOAT_DTYPES:
         return f"dtype {info.dtype}"
+    return None
+
+
+def skip_reason(info: TensorInfo, skip: Iterable[str] = (), default_skip: bool = True) -> str | None:
+    """Why ``convert_checkpoint`` keeps a tensor as it is, or None when it quantizes it.
+
+    Quantized: 2-D float ``*.weight`` tensors of layers matching neither ``DEFAULT_SKIP`` (unless
+    ``default_skip`` is False) nor ``skip`` (patterns as ``convert_model`` matches them, ``nn.PATTERN_RULE``: a
+    pattern naming a parent module skips every layer under it). Everything else is copied unchanged.
+    """
+    reason = _not_a_layer(info)
+    if reason is not None:
+        return reason
     prefix = prefix_of(info.name)
     pat = matches_pattern(prefix, DEFAULT_SKIP) if default_skip else None
     if pat is not None:
         return f"default skip {pat!r}"
-    pat = matches_pattern(prefix, tuple(skip))
+    pat = matches_pattern(prefix, check_skip_argument(skip))
     if pat is not None:
         return f"--skip {pat!r}"
     return None
@@ -210,7 +242,8 @@ def convert_checkpoint(
 
     Streams tensor by tensor: each 2-D float ``*.weight`` not skipped (see ``skip_reason``) is quantized to
     fp8 with 128x128 fp32 block scales (``ue8m0``: scales rounded up to powers of two, still stored as fp32);
-    every other tensor is copied unchanged. A weight to quantize that holds NaN or Inf is refused, naming it.
+    every other tensor is copied unchanged. A weight to quantize that holds NaN or Inf is refused, naming it; so
+    is a pattern of ``skip`` that matches no 2-D float weight, before anything is written.
     config.json gets ``quantization_config`` with the skipped 2-D weights' layers as ``modules_to_not_convert``;
     every other non-weight file (tokenizer, generation config, subfolders such as sentence-transformers'
     ``1_Pooling/``) is copied with its mode (``_side_files``). Writes into a temporary folder renamed to
@@ -218,15 +251,16 @@ def convert_checkpoint(
     resolved), so the input is never modified or deleted.
     """
     src, dst = Path(in_dir), Path(out_dir)
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
+    skip = check_skip_argument(skip)
     max_bytes = parse_size(max_shard_bytes)
     infos = read_tensor_infos(src)
     for name, info in infos.items():
         if name.endswith(SCALE_SUFFIX) or info.dtype == "F8_E4M3":
             raise ValueError(f"{src} already holds fp8 tensors ({name!r} in {info.file.name}); convert reads "
                              f"bf16, fp16 or fp32 checkpoints")
+    layers = [prefix_of(name) for name, info in infos.items() if _not_a_layer(info) is None]
+    others = sorted({prefix_of(name) for name in infos} - set(layers))
+    check_skip_patterns(skip, layers, f"2-D float weight of {src}", others=others)
     config_path = src / CONFIG_NAME
     config = read_config(src)
     _check_input_config(config, config_path)

@@ -11,7 +11,7 @@ from torch import nn
 
 from ..format import DEFAULT_BLOCK, FP8_DTYPE
 from ..hf_config import mark_fp8_model
-from ..nn import Fp8BlockLinear, is_convertible_linear
+from ..nn import Fp8BlockLinear, is_convertible_linear, short_names
 from ..validate import check_fp8_weight_values, check_scale_values
 from .files import (
     CONFIG_NAME,
@@ -24,9 +24,10 @@ from .files import (
 )
 
 
-@dataclass
+@dataclass(repr=False)
 class LoadReport:
-    """What ``load_fp8_model`` did."""
+    """What ``load_fp8_model`` did. ``repr`` is short; ``str`` (``print(report)``) lists every missing, unexpected
+    and ignored key, ``replaced`` every layer now ``Fp8BlockLinear``."""
 
     replaced: list[str] = field(default_factory=list)
     loaded: int = 0
@@ -45,6 +46,12 @@ class LoadReport:
         if self.ignored:
             lines.append(f"  legacy or declared-optional keys (not an error): {', '.join(self.ignored)}")
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        # A real model has hundreds of layer names: the full lists would flood a notebook cell.
+        return (f"LoadReport(replaced: {short_names(self.replaced)}, loaded: {self.loaded}, "
+                f"missing: {short_names(self.missing)}, unexpected: {short_names(self.unexpected)}, "
+                f"ignored: {len(self.ignored)}; print(report) and report.replaced list every name)")
 
 
 # Buffers transformers' loader always forgives in a checkpoint when the model has one of that name
@@ -127,8 +134,12 @@ def load_fp8_model(
 
     Every ``nn.Linear`` whose ``<name>.weight_scale_inv`` is in the checkpoint becomes an ``Fp8BlockLinear``
     (``backend`` forces its GEMM backend); all other tensors are copied into the model's own (cast to its
-    dtype). Everything checkable from the headers and config.json is checked before the model is touched;
-    values (scales in (0, 2^56], no NaN fp8 weight bytes) are checked as they stream in. ``strict`` raises on
+    dtype). Everything checkable from the headers and config.json is checked first; values (scales in
+    (0, 2^56], no NaN fp8 weight bytes) are checked as they stream in. All or nothing: the new layers are filled
+    beside the model and its other tensors are held until every tensor has been read and checked, so an error
+    names the tensor (and so the layer) and leaves the model exactly as it was. On a model with real (not meta)
+    tensors that means its float layers, the new fp8 ones and the other tensors read stay in memory together
+    until the end. ``strict`` raises on
     tensors missing from the checkpoint or unknown to the model; otherwise they are listed in the report. Keys
     transformers forgives are not errors and are listed in ``report.ignored`` (not loaded): those matching a
     module's ``_keys_to_ignore_on_load_missing`` / ``_keys_to_ignore_on_load_unexpected``, legacy
@@ -187,19 +198,18 @@ def load_fp8_model(
             raise ValueError(f"tensor {name!r} in {info.file} is {info.dtype}; the model's {name!r} is an fp8 "
                              f"weight and takes F8_E4M3 with its weight_scale_inv")
 
+    # Nothing below touches the model until every tensor has been read and checked: the new layers are built
+    # beside it and filled, the model's own tensors are staged, and an error on the way leaves it as it was.
+    new_layers: dict[str, Fp8BlockLinear] = {}
     for prefix, lin in to_replace.items():
-        parent_name, _, child = prefix.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
         bias = lin.bias
-        layer = Fp8BlockLinear(lin.in_features, lin.out_features, bias=bias is not None, device=lin.weight.device,
-                               bias_dtype=bias.dtype if bias is not None else torch.bfloat16, backend=backend)
-        setattr(parent, child, layer)
-        report.replaced.append(prefix)
-        modules[prefix] = layer
-    # Drop every reference to the replaced float layers before streaming, so they are freed now and peak
-    # memory stays near the FP8 model's size.
+        new_layers[prefix] = Fp8BlockLinear(lin.in_features, lin.out_features, bias=bias is not None,
+                                            device=lin.weight.device,
+                                            bias_dtype=bias.dtype if bias is not None else torch.bfloat16,
+                                            backend=backend)
     state = to_replace = lin = bias = None
-
+    staged: list[tuple[nn.Module, str, str, torch.Tensor]] = []  # (module, attribute, tensor name, value)
+    installed: list[tuple[str, torch.Tensor]] = []  # tensors placed in a new layer on the meta device
     wanted = {k: v for k, v in infos.items() if k in expected}
     for info, tensor in iter_tensors(wanted, progress, f"loading {root.name}"):
         if info.name.endswith(SCALE_SUFFIX):
@@ -207,12 +217,27 @@ def load_fp8_model(
         elif tensor.dtype == FP8_DTYPE:
             check_fp8_weight_values(tensor, name=f"tensor {info.name!r} in {info.file}")
         owner, _, attr = info.name.rpartition(".")
-        module = modules[owner] if owner else model
-        installed = _set_tensor(module, attr, tensor)
-        if installed is not None:
-            _tie(modules, aliases.get(info.name, set()) - {info.name}, installed)
+        if owner in new_layers:
+            new = _set_tensor(new_layers[owner], attr, tensor)
+            if new is not None:
+                installed.append((info.name, new))
+        else:
+            staged.append((modules[owner] if owner else model, attr, info.name, tensor))
         report.loaded += 1
         report.bytes_read += info.nbytes
+    for prefix, layer in new_layers.items():
+        parent_name, _, child = prefix.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        modules[prefix] = layer
+        report.replaced.append(prefix)
+    # The float layers are unreferenced now and freed, before the staged tensors are copied in.
+    new_layers = None
+    for name, tensor in installed:
+        _tie(modules, aliases.get(name, set()) - {name}, tensor)
+    for module, attr, name, tensor in staged:
+        new = _set_tensor(module, attr, tensor)
+        if new is not None:
+            _tie(modules, aliases.get(name, set()) - {name}, new)
     mark_fp8_model(model)
     return report
 

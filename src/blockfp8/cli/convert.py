@@ -27,8 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder to create for the block-FP8 checkpoint; every non-weight file of IN_DIR, "
                              "subfolders included, is copied there with its mode")
     parser.add_argument("--skip", action="append", default=[], metavar="PATTERN",
-                        help="glob on a layer name or its last component to keep in its original dtype "
-                             f"(repeatable; always skipped: {', '.join(DEFAULT_SKIP)} and non-2-D tensors)")
+                        help="keep matching layers in their original dtype (repeatable): a glob on a layer's "
+                             "full name, on the name of a module containing it, or on one component of the name, "
+                             "so 'mlp' skips every layer under an mlp module; a pattern that matches no layer is "
+                             f"an error (always skipped: {', '.join(DEFAULT_SKIP)} and non-2-D tensors)")
     parser.add_argument("--ue8m0", action="store_true", help="round block scales up to powers of two")
     parser.add_argument("--max-shard-size", default="5GB", type=parse_size, metavar="SIZE",
                         help="largest output file before sharding, e.g. 5GB, 500MB, 2GiB (default 5GB)")
