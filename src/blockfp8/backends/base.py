@@ -8,6 +8,7 @@ test exactly what each backend claims.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -72,10 +73,12 @@ class Limits:
     # Elements of the largest operand (M*K, N*K or M*N): kernels index with 32-bit offsets. None: no bound.
     max_elements: int | None = INT32_MAX
     evidence: str = ""  # where the numbers come from (a measured probe, a doc)
+    cpu_hint: str = ""  # how to run it on the CPU anyway, added to the refusal when "cpu" is not in device_types
 
     def allows(self, p: Problem) -> Support:
         if p.device_type not in self.device_types:
-            return Support(False, f"runs on {'/'.join(self.device_types)}, not {p.device_type}")
+            hint = f"; {self.cpu_hint}" if p.device_type == "cpu" and self.cpu_hint else ""
+            return Support(False, f"runs on {'/'.join(self.device_types)}, not {p.device_type}{hint}")
         if p.device_type == "cuda" and p.arch is not None:
             if self.min_arch and p.arch < self.min_arch:
                 return Support(False, f"needs compute capability >= {_arch(self.min_arch)}, device is {_arch(p.arch)}")
@@ -211,8 +214,12 @@ class RunPlan(GemmPlan):
 
     def __init__(self, backend: Backend, out_dtype: torch.dtype) -> None:
         self.backend, self.out_dtype = backend, out_dtype
+        # A backend whose run() predates ``out`` still serves calls that give one: its result is copied in.
+        self.takes_out = "out" in inspect.signature(backend.run).parameters
 
     def __call__(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, work=None, out=None) -> torch.Tensor:
-        if out is None:  # a backend's run without ``out`` (the parameter is optional) still serves every call
+        if out is None:
             return self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype)
+        if not self.takes_out:
+            return out.copy_(self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype))
         return self.backend.run(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, self.out_dtype, out=out)

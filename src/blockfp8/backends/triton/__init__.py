@@ -26,6 +26,7 @@ BACKEND = TritonBackend(
         device_types=("cpu", "cuda") if INTERPRET else ("cuda",),
         min_arch=(8, 9),
         evidence="masked tails in M, N, K; tested over the edge-shape sweep on CPU (interpreter) and H100",
+        cpu_hint="set TRITON_INTERPRET=1 before importing blockfp8 to run it on the CPU (slow; for testing)",
     ),
     scale_layout="col",
 )
