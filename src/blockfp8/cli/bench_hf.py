@@ -210,10 +210,11 @@ def forward_checked(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, 
         ref = reference_gemm(xq, xs, layer.weight, layer.weight_scale_inv, layer.bias, torch.float32)
         worst.append(rel_error(out.reshape(ref.shape), ref))
 
-    # Any layer holding an fp8 weight and its block scales: blockfp8's and transformers' own.
+    # Any linear layer holding a 2-D fp8 weight and its block scales: blockfp8's and transformers' own.
     handles = [m.register_forward_hook(check) for m in model.modules()
-               if getattr(m, "weight_scale_inv", None) is not None and getattr(m, "weight", None) is not None
-               and m.weight.dtype == torch.float8_e4m3fn]
+               if isinstance(getattr(m, "weight_scale_inv", None), torch.Tensor)
+               and isinstance(getattr(m, "weight", None), torch.Tensor)
+               and m.weight.dtype == torch.float8_e4m3fn and m.weight.dim() == 2]
     try:
         logits = model(ids).logits.float()
     finally:
