@@ -114,6 +114,46 @@ def test_custom_ops_are_registered_and_pass_opcheck():
     torch.library.opcheck(torch.ops.blockfp8.silu_mul_quant, (_x(5, 400), "col", False))
 
 
+def test_eager_calls_skip_the_op_dispatch_and_traced_or_grad_calls_keep_it(monkeypatch):
+    """An eager call runs the op's implementation directly (the dispatch costs tens of microseconds), with the
+    op's very bytes; a call under a torch function mode, or with an input autograd tracks, goes through the op."""
+    from torch.overrides import TorchFunctionMode
+
+    from blockfp8 import fused
+
+    x, w, res, gu = _x(5, 200), torch.ones(200, device=DEVICE), _x(5, 200, seed=2), _x(5, 400, seed=3)
+    want_rms = torch.ops.blockfp8.rms_norm_quant(x, w, 1e-6, res, "col", False)
+    want_silu = torch.ops.blockfp8.silu_mul_quant(gu, "col", False)
+    calls = []
+
+    def spy(op):
+        def call(*args):
+            calls.append(op)
+            return getattr(torch.ops.blockfp8, op)(*args)
+        return call
+
+    monkeypatch.setattr(fused, "_rms_norm_quant_op", spy("rms_norm_quant"))
+    monkeypatch.setattr(fused, "_silu_mul_quant_op", spy("silu_mul_quant"))
+    qa, h = rms_norm_quant(x, w, 1e-6, res, layout="col")
+    sq = silu_mul_quant(gu, layout="col")
+    assert calls == []
+    assert torch.equal(_bytes(qa.values), _bytes(want_rms[0])) and torch.equal(qa.scales, want_rms[1])
+    assert torch.equal(h, want_rms[2]) and torch.equal(_bytes(sq.values), _bytes(want_silu[0]))
+    assert torch.equal(sq.scales, want_silu[1])
+    class Passthrough(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        rms_norm_quant(x, w, 1e-6, layout="col")
+        silu_mul_quant(gu, layout="col")
+    assert calls == ["rms_norm_quant", "silu_mul_quant"]
+    rms_norm_quant(x, nn.Parameter(w.clone()), 1e-6)  # an RMSNorm weight that trains
+    with torch.no_grad():
+        rms_norm_quant(x, nn.Parameter(w.clone()), 1e-6)
+    assert calls == ["rms_norm_quant", "silu_mul_quant", "rms_norm_quant"]
+
+
 # ------------------------------------------------------------------------- QuantizedActivation in a linear
 
 

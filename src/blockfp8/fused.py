@@ -13,8 +13,11 @@ bit-identical to ``quantize_activation`` of the unfused op's output, where the u
 ``quant.rms_norm`` and ``quant.silu_mul`` (re-exported here; see quant.py for their numerics).
 
 Each is a ``torch.library`` custom op (``blockfp8::rms_norm_quant``, ``blockfp8::silu_mul_quant``) with a fake
-implementation, so ``torch.compile(fullgraph=True)`` and CUDA graphs take it. Inside: the Triton kernel
-(backends/triton/producers.py) on CUDA, and on CPU under ``TRITON_INTERPRET=1``; torch elsewhere.
+implementation, so ``torch.compile(fullgraph=True)`` and CUDA graphs take it. An eager call with nothing to
+trace and no gradient to track runs the op's implementation directly, as ``blockfp8.linear`` runs its plan
+(``ops.runs_eagerly``): the op's dispatch costs host time per call (29 us on a 2-core CPU, docs/fused.md).
+Inside: the Triton kernel (backends/triton/producers.py) on CUDA, and on CPU under ``TRITON_INTERPRET=1``; torch
+elsewhere.
 
 Scale layout: the producer writes the layout its consumers read best (``scale_layout_for``). Every backend
 accepts both layouts, so a producer feeding several linears can never pick a wrong one, only a slower one.
@@ -30,6 +33,7 @@ import torch
 from .backends import Problem, get_backend
 from .dispatch import choose
 from .format import BLOCK, FP8_DTYPE, SCALE_LAYOUTS, cdiv, empty_scales
+from .ops import runs_eagerly
 from .quant import QuantizedActivation, quantize_activation, rms_norm, silu_mul
 from .validate import require_dtype, require_tensor
 
@@ -77,9 +81,15 @@ def _empty_outputs(x2: torch.Tensor, k: int, layout: str) -> tuple[torch.Tensor,
             empty_scales(m, cdiv(k, BLOCK), layout, x2.device))
 
 
-@torch.library.custom_op("blockfp8::rms_norm_quant", mutates_args=())
-def _rms_norm_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
-                       layout: str, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _direct(*tensors: torch.Tensor | None) -> bool:
+    """Whether this call may skip its op: an eager call (``runs_eagerly``) with no input autograd would track."""
+    if not runs_eagerly(*tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+
+def _rms_norm_quant_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                         layout: str, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     # Without a residual the third output is an empty placeholder (an op returns a fixed number of tensors).
     if _use_triton(x):
         from .backends.triton.producers import rms_norm_quant_triton
@@ -92,20 +102,25 @@ def _rms_norm_quant_op(x: torch.Tensor, weight: torch.Tensor, eps: float, residu
     return q, _in_layout(s, layout), h
 
 
+_rms_norm_quant_op = torch.library.custom_op("blockfp8::rms_norm_quant", mutates_args=())(_rms_norm_quant_impl)
+
+
 @_rms_norm_quant_op.register_fake
 def _rms_norm_quant_fake(x, weight, eps, residual, layout, ue8m0):
     q, s = _empty_outputs(x, x.shape[1], layout)
     return q, s, x.new_empty(0) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("blockfp8::silu_mul_quant", mutates_args=())
-def _silu_mul_quant_op(gate_up: torch.Tensor, layout: str, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _silu_mul_quant_impl(gate_up: torch.Tensor, layout: str, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
     if _use_triton(gate_up):
         from .backends.triton.producers import silu_mul_quant_triton
 
         return silu_mul_quant_triton(gate_up, layout, ue8m0)
     q, s = quantize_activation(silu_mul(gate_up), ue8m0=ue8m0)
     return q, _in_layout(s, layout)
+
+
+_silu_mul_quant_op = torch.library.custom_op("blockfp8::silu_mul_quant", mutates_args=())(_silu_mul_quant_impl)
 
 
 @_silu_mul_quant_op.register_fake
@@ -169,7 +184,8 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     _check_layout(layout, ue8m0)
     lead = tuple(x.shape[:-1])
     res2 = None if residual is None else residual.reshape(-1, k)
-    q, s, h = _rms_norm_quant_op(x.reshape(-1, k), weight, float(eps), res2, layout, ue8m0)
+    op = _rms_norm_quant_impl if _direct(x, weight, residual) else _rms_norm_quant_op
+    q, s, h = op(x.reshape(-1, k), weight, float(eps), res2, layout, ue8m0)
     qa = _packed(q, s, lead, x.dtype, layout)
     return qa if residual is None else (qa, h.view(x.shape))
 
@@ -188,5 +204,6 @@ def silu_mul_quant(gate_up: torch.Tensor, *, layout: str | None = None, ue8m0: b
     layout = default_layout(gate_up) if layout is None else layout
     _check_layout(layout, ue8m0)
     two_k = gate_up.shape[-1]
-    q, s = _silu_mul_quant_op(gate_up.reshape(-1, two_k), layout, ue8m0)
+    op = _silu_mul_quant_impl if _direct(gate_up) else _silu_mul_quant_op
+    q, s = op(gate_up.reshape(-1, two_k), layout, ue8m0)
     return _packed(q, s, tuple(gate_up.shape[:-1]), gate_up.dtype, layout)
