@@ -132,3 +132,35 @@ def test_a_hub_kernel_that_cannot_load_is_unavailable_in_one_line():
         assert bench_hf.failure_status(e) == Status.CRASHED
         cut = bench_hf.short_error(e)
     assert cut.endswith(" ...") and len(cut) < 180 and cut[:-4] in "ValueError: " + message
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in model: logits of zeros, and a generate() that notes who ran when."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, ids):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.ones(*ids.shape, 8))
+
+    def generate(self, ids, attention_mask=None, max_new_tokens=1, **kwargs):
+        self.log.append(self.name)
+        return torch.zeros(ids.shape[0], ids.shape[1] + max_new_tokens, dtype=torch.long)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_eager_variants_are_timed_in_turn_and_compiled_ones_one_after_another(mode):
+    log: list[str] = []
+    models = {"bf16": _Recorder("bf16", log), "blockfp8": _Recorder("blockfp8", log)}
+    settings = bench_hf.Settings([1], 4, 2, 3, [mode], torch.device("cpu"))
+    rows = bench_hf.run_benchmark(models, 16, settings, log=lambda line: None)
+    setup = 1 if mode == "eager" else 3  # untimed calls per variant: the first, and compiled's recording calls
+    if mode == "eager":
+        want = ["bf16"] * setup + ["blockfp8"] * setup + ["bf16", "blockfp8"] * 3
+    else:
+        want = ["bf16"] * (setup + 3) + ["blockfp8"] * (setup + 3)
+    assert log == want
+    assert [r.status for r in rows] == [Status.OK, Status.OK] and all(r.tokens_per_s for r in rows)

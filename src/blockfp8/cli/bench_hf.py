@@ -11,7 +11,8 @@ Modes: ``eager`` (the default dynamic KV cache, no compilation) and, on CUDA, ``
 static KV cache, with which ``generate`` compiles the decode step with ``torch.compile``, mode
 "reduce-overhead"). Each cell generates ``--new-tokens`` tokens after a ``--prompt-len`` prompt at each batch
 size; tokens/s is batch x new tokens over the median wall time of a ``generate`` call (prefill included). The
-first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds.
+first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds. Eager
+variants are timed in turn, one call each per repeat, so drift of the host's speed weighs on all alike.
 
 Fidelity, on one forward pass of the prompts per FP8 variant and batch:
 
@@ -260,26 +261,34 @@ def format_logits(blockfp8_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def time_generate(model: nn.Module, ids: torch.Tensor, mode: str, s: Settings) -> tuple[float, float]:
-    """(setup seconds, median seconds per generate call) of one cell."""
+def setup_generate(model: nn.Module, ids: torch.Tensor, mode: str, s: Settings) -> tuple[float, Callable[[], float]]:
+    """(setup seconds, a function timing one generate call in seconds) of one cell: the untimed first calls
+    (kernel JIT, compilation, CUDA-graph recording) run here."""
     kwargs = generation_kwargs(mode, s.new_tokens)
+
+    def generate() -> torch.Tensor:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+
     t0 = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    out = generate()
     # reduce-overhead compilation records its CUDA graphs over the next calls: keep those untimed too.
     for _ in range(2 if mode == "compiled" else 0):
-        model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        generate()
     synchronize(s.device)
     setup = time.perf_counter() - t0
     if out.shape[1] != ids.shape[1] + s.new_tokens:
         raise RuntimeError(f"generate returned {out.shape[1] - ids.shape[1]} new tokens, expected {s.new_tokens}")
-    times = time_steps(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs), s.device,
-                       warmup=0, steps=s.repeats)
-    return setup, statistics.median(times)
+
+    def timed() -> float:
+        with torch.inference_mode():
+            return time_steps(generate, s.device, warmup=0, steps=1)[0]
+
+    return setup, timed
 
 
-def measure_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, torch.Tensor | None],
-                 ids: torch.Tensor, cosines: dict[str, tuple[float, float, float | None]], s: Settings) -> None:
-    """Fill ``row`` with the logits cosines (once per variant and batch) and the generate() speed.
+def prepare_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, torch.Tensor | None],
+                 ids: torch.Tensor, cosines: dict[str, tuple], s: Settings) -> Callable[[], float]:
+    """Fill ``row``'s fidelity (once per variant and batch) and setup time; return its timed generate call.
     ``references``: the bf16 model's logits and the format reference's (None without an FP8 variant)."""
     if row.variant != BF16 and row.variant not in cosines:
         got, worst = forward_checked(model, ids)
@@ -287,18 +296,60 @@ def measure_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, tor
         cosines[row.variant] = (*cosine(got, bf16), None if fmt is None else cosine(got, fmt)[0], worst)
     row.logits_cos_min, row.logits_cos_mean, row.format_cos_min, row.layer_error = cosines.get(
         row.variant, (None, None, None, None))
-    row.setup_s, seconds = time_generate(model, ids, row.mode, s)
+    row.setup_s, timed = setup_generate(model, ids, row.mode, s)
+    return timed
+
+
+def finish_cell(row: Row, times: list[float], s: Settings) -> None:
+    """Speed from the timed calls, and the verdict."""
+    seconds = statistics.median(times)
     row.tokens_per_s = row.batch * s.new_tokens / seconds
     row.ms_per_token = seconds / s.new_tokens * 1e3
     if row.layer_error is not None and not row.layer_error <= TOLERANCE:
         row.status = Status.WRONG
 
 
+def measure_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, torch.Tensor | None],
+                 ids: torch.Tensor, cosines: dict[str, tuple], s: Settings) -> None:
+    """One cell on its own: fidelity, setup and ``s.repeats`` timed calls."""
+    timed = prepare_cell(row, model, references, ids, cosines, s)
+    finish_cell(row, [timed() for _ in range(s.repeats)], s)
+
+
+class _Cells:
+    """One (batch, mode) group of rows: each variant's timed call, its times so far, and failures recorded in
+    its row (``unavailable`` collects the variants missing something, for later groups)."""
+
+    def __init__(self, rows: list[Row], unavailable: dict[str, str]) -> None:
+        self.rows, self.unavailable = rows, unavailable
+        self.timers: dict[int, Callable[[], float]] = {}
+        self.times: dict[int, list[float]] = {}
+
+    def fail(self, i: int, e: Exception) -> None:
+        row = self.rows[i]
+        row.status, row.note = failure_status(e), failure_note(e)
+        row.tokens_per_s = row.ms_per_token = None
+        if row.status == Status.UNAVAILABLE:
+            self.unavailable[row.variant] = row.note
+        self.timers.pop(i, None)
+
+    def time_once(self, i: int) -> None:
+        try:
+            self.times.setdefault(i, []).append(self.timers[i]())
+        except Exception as e:  # noqa: BLE001 - one failing cell must not stop the rest
+            self.fail(i, e)
+
+
 def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: Settings,
                   log: Callable[[str], None], bounds: dict[int, tuple[float, float]] | None = None) -> list[Row]:
     """Every (batch, mode, variant) cell; ``models`` maps a variant to its model or to why it could not be built.
     ``bounds`` (filled per batch): the format reference's logits cosine (min, mean) against bf16 -- what block
-    FP8 itself costs on this model."""
+    FP8 itself costs on this model.
+
+    Eager cells of one batch are timed interleaved: each repeat times one generate call of every variant in
+    turn, so a host that speeds up or slows down over the run (measured on an H100 host: a second bf16 run 22%
+    slower than the first, with blockfp8 between them) weighs on every variant alike. Compiled cells are timed
+    one variant after the other (alternating between compiled models' CUDA-graph trees is not tested)."""
     rows: list[Row] = []
     bf16 = models[BF16]
     fp8 = models.get(BLOCKFP8)
@@ -311,24 +362,32 @@ def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: S
         fmt = format_logits(fp8, ids) if isinstance(fp8, nn.Module) else None
         if fmt is not None and bounds is not None:
             bounds[batch] = cosine(fmt, reference)
-        cosines: dict[str, tuple[float, float, float | None, float | None]] = {}
+        cosines: dict[str, tuple] = {}
         for mode in s.modes:
-            base: Row | None = None
-            for variant, model in models.items():
-                row = Row(variant, mode, batch)
+            cells = _Cells([Row(variant, mode, batch) for variant in models], unavailable)
+            for i, (row, model) in enumerate(zip(cells.rows, models.values(), strict=True)):
+                if row.variant in unavailable:
+                    row.status, row.note = Status.UNAVAILABLE, unavailable[row.variant]
+                    continue
                 try:
-                    if variant in unavailable:
-                        row.status, row.note = Status.UNAVAILABLE, unavailable[variant]
-                    elif isinstance(model, BaseException):
+                    if isinstance(model, BaseException):
                         raise model
-                    else:
-                        measure_cell(row, model, (reference, fmt), ids, cosines, s)
+                    cells.timers[i] = prepare_cell(row, model, (reference, fmt), ids, cosines, s)
                 except Exception as e:  # noqa: BLE001 - one failing cell must not stop the rest
-                    row.status, row.note = failure_status(e), failure_note(e)
-                    if row.status == Status.UNAVAILABLE:
-                        unavailable[variant] = row.note
-                if variant == BF16:
-                    base = row
+                    cells.fail(i, e)
+                    continue
+                if mode != "eager":  # compiled: this variant's repeats now, before the next one compiles
+                    for _ in range(s.repeats):
+                        if i in cells.timers:
+                            cells.time_once(i)
+            if mode == "eager":
+                for _ in range(s.repeats):
+                    for i in list(cells.timers):
+                        cells.time_once(i)
+            for i in cells.timers:
+                finish_cell(cells.rows[i], cells.times[i], s)
+            base = cells.rows[0] if cells.rows[0].variant == BF16 else None
+            for row in cells.rows:
                 if base is not None and base.tokens_per_s and row.tokens_per_s:
                     row.speedup = row.tokens_per_s / base.tokens_per_s
                 rows.append(row)
