@@ -1,0 +1,76 @@
+"""When backends/triton/launch.py relaunches a compiled kernel directly and when it takes Triton's own launch
+path: the fast relaunch only on Triton releases it was verified on (or when forced), never under the
+interpreter; otherwise every launch goes through ``kernel[grid](...)``. CPU: Triton and the kernel are stubs."""
+
+from __future__ import annotations
+
+import pytest
+
+from blockfp8.backends.triton import launch
+
+
+@pytest.mark.parametrize("version,setting,interpret,want", [
+    ("3.6.0", None, False, True),  # the verified release
+    ("3.6.1", None, False, True),
+    ("3.9.0", None, False, False),  # newer: Triton's own launch path until verified
+    ("3.5.1", None, False, False),
+    ("3.9.0", "1", False, True),  # forced on
+    ("3.6.0", "0", False, False),  # forced off
+    ("3.6.0", "1", True, False),  # never in the interpreter
+])
+def test_fast_relaunch_only_where_verified(monkeypatch, version, setting, interpret, want):
+    monkeypatch.setattr(launch.triton, "__version__", version)
+    monkeypatch.setattr(launch, "INTERPRET", interpret)
+    if setting is None:
+        monkeypatch.delenv(launch.ENV_FAST_LAUNCH, raising=False)
+    else:
+        monkeypatch.setenv(launch.ENV_FAST_LAUNCH, setting)
+    assert launch._fast_launch_enabled() is want
+    assert launch.VERIFIED_TRITON == ((3, 6),)
+
+
+class _Kernel:
+    def __init__(self, log):
+        self.log, self.function, self.packed_metadata = log, "f", "meta"
+
+    def run(self, *args):
+        self.log.append(("direct", args[9:]))
+
+
+class _Jit:
+    """Stands in for a @triton.jit function: ``fn[grid](*args, **constexprs)`` launches and returns the
+    compiled kernel, as Triton's own path does."""
+
+    arg_names = ["a", "b", "C"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch_(*args, **kwargs):
+            self.log.append(("triton", args))
+            return _Kernel(self.log)
+        return launch_
+
+
+class _Arg:
+    class device:  # noqa: N801 - mimics tensor.device
+        index = 0
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_launches_take_triton_s_path_unless_fast(monkeypatch, fast):
+    monkeypatch.setattr(launch, "FAST_LAUNCH", fast)
+    monkeypatch.setattr(launch, "current_raw_stream", lambda index: 0)
+    jit = _Jit()
+    kernel = launch.FastLaunch(jit)
+    args = (_Arg(), 7)
+    for _ in range(3):
+        kernel("key", (1,), args, {"C": 4})
+    kinds = [kind for kind, _ in jit.log]
+    # The first launch of a key always takes Triton's path (it compiles); later ones relaunch directly when fast.
+    assert kinds == (["triton", "direct", "direct"] if fast else ["triton"] * 3)
+    if fast:
+        assert jit.log[1][1] == (*args, 4)  # the constexpr passed positionally, after the runtime arguments
+    else:
+        assert kernel._compiled == {}
