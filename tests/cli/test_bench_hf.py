@@ -108,7 +108,8 @@ def test_a_layer_off_the_reference_makes_the_variant_wrong():
     row = bench_hf.Row("blockfp8", "eager", 1)
     settings = bench_hf.Settings([1], 8, 1, 1, ["eager"], torch.device("cpu"))
     model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, a, out: out * 1.02)
-    bench_hf.measure_cell(row, model, (model(ids).logits.float(), None), ids, {}, settings)
+    timed = bench_hf.prepare_cell(row, model, (model(ids).logits.float(), None), ids, {}, settings)
+    bench_hf.finish_cell(row, [timed()], settings)
     assert row.status == Status.WRONG and row.layer_error > 5e-3
 
 

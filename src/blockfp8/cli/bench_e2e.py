@@ -51,6 +51,7 @@ from .common import (
     positive_int,
     positive_ints,
     resolve_device,
+    short_error,
     stdout_console,
     write_text,
 )
@@ -100,11 +101,6 @@ def unsupported_reason(backend: str, shapes: list[tuple[int, int]], batches: lis
             if not verdict:
                 return f"M={m} N={n} K={k}: {verdict.reason}"
     return ""
-
-
-def _short_error(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first[:160]}"
 
 
 # ------------------------------------------------------------------------------------------- benchmark
@@ -178,7 +174,7 @@ def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[
                             synchronize(s.device)
                             compile_s[f"{key} model, M={m}"] = time.perf_counter() - t0
                         except Exception as e:  # noqa: BLE001 - reported in the table, never fatal
-                            compile_error[key] = _short_error(e)
+                            compile_error[key] = short_error(e)
                 for label, backend in variants:
                     key = label if label in (BF16, FUSED) else "fp8"
                     model = compiled.get(key) if mode == "compiled" else models[key]
@@ -193,7 +189,7 @@ def run_benchmark(bf16_model: Decoder, fp8_model: Decoder, variants: list[tuple[
                             row.rel_err = rel_error(out.float(), reference_out)
                             row.weight_gbps = bytes_of[key] / median / 1e9
                         except Exception as e:  # noqa: BLE001 - one failing variant must not stop the rest
-                            row.note = _short_error(e)
+                            row.note = short_error(e)
                     if label == BF16:
                         baseline[mode] = row
                     base = baseline.get(mode)

@@ -60,7 +60,7 @@ from ..reference import TOLERANCE, reference_gemm, rel_error
 from ..testing import Status
 from ..testing.environment import dist_version, environment, environment_line
 from ..testing.timing import synchronize, time_steps
-from .common import announce, parse_names, positive_ints
+from .common import announce, parse_names, positive_ints, short_error
 
 BF16, HF_FP8, BLOCKFP8 = "bf16", "transformers-fp8", "blockfp8"
 VARIANTS = (BF16, HF_FP8, BLOCKFP8)
@@ -160,14 +160,6 @@ class Settings:
     repeats: int
     modes: list[str]
     device: torch.device
-
-
-def short_error(e: BaseException, limit: int = 160) -> str:
-    """``Type: first line``, cut at a word boundary with "..." past ``limit`` characters."""
-    first = (str(e).strip().splitlines() or [""])[0]
-    if len(first) > limit:
-        first = first[:limit].rsplit(" ", 1)[0] + " ..."
-    return f"{type(e).__name__}: {first}"
 
 
 def _from_hub_kernels(e: BaseException) -> bool:
@@ -307,13 +299,6 @@ def finish_cell(row: Row, times: list[float], s: Settings) -> None:
     row.ms_per_token = seconds / s.new_tokens * 1e3
     if row.layer_error is not None and not row.layer_error <= TOLERANCE:
         row.status = Status.WRONG
-
-
-def measure_cell(row: Row, model: nn.Module, references: tuple[torch.Tensor, torch.Tensor | None],
-                 ids: torch.Tensor, cosines: dict[str, tuple], s: Settings) -> None:
-    """One cell on its own: fidelity, setup and ``s.repeats`` timed calls."""
-    timed = prepare_cell(row, model, references, ids, cosines, s)
-    finish_cell(row, [timed() for _ in range(s.repeats)], s)
 
 
 class _Cells:

@@ -150,6 +150,15 @@ def stdout_console(width: int = 160) -> Console:
     return console if console.is_terminal else Console(width=width)
 
 
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """``Type: first line`` of an error for a table cell, cut at a word boundary with "..." past ``limit``
+    characters."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if len(first) > limit:
+        first = first[:limit].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {first}"
+
+
 def announce(what: str, full: str | None = None) -> None:
     """Say on stderr, before the work starts, what the command is about to do and (for the CPU-sized defaults)
     how to run the full version: a user on a slow machine knows at once what to expect."""
