@@ -110,3 +110,20 @@ def test_heuristic_and_candidates_are_valid(m, n, k):
     for cfg in [heuristic_config(m, n, k), *candidate_configs(m, n, k)]:
         assert 1 <= cfg.split_k <= groups
         assert cfg.block_m >= 16 and cfg.block_n >= 16
+
+
+def test_per_call_descriptor_equals_triton_s_own():
+    """A plan copies a validated descriptor template per call instead of building one (host time): the copy must
+    hold exactly what ``TensorDescriptor.from_tensor`` would, field for field, on this Triton's dataclass."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from blockfp8.backends.triton.gemm import _descriptor_of, _descriptor_template
+
+    t = torch.zeros(64, 512, dtype=torch.float8_e4m3fn)
+    template = _descriptor_template(t, [16, 128])
+    assert template.base is None  # a plan keeps no tensor alive
+    other = torch.zeros(3, 256, dtype=torch.float8_e4m3fn)
+    got = _descriptor_of(template, other, other.shape, other.stride())
+    want = TensorDescriptor.from_tensor(other, [16, 128])
+    assert type(got) is TensorDescriptor and got.base is other
+    assert {k: v for k, v in vars(got).items() if k != "base"} == {k: v for k, v in vars(want).items() if k != "base"}

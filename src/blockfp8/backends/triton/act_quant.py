@@ -118,9 +118,14 @@ def quantize_activation_fused(
     if g & (g - 1):
         raise ValueError(f"the fused quantizer needs a power-of-two group_size, got {g}")
     *lead, k = x.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
+    x2 = x if not lead or len(lead) == 1 else x.reshape(-1, k)
+    if x2.dim() == 1:
+        x2 = x2.reshape(1, k)
+    # Each stride() or data_ptr() call costs a fraction of a microsecond: read once (eager calls pay this).
+    xs0, xs1 = x2.stride()
+    if xs1 != 1:
         x2 = x2.contiguous()
+        xs0 = x2.stride(0)
     m = x2.shape[0]
     kb = cdiv(k, g)
     if layout == "col" and lead and len(lead) != 1:
@@ -132,13 +137,13 @@ def quantize_activation_fused(
     s = empty_scales(out_rows, kb, layout, x.device)
     zeroing = zero is not None and zero_count > 0
     if m > 0 and k > 0:
-        per_prog = min(8, triton.next_power_of_2(kb))
+        per_prog = min(8, 1 << (kb - 1).bit_length())  # the next power of two of kb, at most 8
+        ss0, ss1 = s.stride()
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
-        key = (m, out_rows, k, x2.dtype, x2.stride(0), x2.data_ptr() % 16 == 0, s.stride(0), s.stride(1), g,
-               ue8m0, zero_count if zeroing else 0)
+        key = (m, out_rows, k, x2.dtype, xs0, x2.data_ptr() % 16 == 0, ss0, ss1, g, ue8m0,
+               zero_count if zeroing else 0)
         _ACT_QUANT(key, (out_rows, cdiv(kb, per_prog)),
-                   (x2, q, s, zero if zeroing else q, m, k, zero_count, x2.stride(0), q.stride(0), s.stride(0),
-                    s.stride(1)),
+                   (x2, q, s, zero if zeroing else q, m, k, zero_count, xs0, k, ss0, ss1),
                    dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
                         ZERO=zeroing),
                    num_warps=4)

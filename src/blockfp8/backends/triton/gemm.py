@@ -204,6 +204,24 @@ def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
     """Whether both operands can be read through tensor descriptors (``_tma_ok`` for each)."""
     return _tma_ok(x_fp8) and _tma_ok(w_fp8)
 
+def _descriptor_template(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """A tensor descriptor of ``t``'s layout with ``block`` tiles, validated once and holding no tensor: a call
+    copies it with ``_descriptor_of`` (a plan keeps no tensor alive, see ``GemmPlan``)."""
+    desc = TensorDescriptor.from_tensor(t, block)
+    desc.base = None
+    return desc
+
+
+def _descriptor_of(template: TensorDescriptor, t: torch.Tensor, shape: tuple, strides: tuple) -> TensorDescriptor:
+    """``template`` for tensor ``t`` of ``shape`` and ``strides``, without the dataclass's validation (3 us of
+    host time per descriptor): the caller has checked what it checks (16-byte aligned base and rows, unit last
+    stride, positive sizes). Every other field is the template's, whatever this Triton's descriptor has."""
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(template.__dict__)
+    desc.base, desc.shape, desc.strides = t, shape, strides
+    return desc
+
+
 _GEMM = FastLaunch(_fp8_block_gemm_kernel)
 
 
@@ -241,6 +259,12 @@ class TritonGemmPlan(GemmPlan):
         # What tells this plan's kernels apart from other layers' (the launch cache is shared by every layer).
         self.static_key = (n, k, out_dtype, _alignment(bias), _alignment(w_fp8), _alignment(weight_scale_inv),
                            tuple(self.constexprs.values()), cfg)
+        self._plain_constexprs = {**self.constexprs, "USE_TMA": False, "PAIR_K": False}
+        self._tma_constexprs = {**self.constexprs, "USE_TMA": True,
+                                "PAIR_K": cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0}
+        # Descriptor templates (layouts only, no tensor), made on the first TMA call.
+        self._w_desc: TensorDescriptor | None = None
+        self._x_desc: TensorDescriptor | None = None
 
     def workspace(self, device: torch.device) -> torch.Tensor | None:
         return torch.empty(self.workspace_numel, dtype=torch.int32, device=device) if self.counters else None
@@ -248,8 +272,12 @@ class TritonGemmPlan(GemmPlan):
     def __call__(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor,
                  weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  work: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        if x_fp8.stride(1) != 1:
+        # Every eager call that does not replay a graph pays this host time: each stride() or data_ptr() call
+        # costs a fraction of a microsecond, so each is read once.
+        xs0, xs1 = x_fp8.stride()
+        if xs1 != 1:
             x_fp8 = x_fp8.contiguous()
+            xs0, xs1 = x_fp8.stride()
         if not self.w_contiguous:
             w_fp8 = w_fp8.contiguous()
         m, n, cfg = self.m, self.n, self.cfg
@@ -258,20 +286,31 @@ class TritonGemmPlan(GemmPlan):
         if self.counters and work is None:
             work = self.workspace(x_fp8.device)
             work[:self.counters].zero_()
-        use_tma = self.w_tma and _tma_ok(x_fp8) and (self.w_contiguous or _tma_ok(w_fp8))
-        a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128]) if use_tma else None
-        w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128]) if use_tma else None
+        ss0, ss1 = x_scale.stride()
+        x_aligned = x_fp8.data_ptr() % 16 == 0
+        # TMA: the weight's side was decided with the plan (same device as x: the input checks saw to that).
+        use_tma = self.w_tma and x_aligned and xs0 % 16 == 0 and (self.w_contiguous or _tma_ok(w_fp8))
+        if use_tma:
+            if self.w_contiguous:
+                if self._w_desc is None:
+                    self._w_desc = _descriptor_template(w_fp8, [cfg.block_n, 128])
+                w_desc = _descriptor_of(self._w_desc, w_fp8, w_fp8.shape, w_fp8.stride())
+            else:
+                w_desc = TensorDescriptor.from_tensor(w_fp8, [cfg.block_n, 128])
+            if self._x_desc is None:
+                self._x_desc = _descriptor_template(x_fp8, [cfg.block_m, 128])
+            a_desc = _descriptor_of(self._x_desc, x_fp8, x_fp8.shape, (xs0, xs1))
+        else:
+            a_desc = w_desc = None
         # What can change a launch's specialization from call to call: M is the plan's, so the activation's
         # layout and alignment (a caller of gemm() may pass any strides) and whether TMA runs.
-        key = (self.static_key, m, x_fp8.stride(0), x_scale.stride(0), x_scale.stride(1),
-               x_fp8.data_ptr() % 16 == 0, x_scale.data_ptr() % 16 == 0, use_tma)
+        key = (self.static_key, m, xs0, ss0, ss1, x_aligned, x_scale.data_ptr() % 16 == 0, use_tma)
+        ws0, ws1 = weight_scale_inv.stride()
         args = (x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out,
-                work if work is not None else out, a_desc, w_desc, m, n, self.k, x_fp8.stride(0), x_scale.stride(0),
-                x_scale.stride(1), w_fp8.stride(0), weight_scale_inv.stride(0), weight_scale_inv.stride(1),
-                out.stride(0))
-        constexprs = {**self.constexprs, "USE_TMA": use_tma,
-                      "PAIR_K": use_tma and cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0}
-        _GEMM(key, self.grid, args, constexprs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                work if work is not None else out, a_desc, w_desc, m, n, self.k, xs0, ss0, ss1, w_fp8.stride(0),
+                ws0, ws1, out.stride(0))
+        _GEMM(key, self.grid, args, self._tma_constexprs if use_tma else self._plain_constexprs,
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return out
 
 
