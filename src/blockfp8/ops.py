@@ -63,6 +63,20 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_FUSED_QUANTIZER: list[Callable] = []
+
+
+def _fused_quantizer() -> Callable:
+    """The Triton activation quantizer, imported on first use like every kernel module (Triton reads
+    TRITON_INTERPRET when a kernel is defined, and the command line sets it after `import blockfp8` on machines
+    without a GPU), then kept: an import statement per call costs a microsecond."""
+    if not _FUSED_QUANTIZER:
+        from .backends.triton.act_quant import quantize_activation_fused
+
+        _FUSED_QUANTIZER.append(quantize_activation_fused)
+    return _FUSED_QUANTIZER[0]
+
+
 def quantize_for(be: Backend, x: torch.Tensor, zero: torch.Tensor | None = None,
                  zero_count: int = 0, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize 2-D float ``x`` per 1x128 group straight into the scale layout ``be`` reads: the Triton
@@ -71,11 +85,7 @@ def quantize_for(be: Backend, x: torch.Tensor, zero: torch.Tensor | None = None,
     the row count the GEMM wants (``GemmPlan.rows``); the Triton quantizer pads to it, the torch one does not
     (the GEMM pads what it gets)."""
     if x.is_cuda or (be.name == "triton" and _triton_runs_on(x)):
-        # Imported on first use, like every kernel module: Triton reads TRITON_INTERPRET when a kernel is
-        # defined, and the command line sets it (on machines without a GPU) after `import blockfp8`.
-        from .backends.triton.act_quant import quantize_activation_fused
-
-        return quantize_activation_fused(x, layout=be.scale_layout, zero=zero, zero_count=zero_count, rows=rows)
+        return _fused_quantizer()(x, layout=be.scale_layout, zero=zero, zero_count=zero_count, rows=rows)
     if zero is not None and zero_count:
         zero[:zero_count].zero_()
     return quantize_activation(x)
