@@ -11,8 +11,8 @@ Modes: ``eager`` (the default dynamic KV cache, no compilation) and, on CUDA, ``
 static KV cache, with which ``generate`` compiles the decode step with ``torch.compile``, mode
 "reduce-overhead"). Each cell generates ``--new-tokens`` tokens after a ``--prompt-len`` prompt at each batch
 size; tokens/s is batch x new tokens over the median wall time of a ``generate`` call (prefill included). The
-first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds. Eager
-variants are timed in turn, one call each per repeat, so drift of the host's speed weighs on all alike.
+first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds. The
+variants of a cell are timed in turn, one call each per repeat, so drift of the host's speed weighs on all alike.
 
 Fidelity, on one forward pass of the prompts per FP8 variant and batch:
 
@@ -334,10 +334,11 @@ def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: S
     ``bounds`` (filled per batch): the format reference's logits cosine (min, mean) against bf16 -- what block
     FP8 itself costs on this model.
 
-    Eager cells of one batch are timed interleaved: each repeat times one generate call of every variant in
-    turn, so a host that speeds up or slows down over the run (measured on an H100 host: a second bf16 run 22%
-    slower than the first, with blockfp8 between them) weighs on every variant alike. Compiled cells are timed
-    one variant after the other (alternating between compiled models' CUDA-graph trees is not tested)."""
+    The cells of one (batch, mode) are timed interleaved: each repeat times one generate call of every variant
+    in turn, so a host that speeds up or slows down over the run (measured on an H100 host: a second bf16 run 22%
+    slower than the first, with blockfp8 between them) weighs on every variant alike. Compiled models alternate
+    between their CUDA-graph trees as well (an H100 run of five such rounds at 16 layers: no re-recording, and
+    one-after-the-other timing had put blockfp8 at 1.05x bf16 where interleaved rounds measured 1.2x)."""
     rows: list[Row] = []
     bf16 = models[BF16]
     fp8 = models.get(BLOCKFP8)
@@ -363,15 +364,9 @@ def run_benchmark(models: dict[str, nn.Module | BaseException], vocab: int, s: S
                     cells.timers[i] = prepare_cell(row, model, (reference, fmt), ids, cosines, s)
                 except Exception as e:  # noqa: BLE001 - one failing cell must not stop the rest
                     cells.fail(i, e)
-                    continue
-                if mode != "eager":  # compiled: this variant's repeats now, before the next one compiles
-                    for _ in range(s.repeats):
-                        if i in cells.timers:
-                            cells.time_once(i)
-            if mode == "eager":
-                for _ in range(s.repeats):
-                    for i in list(cells.timers):
-                        cells.time_once(i)
+            for _ in range(s.repeats):
+                for i in list(cells.timers):
+                    cells.time_once(i)
             for i in cells.timers:
                 finish_cell(cells.rows[i], cells.times[i], s)
             base = cells.rows[0] if cells.rows[0].variant == BF16 else None
