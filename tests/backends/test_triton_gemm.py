@@ -127,3 +127,22 @@ def test_per_call_descriptor_equals_triton_s_own():
     want = TensorDescriptor.from_tensor(other, [16, 128])
     assert type(got) is TensorDescriptor and got.base is other
     assert {k: v for k, v in vars(got).items() if k != "base"} == {k: v for k, v in vars(want).items() if k != "base"}
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_one_plan_serves_activations_of_any_layout(tma):
+    """A plan's descriptor templates are made on its first call: later calls with another row stride or a base
+    that rules TMA out (the plan then reads through pointers) must still be exact."""
+    from blockfp8.backends.triton.gemm import TritonGemmPlan
+
+    m, n, k = 5, 256, 512
+    xq, xs, wq, ws = _operands(m, n, k, spread=2.0)
+    want = reference_gemm(xq, xs, wq, ws, None, torch.bfloat16)
+    cfg = next(c for c in candidate_configs(m, n, k) if c.tma == tma)
+    plan = TritonGemmPlan(wq, ws, None, torch.bfloat16, m, cfg)
+    wide = torch.zeros(m, 2 * k, dtype=xq.dtype, device=DEVICE)
+    wide[:, 16:16 + k] = xq  # rows 2K bytes apart, base 16-byte aligned
+    odd = torch.zeros(m, 2 * k + 3, dtype=xq.dtype, device=DEVICE)
+    odd[:, 3:3 + k] = xq  # base and rows off 16-byte alignment: no TMA
+    for x in (xq, wide[:, 16:16 + k], odd[:, 3:3 + k], xq):
+        assert rel_error(plan(x, xs, wq, ws, None), want) <= tolerance_for(want)
