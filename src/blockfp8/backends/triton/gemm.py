@@ -204,6 +204,7 @@ def tma_ok(x_fp8: torch.Tensor, w_fp8: torch.Tensor) -> bool:
     """Whether both operands can be read through tensor descriptors (``_tma_ok`` for each)."""
     return _tma_ok(x_fp8) and _tma_ok(w_fp8)
 
+
 def _descriptor_template(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
     """A tensor descriptor of ``t``'s layout with ``block`` tiles, validated once and holding no tensor: a call
     copies it with ``_descriptor_of`` (a plan keeps no tensor alive, see ``GemmPlan``)."""
