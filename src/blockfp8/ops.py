@@ -35,6 +35,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import cache
 
 import torch
 from torch import nn
@@ -63,18 +64,14 @@ def _triton_runs_on(x: torch.Tensor) -> bool:
     return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_FUSED_QUANTIZER: list[Callable] = []
-
-
+@cache
 def _fused_quantizer() -> Callable:
     """The Triton activation quantizer, imported on first use like every kernel module (Triton reads
     TRITON_INTERPRET when a kernel is defined, and the command line sets it after `import blockfp8` on machines
     without a GPU), then kept: an import statement per call costs a microsecond."""
-    if not _FUSED_QUANTIZER:
-        from .backends.triton.act_quant import quantize_activation_fused
+    from .backends.triton.act_quant import quantize_activation_fused
 
-        _FUSED_QUANTIZER.append(quantize_activation_fused)
-    return _FUSED_QUANTIZER[0]
+    return quantize_activation_fused
 
 
 def quantize_for(be: Backend, x: torch.Tensor, zero: torch.Tensor | None = None,

@@ -118,9 +118,7 @@ def quantize_activation_fused(
     if g & (g - 1):
         raise ValueError(f"the fused quantizer needs a power-of-two group_size, got {g}")
     *lead, k = x.shape
-    x2 = x if not lead or len(lead) == 1 else x.reshape(-1, k)
-    if x2.dim() == 1:
-        x2 = x2.reshape(1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     # Each stride() or data_ptr() call costs a fraction of a microsecond: read once (eager calls pay this).
     xs0, xs1 = x2.stride()
     if xs1 != 1:

@@ -190,10 +190,15 @@ def _fp8_block_gemm_kernel(
         _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS, SWAP_AB, ROUND_BF16)
 
 
+def _tma_layout_ok(stride0: int, stride1: int, ptr: int, itemsize: int) -> bool:
+    """The layout a tensor descriptor needs of a 2-D operand: unit last stride, 16-byte aligned rows and base."""
+    return stride1 == 1 and (stride0 * itemsize) % 16 == 0 and ptr % 16 == 0
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     """Whether an fp8 operand can be read through a tensor descriptor: rows 16-byte aligned (K % 16 == 0),
     a 16-byte aligned base, and a device with the copy engine (sm_90+; the interpreter emulates it)."""
-    if t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+    if not _tma_layout_ok(*t.stride(), t.data_ptr(), t.element_size()):
         return False
     if t.device.type == "cuda":
         return cuda_identity(t.device.index).arch >= (9, 0)
@@ -288,9 +293,9 @@ class TritonGemmPlan(GemmPlan):
             work = self.workspace(x_fp8.device)
             work[:self.counters].zero_()
         ss0, ss1 = x_scale.stride()
-        x_aligned = x_fp8.data_ptr() % 16 == 0
+        x_ptr = x_fp8.data_ptr()
         # TMA: the weight's side was decided with the plan (same device as x: the input checks saw to that).
-        use_tma = self.w_tma and x_aligned and xs0 % 16 == 0 and (self.w_contiguous or _tma_ok(w_fp8))
+        use_tma = self.w_tma and _tma_layout_ok(xs0, xs1, x_ptr, 1) and (self.w_contiguous or _tma_ok(w_fp8))
         if use_tma:
             if self.w_contiguous:
                 if self._w_desc is None:
@@ -305,7 +310,7 @@ class TritonGemmPlan(GemmPlan):
             a_desc = w_desc = None
         # What can change a launch's specialization from call to call: M is the plan's, so the activation's
         # layout and alignment (a caller of gemm() may pass any strides) and whether TMA runs.
-        key = (self.static_key, m, xs0, ss0, ss1, x_aligned, x_scale.data_ptr() % 16 == 0, use_tma)
+        key = (self.static_key, m, xs0, ss0, ss1, x_ptr % 16 == 0, x_scale.data_ptr() % 16 == 0, use_tma)
         ws0, ws1 = weight_scale_inv.stride()
         args = (x_fp8, x_scale, w_fp8, weight_scale_inv, out, bias if bias is not None else out,
                 work if work is not None else out, a_desc, w_desc, m, n, self.k, xs0, ss0, ss1, w_fp8.stride(0),
