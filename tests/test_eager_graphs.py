@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import blockfp8
-from blockfp8 import Fp8BlockLinear
+from blockfp8 import Fp8BlockLinear, graph_args
 from blockfp8.eager_graphs import EagerGraphs
 from blockfp8.ops import PLANS
 from blockfp8.testing.operands import random_activation, random_fp8_weight
@@ -40,11 +40,67 @@ def _graphs_on(monkeypatch):
     assert EagerGraphs.enabled, "a capture failed (see the RuntimeWarning): eager calls stopped replaying graphs"
 
 
-@pytest.mark.parametrize("backend", [None, *BACKENDS])
-def test_a_decode_loop_replays_in_place_with_the_bytes_of_a_direct_launch(backend):
+@pytest.fixture
+def no_rebinding(monkeypatch):
+    monkeypatch.setattr(graph_args, "keeps_graphs", lambda: False)
+
+
+def _skip_unavailable(backend):
     be = blockfp8.backends.get_backend(backend) if backend else None
     if be is not None and not be.availability():
         pytest.skip(be.availability().reason)
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+def test_moving_activations_replay_one_rebound_graph_with_the_bytes_of_a_direct_launch(backend):
+    _skip_unavailable(backend)
+    layer = _layer(backend=backend, bias=True)
+    xs = []
+    with torch.inference_mode():
+        for step in range(EagerGraphs.HOT + 6):
+            xs.append(random_activation(4, 7168, seed=step, device="cuda").view(1, 4, 7168))  # all alive: new addresses
+            y = layer(xs[-1])
+            assert torch.equal(y, _direct(xs[-1], layer)), f"step {step}"
+            del y
+        graphs, = _sets(layer.weight)
+        assert graphs.moving is not None and graphs.captures == 1 and graphs.copy_graph is None
+        for step, x in enumerate(xs):  # earlier addresses again, in another order
+            y = layer(x)
+            assert torch.equal(y, _direct(x, layer)), f"again {step}"
+            del y
+    assert graphs.captures == 1 and not graphs.in_place
+
+
+def test_queued_replays_keep_the_activation_they_were_called_with():
+    layer = _layer()
+    xs = [random_activation(1, 7168, seed=i, device="cuda") for i in range(3)]
+    with torch.inference_mode():
+        for _ in range(EagerGraphs.HOT):
+            layer(xs[0])
+        want = [_direct(x, layer) for x in xs]
+        torch.cuda._sleep(50_000_000)  # every call below is queued behind this before any runs
+        got = [layer(x).clone() for x in xs]
+        assert _sets(layer.weight)[0].moving is not None
+        for g, w in zip(got, want, strict=True):
+            assert torch.equal(g, w)
+
+
+def test_an_unaligned_activation_is_copied_not_rebound():
+    layer = _layer()
+    base = random_activation(1, 7168 + 8, device="cuda")
+    aligned, odd = base[:, :7168], base[:, 1:7169]  # odd starts 2 bytes past a 16-byte boundary
+    with torch.inference_mode():
+        for _ in range(EagerGraphs.HOT):
+            layer(aligned)
+        graphs, = _sets(layer.weight)
+        assert graphs.moving is not None and odd.data_ptr() % 16
+        assert torch.equal(layer(odd), _direct(odd, layer))
+    assert graphs.moving.address == aligned.data_ptr()
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+def test_a_decode_loop_replays_in_place_with_the_bytes_of_a_direct_launch(backend, no_rebinding):
+    _skip_unavailable(backend)
     layer = _layer(backend=backend, bias=True)
     x = torch.empty(1, 4, 7168, device="cuda", dtype=torch.bfloat16)  # a fixed address, as a decode loop's
     with torch.inference_mode():
@@ -99,7 +155,7 @@ def test_a_view_of_an_output_counts_as_held():
         assert torch.equal(row, want)
 
 
-def test_calls_from_ever_new_addresses_copy_and_stop_capturing():
+def test_calls_from_ever_new_addresses_copy_and_stop_capturing(no_rebinding):
     layer = _layer()
     with torch.inference_mode():
         xs = [random_activation(1, 7168, seed=i, device="cuda") for i in range(2 * EagerGraphs.CAPTURES + 4)]
@@ -158,3 +214,25 @@ def test_eager_graphs_stay_out_of_a_callers_capture():
         graph.replay()
         torch.cuda.synchronize()
     assert torch.equal(out, want)
+
+
+def test_a_graph_that_reads_the_activation_twice_fails_the_proof_and_stays_right():
+    """The quantizer's argument is found, but a second kernel reads the activation too (through an argument the
+    search does not see): rebinding only the first would read stale data, so the proof must refuse it."""
+    from blockfp8.backends.triton.act_quant import quantize_activation_fused
+
+    def run(x, out):
+        q, s = quantize_activation_fused(x)
+        return out.copy_(q.float() * s.repeat_interleave(128, -1) + x.float())
+
+    graphs = EagerGraphs(torch.device("cuda", torch.cuda.current_device()), (2, 256), torch.float32,
+                         torch.cuda.current_stream().cuda_stream, ptrs=(0, 0, 0))
+    xs = [torch.randn(2, 256, device="cuda", dtype=torch.bfloat16) for _ in range(EagerGraphs.HOT + 4)]
+    replays = 0
+    for x in xs:
+        y = graphs((x,), run, ())
+        if y is not None:
+            replays += 1
+            assert torch.equal(y, run(x, torch.empty(2, 256, device="cuda")))
+        del y
+    assert replays == 5 and graphs.moving is None and graphs.tried_rebinding

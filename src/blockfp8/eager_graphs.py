@@ -11,21 +11,25 @@ and on a host-bound step they cost about as much as the launches they replace. `
   says whether any alias (or a view of one) is still alive; if one is, the replay would overwrite a tensor the
   caller holds, so the call launches its kernels directly instead. Code that drops a layer's output before
   calling the layer again -- every decode loop -- always replays.
-* **Input**: a graph reads the memory of the tensors it was captured with, so a graph captured on the caller's
-  own activation replays correctly for any later activation at that address with that layout (it is alive
-  during the call). Once ``STREAK`` calls in a row have come from one address (a decode loop whose allocations
-  repeat step after step), a graph reading it in place is captured (at most ``IN_PLACE`` per set). Other calls
-  copy the activation into the set's input buffer and replay a graph captured on that.
+* **Input**: a graph reads the memory of the tensors it was captured with. An eager linear's activation is read
+  by one kernel only, the quantizer, so the set's first capture reads the caller's activation in place and,
+  before each later replay, points that kernel's argument at the call's own activation (``graph_args``: a
+  driver call that enqueues nothing, where a copy would be a launch of its own). The rebinding is proven once,
+  on other data, against a direct launch, bit for bit; where it cannot be used (no driver entry points, a
+  graph whose activation is read by more than one argument, ``gemm``'s fp8 inputs), a graph reading one address
+  in place is captured once ``STREAK`` calls in a row have come from it (a decode loop whose allocations repeat
+  step after step; at most ``IN_PLACE`` per set), and other calls copy their inputs into the set's input
+  buffers and replay a graph captured on those.
 * **Captures** cost about half a millisecond each (a device synchronize, a warm-up launch, the capture and its
   instantiation: 0.47 ms measured inside generate() on an H100), so they are bought as a rental is: a set
   captures once the launches it made without a graph have cost about as much as the capture would. A direct
   launch costs about 50 us more than a replay, so a set's first ``HOT - 1`` calls launch directly and the next
-  captures the copying graph (a shape called a few times, such as one prompt's prefill, never costs a
-  capture); a copy costs about 10 us, so a graph reading an address in place is captured after ``STREAK`` calls
-  in a row from it. A set makes at most ``CAPTURES`` in its life. transformers' generate() with a growing cache
-  moves its activations between steps, yet a prefill's addresses repeat from one call to the next: with a set
-  capturing on its second call and in place after two calls in a row, three timed 32-token calls of a 4-layer
-  model made 49 captures (23 ms, 0.24 ms per token).
+  captures (the rebound graph, else the copying one; a shape called a few times, such as one prompt's prefill,
+  never costs a capture); a copy costs about 10 us, so a graph reading an address in place is captured after
+  ``STREAK`` calls in a row from it. A set makes at most ``CAPTURES`` in its life. transformers' generate()
+  with a growing cache moves its activations between steps, yet a prefill's addresses repeat from one call to
+  the next: with a set capturing on its second call and in place after two calls in a row, three timed 32-token
+  calls of a 4-layer model made 49 captures (23 ms, 0.24 ms per token).
 
 The caller's contract is PyTorch's own for freed memory: once an output is dropped on one stream, work on
 another stream must not still be reading it unless the streams are synchronized (the caching allocator would
@@ -47,6 +51,7 @@ from collections.abc import Callable
 
 import torch
 
+from . import graph_args
 from .timer import capture_graph
 
 _use_count = torch._C._storage_Use_Count
@@ -82,12 +87,19 @@ class EagerGraphs:
         self.copy_graph: torch.cuda.CUDAGraph | None = None
         self.copy_inputs: tuple[torch.Tensor, ...] = ()
         self.captures = 0
+        self.tried_rebinding = False
+        self.moving: graph_args.PointerArg | None = None  # the rebound input of ``moving_graph``
+        self.moving_graph: torch.cuda.CUDAGraph | None = None
+        self.moving_launch: Callable[[], None] | None = None  # its replay, through the driver where it can be
         self._where = (device.index, stream)
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], run: Callable[..., torch.Tensor],
                  operands: tuple) -> torch.Tensor | None:
         if _use_count(self._storage) != self._idle:
             return None  # the last output is still held: a replay would overwrite it
+        if self.moving is not None and self.moving.point_at(inputs[0].data_ptr()):
+            self.moving_launch()
+            return self.out.detach()
         ptrs = tuple(t.data_ptr() for t in inputs)
         graph = self.in_place.get(ptrs)
         if graph is None:
@@ -96,11 +108,52 @@ class EagerGraphs:
             self.calls += 1
             if self.calls < self.HOT:
                 return None
-            graph = self._in_place(ptrs, inputs, run, operands) or self._copying(inputs, run, operands)
+            graph = (self._rebindable(ptrs, inputs, run, operands) or self._in_place(ptrs, inputs, run, operands)
+                     or self._copying(inputs, run, operands))
             if graph is None:
                 return None
         graph.replay()
         return self.out.detach()
+
+    def _rebindable(self, ptrs: tuple[int, ...], inputs: tuple[torch.Tensor, ...], run: Callable,
+                    operands: tuple) -> torch.cuda.CUDAGraph | None:
+        """The set's first capture, where one input can be rebound (``graph_args``): a graph reading the caller's
+        activation in place whose quantizer is pointed at each later call's activation before its replay. Proven
+        on other data first (``_rebinds``); a graph that fails the proof is kept as an in-place graph."""
+        if (self.tried_rebinding or len(inputs) != 1 or self.captures >= self.CAPTURES
+                or not graph_args.keeps_graphs()):
+            return None
+        self.tried_rebinding = True
+        graph = self._capture(inputs, run, operands, keep_graph=True)
+        if graph is None:
+            return None
+        arg = graph_args.PointerArg.find(graph, ptrs[0])
+        launch = graph_args.launcher(graph, self._where[1]) or graph.replay
+        if arg is not None and self._rebinds(launch, arg, inputs[0], run, operands):
+            self.moving, self.moving_graph, self.moving_launch = arg, graph, launch
+        elif arg is not None and arg.address != ptrs[0]:
+            return None  # the proof moved the argument and could not move it back: the graph is unusable
+        else:
+            self.in_place[ptrs] = graph
+        return graph
+
+    def _rebinds(self, launch: Callable[[], None], arg: graph_args.PointerArg, x: torch.Tensor, run: Callable,
+                 operands: tuple) -> bool:
+        """Whether the graph ``launch`` replays, with ``arg`` pointed at another activation, gives that
+        activation's output bit for bit (a direct launch's), and an output other than ``x``'s; ``arg`` points at
+        ``x`` again afterwards."""
+        with torch.inference_mode(False), torch.no_grad():
+            at_x = self.out.clone()  # the capture's warm-up call wrote x's output there
+            rng = torch.Generator(x.device).manual_seed(0)  # not the caller's generator: its sequence is theirs
+            other = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+            other.copy_(torch.randn(x.shape, generator=rng, dtype=x.dtype, device=x.device))
+            want = torch.empty_like(self.out)
+            run(other, *operands, out=want)
+            proven = arg.point_at(other.data_ptr())
+            if proven:
+                launch()
+                proven = torch.equal(self.out, want) and not torch.equal(want, at_x)
+            return arg.point_at(x.data_ptr()) and proven
 
     def _in_place(self, ptrs: tuple[int, ...], inputs: tuple[torch.Tensor, ...], run: Callable,
                   operands: tuple) -> torch.cuda.CUDAGraph | None:
@@ -142,15 +195,15 @@ class EagerGraphs:
             self._pools[self._where] = (pool, members)
         return pool, members
 
-    def _capture(self, inputs: tuple[torch.Tensor, ...], run: Callable,
-                 operands: tuple) -> torch.cuda.CUDAGraph | None:
+    def _capture(self, inputs: tuple[torch.Tensor, ...], run: Callable, operands: tuple,
+                 keep_graph: bool = False) -> torch.cuda.CUDAGraph | None:
         self.captures += 1
         pool, members = self._pool()
         with torch.inference_mode(False), torch.no_grad():
             try:
                 # The warm-up call compiles and fills every cache outside the capture.
                 graph, _ = capture_graph(lambda: run(*inputs, *operands, out=self.out), warmup=1, pool=pool,
-                                         thread_local=True)
+                                         thread_local=True, keep_graph=keep_graph)
             except RuntimeError as e:
                 # A failed capture can leave torch's CUDA state (its RNG's capture bookkeeping) unusable for
                 # further captures: stop trying for the rest of the process and say so once.

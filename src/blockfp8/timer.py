@@ -186,11 +186,14 @@ def _time_cuda(fn: Callable, sets: list[tuple], l2_cold: bool, reps: int, warmup
 
 
 def capture_graph(fn: Callable[[], object], stream: torch.cuda.Stream | None = None, warmup: int = 0,
-                  pool: object | None = None, thread_local: bool = False) -> tuple[torch.cuda.CUDAGraph, object]:
+                  pool: object | None = None, thread_local: bool = False,
+                  keep_graph: bool = False) -> tuple[torch.cuda.CUDAGraph, object]:
     """The one CUDA-graph capture: ``warmup`` calls of ``fn`` on a side stream (lazy initialization such as JIT
     compilation or workspace allocation must not happen during capture), then one call captured, into ``pool``
     (a ``torch.cuda.graph_pool_handle()`` shared with other graphs) when given. ``thread_local``: other threads'
     CUDA work during the capture is not an error (a library capturing for its caller cannot know about them).
+    ``keep_graph``: the graph keeps its captured ``cudaGraph_t`` (readable through ``raw_cuda_graph``) and is
+    instantiated here all the same.
 
     Returns the graph and what the captured call returned (its tensors live in the graph's memory pool and
     are rewritten by every replay). capture_begin/capture_end rather than the ``torch.cuda.graph`` context
@@ -204,13 +207,15 @@ def capture_graph(fn: Callable[[], object], stream: torch.cuda.Stream | None = N
         for _ in range(warmup):
             fn()
     torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
+    graph = torch.cuda.CUDAGraph(keep_graph=True) if keep_graph else torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
         graph.capture_begin(pool=pool, capture_error_mode="thread_local" if thread_local else "global")
         try:
             out = fn()
         finally:
             graph.capture_end()
+    if keep_graph:
+        graph.instantiate()
     torch.cuda.current_stream().wait_stream(stream)
     return graph, out
 
