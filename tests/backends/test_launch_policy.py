@@ -12,9 +12,10 @@ from blockfp8.backends.triton import launch
 @pytest.mark.parametrize("version,setting,interpret,want", [
     ("3.6.0", None, False, True),  # the verified release
     ("3.6.1", None, False, True),
-    ("3.9.0", None, False, False),  # newer: Triton's own launch path until verified
+    ("3.9.0", None, False, True),
+    ("3.10.0", None, False, False),  # newer: Triton's own launch path until verified
     ("3.5.1", None, False, False),
-    ("3.9.0", "1", False, True),  # forced on
+    ("3.10.0", "1", False, True),  # forced on
     ("3.6.0", "0", False, False),  # forced off
     ("3.6.0", "1", True, False),  # never in the interpreter
 ])
@@ -26,7 +27,7 @@ def test_fast_relaunch_only_where_verified(monkeypatch, version, setting, interp
     else:
         monkeypatch.setenv(launch.ENV_FAST_LAUNCH, setting)
     assert launch._fast_launch_enabled() is want
-    assert launch.VERIFIED_TRITON == ((3, 6),)
+    assert launch.VERIFIED_TRITON == ((3, 6), (3, 9))
 
 
 class _Kernel:
