@@ -8,7 +8,8 @@ entry looks its plan up there and calls it:
 * a plain eager call (``Fp8BlockLinear.forward``, ``linear``, ``gemm``) calls the plan directly; an eager
   decode-size call replays a CUDA graph of the plan instead (``eager_graphs.EagerGraphs``, which needs no copy
   of the input or the output in a decode loop), since launching two kernels from Python costs more host time
-  than a replay;
+  than a replay; a layer's next call with the same everything goes straight to the set its last call replayed
+  (``Shortcut``);
 * with autograd on, an eager call goes through ``_LinearFn`` (a ``torch.autograd.Function``) around the same
   plan: the custom op's wrapper costs tens of microseconds a call, the Function a few;
 * ``torch.compile``, ``torch.export``, tensor subclasses and dispatch modes see the ``torch.library`` custom ops
@@ -175,12 +176,11 @@ class LinearPlan:
                 return y
         return self.run_gemm(x_fp8, x_scale, weight, weight_scale_inv, bias)
 
-    def _replay(self, inputs: tuple[torch.Tensor, ...], layout: tuple, run: Callable[..., torch.Tensor],
-                weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor | None:
-        """This call's output from a CUDA graph of the calling thread and stream, or None when it must launch
-        directly (``eager_graphs.EagerGraphs``)."""
-        if not EagerGraphs.enabled or torch.cuda.is_current_stream_capturing():
+    def graph_set(self, x: torch.Tensor, layout: tuple, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                  bias: torch.Tensor | None) -> EagerGraphs | None:
+        """The CUDA graphs of the calling thread and stream for inputs of ``layout`` (``x`` the first input), or
+        None when the call must launch directly (``eager_graphs.EagerGraphs``)."""
+        if not EagerGraphs.enabled or _capturing():
             return None  # a caller's capture records the plain launches
         if _current_device() != self.device_index:
             return None  # a replay runs on the current device's stream: only the weight's device is graphed
@@ -192,11 +192,18 @@ class LinearPlan:
         if graphs is None or graphs.ptrs != ptrs:
             if graphs is None and len(self.graphs) >= _GRAPH_SETS:
                 self.graphs.clear()  # many threads or layouts over time: start over rather than grow
-            x = inputs[0]
             graphs = self.graphs[key] = EagerGraphs(x.device, (*x.shape[:-1], self.n), self.out_dtype, stream, ptrs)
-        return graphs(inputs, run, (weight, weight_scale_inv, bias))
+        return graphs
+
+    def _replay(self, inputs: tuple[torch.Tensor, ...], layout: tuple, run: Callable[..., torch.Tensor],
+                weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor | None:
+        """This call's output from a CUDA graph (``graph_set``), or None when it must launch directly."""
+        graphs = self.graph_set(inputs[0], layout, weight, weight_scale_inv, bias)
+        return None if graphs is None else graphs(inputs, run, (weight, weight_scale_inv, bias))
 
 
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
 _current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else lambda: -1
 
 # Most eager-graph sets per plan (one per stream, thread and input layout in use).
@@ -468,7 +475,8 @@ def _gemm_activation_ok(x_fp8: object, x_scale: object, w_fp8: object) -> bool:
 def _linear_checked(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                     bias: torch.Tensor | None, backend: str | None, check_weights: bool) -> torch.Tensor:
     """``linear`` for a checked ``x`` (``check_weights``: the weight side is not checked yet; a new plan checks
-    it before it is built, and reused plans were checked then)."""
+    it before it is built, and reused plans were checked then, which is how a layer calls: its eager graphed calls
+    are remembered for the next one, ``Shortcut``)."""
     m = x.shape[0] if x.dim() == 2 else _rows(x.shape)
     if m == 0 or not runs_eagerly(x, bias):
         if check_weights:
@@ -477,13 +485,102 @@ def _linear_checked(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
     plan = _linear_plan(x, weight, weight_scale_inv, bias, backend, m, check_weights, tune=True)
     if _needs_grad(x, bias):
         return _linear_fn(x, weight, weight_scale_inv, bias, plan)
-    return plan.linear(x, weight, weight_scale_inv, bias)
+    if plan.graphed:
+        graphs = plan.graph_set(x, (x.shape, x.stride()), weight, weight_scale_inv, bias)
+        if graphs is not None:
+            y = graphs((x,), plan.run_linear, (weight, weight_scale_inv, bias))
+            if y is not None:
+                if check_weights:
+                    SHORTCUTS.remember(x, weight, weight_scale_inv, bias, backend, plan, graphs)
+                return y
+    return plan.run_linear(x, weight, weight_scale_inv, bias)
+
+
+class Shortcut:
+    """A layer's last eager call that replayed a CUDA graph, kept so that the next call with the same
+    everything replays the same ``EagerGraphs`` set without looking up its plan and set again (a layer in a decode
+    loop calls with one activation layout step after step). Same everything: what the full path checks or keys
+    on -- the activation's exact type, shape, strides, dtype and device; the scale and bias tensors; the backend
+    setting, ``BLOCKFP8_BACKEND`` and the dispatcher's generation; no grad needed, nothing compiling, tracing or
+    intercepting; no capture under way; the current device, stream and thread; the weight tensors' storage.
+    Anything else falls back to the full path, which remembers its result again."""
+
+    __slots__ = ("shape", "stride", "dtype", "device", "scales", "bias", "backend", "env", "generation", "stream",
+                 "thread", "graphs", "run")
+
+    def __init__(self, x: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
+        self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.get_device()
+        self.scales = weakref.ref(weight_scale_inv)
+        self.bias = None if bias is None else weakref.ref(bias)
+        self.backend, self.env, self.generation = backend, env_backend(), generation()
+        self.stream, self.thread = current_raw_stream(self.device), threading.get_ident()
+        self.graphs, self.run = graphs, plan.run_linear
+
+    def __call__(self, x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 backend: str | None) -> torch.Tensor | None:
+        """The replayed output, or None: the call takes the full path."""
+        if (type(x) is not torch.Tensor or x.shape != self.shape or x.dtype is not self.dtype
+                or x.stride() != self.stride or x.get_device() != self.device
+                or self.scales() is not weight_scale_inv
+                or (bias is not None if self.bias is None else self.bias() is not bias)
+                or backend != self.backend or env_backend() != self.env or generation() != self.generation):
+            return None
+        if (_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) or _is_compiling() \
+                or _torch_function_mode() or _dispatch_stack_len() or _tracing() or _capturing():
+            return None
+        if (not EagerGraphs.enabled or _current_device() != self.device or threading.get_ident() != self.thread
+                or current_raw_stream(self.device) != self.stream):
+            return None
+        operands = (weight, weight_scale_inv, bias)
+        if self.graphs.ptrs != (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr()):
+            return None
+        return self.graphs((x,), self.run, operands)
+
+
+class ShortcutRegistry:
+    """Each weight tensor's ``Shortcut``, kept as long as the tensor lives (a weak reference's callback drops it),
+    like its plans: a copy of a layer, or a layer given a new weight tensor, starts without one."""
+
+    def __init__(self) -> None:
+        self._by_weight: dict[int, tuple[weakref.ref, Shortcut]] = {}
+
+    def of(self, weight: torch.Tensor) -> Shortcut | None:
+        entry = self._by_weight.get(id(weight))
+        return entry[1] if entry is not None and entry[0]() is weight else None
+
+    def remember(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                 bias: torch.Tensor | None, backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
+        if type(x) is not torch.Tensor:
+            return
+        entry = self._by_weight.get(id(weight))
+        ref = entry[0] if entry is not None and entry[0]() is weight else weakref.ref(weight, self._forget(id(weight)))
+        self._by_weight[id(weight)] = (ref, Shortcut(x, weight_scale_inv, bias, backend, plan, graphs))
+
+    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
+        def drop(ref: weakref.ref) -> None:
+            entry = self._by_weight.get(key)
+            if entry is not None and entry[0] is ref:
+                del self._by_weight[key]
+
+        return drop
+
+
+SHORTCUTS = ShortcutRegistry()
+_grad_enabled = torch.is_grad_enabled
+_tracing = torch._C._get_tracing_state
 
 
 def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  backend: str | None) -> torch.Tensor:
     """``linear`` as a layer calls it: per call, only the activation is checked (type, dtype, K, device); the
     weight side is checked when a plan is built. A ``QuantizedActivation`` goes to ``gemm`` as in ``linear``."""
+    # Under torch.compile this branch is dropped while tracing (is_compiling() is a constant there).
+    shortcut = None if _is_compiling() else SHORTCUTS.of(weight)
+    if shortcut is not None:
+        y = shortcut(x, weight, weight_scale_inv, bias, backend)
+        if y is not None:
+            return y
     if isinstance(x, QuantizedActivation):
         return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
     # get_device(): an int, cheaper than comparing torch.device objects; a CPU/meta pair that it cannot tell

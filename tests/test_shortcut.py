@@ -1,0 +1,166 @@
+"""ops.Shortcut: a layer's next eager call replays the set its last one did only when everything the full path
+checks or keys on is the same; any change takes the full path (CPU: the plan is marked graphed and captures are
+stubbed, so only the path taken is tested; the replayed bytes are tested on the GPU in test_eager_graphs.py)."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import threading
+import weakref
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from blockfp8 import Fp8BlockLinear, dispatch, ops
+from blockfp8.eager_graphs import EagerGraphs
+from blockfp8.testing.operands import random_activation, random_fp8_weight
+
+
+class _PassFunctions(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _PassDispatch(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Graph:
+    def replay(self):
+        pass
+
+
+@pytest.fixture
+def stubs(monkeypatch):
+    monkeypatch.setattr(EagerGraphs, "_capture",
+                        lambda self, inputs, run, operands, keep_graph=False: _Graph())
+    monkeypatch.setattr(EagerGraphs, "enabled", True)
+    monkeypatch.setattr(ops, "_current_device", lambda: -1)
+    monkeypatch.setattr(ops, "current_raw_stream", lambda index: 7)
+    monkeypatch.setattr(ops, "_capturing", lambda: False)
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+
+
+def _graphed_layer():
+    """A layer whose eager set has captured (a stub) and whose shortcut is remembered."""
+    wq, ws = random_fp8_weight(256, 256)
+    lay = Fp8BlockLinear.from_fp8(wq, ws, torch.zeros(256, dtype=torch.bfloat16), backend="reference")
+    x = random_activation(2, 256)
+    with torch.no_grad():
+        lay(x)
+        plan, = ops.PLANS.plans_of(lay.weight)
+        plan.graphed, plan.device_index = True, -1
+        for _ in range(EagerGraphs.HOT):
+            lay(x)
+    lay.x = x
+    return lay
+
+
+@pytest.fixture
+def layer(stubs):
+    return _graphed_layer()
+
+
+def _hit(lay, x=None, scales=None, bias="same", backend="same"):
+    x = lay.x if x is None else x
+    shortcut = ops.SHORTCUTS.of(lay.weight)
+    assert shortcut is not None
+    return shortcut(x, lay.weight, lay.weight_scale_inv if scales is None else scales,
+                    lay.bias if bias == "same" else bias, lay.backend if backend == "same" else backend) is not None
+
+
+def test_the_same_call_replays_its_set(layer):
+    with torch.no_grad():
+        assert _hit(layer)
+        assert _hit(layer, x=layer.x.clone())  # another tensor of the same layout
+
+
+@pytest.mark.parametrize("change", ["rows", "dtype", "stride", "subclass"])
+def test_another_activation_layout_or_type_takes_the_full_path(layer, change):
+    x = layer.x
+    other = {"rows": lambda: random_activation(3, 256), "dtype": lambda: x.half(),
+             "stride": lambda: torch.cat([x, x], 1)[:, ::2], "subclass": lambda: torch.nn.Parameter(x)}[change]()
+    with torch.no_grad():
+        assert not _hit(layer, x=other)
+
+
+def test_other_weight_side_tensors_or_settings_take_the_full_path(layer, monkeypatch):
+    with torch.no_grad():
+        assert not _hit(layer, scales=layer.weight_scale_inv.clone())
+        assert not _hit(layer, bias=None)
+        assert not _hit(layer, bias=layer.bias.clone())
+        assert not _hit(layer, backend="triton")
+        monkeypatch.setenv(dispatch.ENV_VAR, "reference")
+        assert not _hit(layer)
+        monkeypatch.delenv(dispatch.ENV_VAR)
+        assert _hit(layer)
+        dispatch._GENERATION[0] += 1
+        assert not _hit(layer)
+
+
+def test_grad_compile_modes_tracing_and_captures_take_the_full_path(layer, monkeypatch):
+    with torch.enable_grad():
+        assert _hit(layer)  # grad mode alone: nothing requires grad
+        assert not _hit(layer, x=layer.x.clone().requires_grad_())
+    with torch.no_grad():
+        with _PassFunctions():
+            assert not _hit(layer)
+        with _PassDispatch():
+            assert not _hit(layer)
+        for name in ("_is_compiling", "_tracing", "_capturing"):
+            with monkeypatch.context() as m:
+                m.setattr(ops, name, lambda: True)
+                assert not _hit(layer)
+        assert _hit(layer)
+
+
+def test_another_device_stream_thread_or_storage_takes_the_full_path(layer, monkeypatch):
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            m.setattr(EagerGraphs, "enabled", False)
+            assert not _hit(layer)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "_current_device", lambda: 0)
+            assert not _hit(layer)
+        with monkeypatch.context() as m:
+            m.setattr(ops, "current_raw_stream", lambda index: 8)
+            assert not _hit(layer)
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(_hit(layer)))
+        thread.start()
+        thread.join()
+        assert seen == [False]
+        layer.weight.data = layer.weight.clone()  # same tensor, new storage: the set's graphs read the old one
+        assert not _hit(layer)
+
+
+def test_a_copy_of_a_layer_starts_without_one_and_a_freed_weight_drops_it(stubs):
+    lay = _graphed_layer()
+    assert ops.SHORTCUTS.of(lay.weight) is not None
+    clone = copy.deepcopy(lay)
+    assert ops.SHORTCUTS.of(clone.weight) is None
+    key, weight = id(lay.weight), weakref.ref(lay.weight)
+    assert key in ops.SHORTCUTS._by_weight
+    del lay
+    gc.collect()
+    assert weight() is None and key not in ops.SHORTCUTS._by_weight
+
+
+def test_the_functional_linear_remembers_nothing(layer):
+    wq, ws = random_fp8_weight(256, 256)
+    with torch.no_grad():
+        for _ in range(EagerGraphs.HOT + 2):
+            ops.linear(layer.x, wq, ws, backend="reference")
+    assert ops.SHORTCUTS.of(wq) is None
+
+
+def test_a_layer_with_a_shortcut_compiles_in_one_graph(layer):
+    assert ops.SHORTCUTS.of(layer.weight) is not None
+    with torch.no_grad():
+        got = torch.compile(layer, backend="aot_eager", fullgraph=True)(layer.x)
+    want = torch.ops.blockfp8.linear(layer.x, layer.weight, layer.weight_scale_inv, layer.bias, "reference")
+    assert torch.equal(got, want)
