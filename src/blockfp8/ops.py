@@ -210,6 +210,19 @@ _current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice
 _GRAPH_SETS = 8
 
 
+def _watched(table: dict, weight: torch.Tensor) -> weakref.ref:
+    """A weak reference to ``weight`` whose callback removes ``table[id(weight)]`` (an entry whose first item is
+    this reference) when the weight dies -- unless a newer tensor given the same id owns the entry by then."""
+    key = id(weight)
+
+    def drop(ref: weakref.ref) -> None:
+        entry = table.get(key)
+        if entry is not None and entry[0] is ref:
+            del table[key]
+
+    return weakref.ref(weight, drop)
+
+
 class PlanRegistry:
     """The plans of every weight tensor, kept as long as that tensor lives and no longer.
 
@@ -250,20 +263,12 @@ class PlanRegistry:
         with self._lock:
             entry = self._weights.get(id(weight))
             if entry is None or entry[0]() is not weight:
-                entry = self._weights[id(weight)] = (weakref.ref(weight, self._forget(id(weight))), OrderedDict())
+                entry = self._weights[id(weight)] = (_watched(self._weights, weight), OrderedDict())
             plans = entry[1]
             plans[full] = value
             plans.move_to_end(full)
             if len(plans) > self.per_weight:
                 plans.popitem(last=False)
-
-    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
-        def drop(ref: weakref.ref) -> None:
-            entry = self._weights.get(key)
-            if entry is not None and entry[0] is ref:
-                del self._weights[key]
-
-        return drop
 
     def plans_of(self, weight: torch.Tensor) -> list[LinearPlan]:
         """The plans kept for ``weight``, oldest first."""
@@ -554,16 +559,8 @@ class ShortcutRegistry:
         if type(x) is not torch.Tensor:
             return
         entry = self._by_weight.get(id(weight))
-        ref = entry[0] if entry is not None and entry[0]() is weight else weakref.ref(weight, self._forget(id(weight)))
+        ref = entry[0] if entry is not None and entry[0]() is weight else _watched(self._by_weight, weight)
         self._by_weight[id(weight)] = (ref, Shortcut(x, weight_scale_inv, bias, backend, plan, graphs))
-
-    def _forget(self, key: int) -> Callable[[weakref.ref], None]:
-        def drop(ref: weakref.ref) -> None:
-            entry = self._by_weight.get(key)
-            if entry is not None and entry[0] is ref:
-                del self._by_weight[key]
-
-        return drop
 
 
 SHORTCUTS = ShortcutRegistry()
