@@ -102,10 +102,16 @@ def test_other_weight_side_tensors_or_settings_take_the_full_path(layer, monkeyp
         assert not _hit(layer)
 
 
-def test_grad_compile_modes_tracing_and_captures_take_the_full_path(layer, monkeypatch):
+def test_a_call_that_needs_gradients_goes_through_the_function_around_the_same_set(layer):
     with torch.enable_grad():
         assert _hit(layer)  # grad mode alone: nothing requires grad
-        assert not _hit(layer, x=layer.x.clone().requires_grad_())
+        x = layer.x.clone().requires_grad_()
+        y = ops.SHORTCUTS.of(layer.weight)(x, layer.weight, layer.weight_scale_inv, layer.bias, layer.backend)
+    assert type(y.grad_fn).__name__ == "_LinearFnBackward"
+    assert y.untyped_storage()._cdata == ops.SHORTCUTS.of(layer.weight).graphs.storage  # the set's output
+
+
+def test_compile_modes_tracing_and_captures_take_the_full_path(layer, monkeypatch):
     with torch.no_grad():
         with _PassFunctions():
             assert not _hit(layer)
@@ -164,3 +170,18 @@ def test_a_layer_with_a_shortcut_compiles_in_one_graph(layer):
         got = torch.compile(layer, backend="aot_eager", fullgraph=True)(layer.x)
     want = torch.ops.blockfp8.linear(layer.x, layer.weight, layer.weight_scale_inv, layer.bias, "reference")
     assert torch.equal(got, want)
+
+
+def test_calls_with_autograd_on_remember_their_set_too(stubs):
+    wq, ws = random_fp8_weight(256, 256)
+    lay = Fp8BlockLinear.from_fp8(wq, ws, None, backend="reference")
+    x = random_activation(2, 256).requires_grad_()
+    lay(x)
+    plan, = ops.PLANS.plans_of(lay.weight)
+    plan.graphed, plan.device_index = True, -1
+    for _ in range(EagerGraphs.HOT - 1):
+        lay(x)  # direct launches: the set has not captured yet, nothing to remember
+    assert ops.SHORTCUTS.of(lay.weight) is None
+    y = lay(x)  # the capture, and the first replay
+    shortcut = ops.SHORTCUTS.of(lay.weight)
+    assert shortcut is not None and y.untyped_storage()._cdata == shortcut.graphs.storage

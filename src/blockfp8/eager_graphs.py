@@ -78,8 +78,8 @@ class EagerGraphs:
         # outside it later, which an inference tensor refuses.
         with torch.inference_mode(False):
             self.out = torch.empty(out_shape, dtype=out_dtype, device=device)
-        self._storage = self.out.untyped_storage()._cdata
-        self._idle = _use_count(self._storage)  # the count while no alias of ``out`` is alive
+        self.storage = self.out.untyped_storage()._cdata  # (an output from a replay is an alias of this storage)
+        self._idle = _use_count(self.storage)  # the count while no alias of ``out`` is alive
         self.in_place: dict[tuple[int, ...], torch.cuda.CUDAGraph] = {}
         self.last: tuple[int, ...] = ()  # the addresses of the previous call
         self.streak = 0  # calls in a row from ``last``
@@ -95,7 +95,7 @@ class EagerGraphs:
 
     def __call__(self, inputs: tuple[torch.Tensor, ...], run: Callable[..., torch.Tensor],
                  operands: tuple) -> torch.Tensor | None:
-        if _use_count(self._storage) != self._idle:
+        if _use_count(self.storage) != self._idle:
             return None  # the last output is still held: a replay would overwrite it
         if self.moving is not None and self.moving.point_at(inputs[0].data_ptr()):
             self.moving_launch()

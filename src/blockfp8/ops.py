@@ -364,15 +364,18 @@ _UNSAFE_VIEW = torch.ops.aten._unsafe_view.default
 class _LinearFn(torch.autograd.Function):
     """An eager call with autograd on: the plan forward, ``_grads`` backward (the op's own formula).
 
-    Takes (x, bias, (weight, weight_scale_inv, plan)): autograd inspects every tensor argument of a Function on
-    each call, and only x and the bias can need a gradient (the fp8 weight is frozen), so the weight side rides in
-    one plain tuple and is kept on ``ctx`` (inputs of the call: no reference cycle)."""
+    Takes (x, bias, (weight, weight_scale_inv, plan, graphs)): autograd inspects every tensor argument of a
+    Function on each call, and only x and the bias can need a gradient (the fp8 weight is frozen), so the weight
+    side rides in one plain tuple and is kept on ``ctx`` (inputs of the call: no reference cycle). ``graphs``: the
+    call's ``EagerGraphs`` set (``LinearPlan.graph_set``), or None to launch directly."""
 
     @staticmethod
     def forward(ctx, x, bias, frozen):
-        weight, weight_scale_inv, plan = frozen
+        weight, weight_scale_inv, plan, graphs = frozen
         ctx.frozen = weight, weight_scale_inv
-        y = plan.linear(x, weight, weight_scale_inv, bias)
+        y = None if graphs is None else graphs((x,), plan.run_linear, (weight, weight_scale_inv, bias))
+        if y is None:
+            y = plan.run_linear(x, weight, weight_scale_inv, bias)
         # A Function's output that is a view (a reshaped N-D result) refuses in-place ops; one that autograd does
         # not count as a view accepts them, as any linear's output does.
         return _UNSAFE_VIEW(y, y.shape) if y._is_view() else y
@@ -391,10 +394,10 @@ _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def _linear_fn(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-               plan: LinearPlan) -> torch.Tensor:
+               plan: LinearPlan, graphs: EagerGraphs | None) -> torch.Tensor:
     """``_LinearFn.apply``, through the C++ apply directly where that is all the wrapper would do."""
     apply = _LinearFn.apply if _transforms_active() or _is_wrapped(x) else _raw_linear_fn
-    return apply(x, bias, (weight, weight_scale_inv, plan))
+    return apply(x, bias, (weight, weight_scale_inv, plan, graphs))
 
 
 @torch.library.custom_op("blockfp8::linear", mutates_args=())
@@ -488,17 +491,18 @@ def _linear_checked(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
             check_linear_input(x, weight, weight_scale_inv, bias)
         return _linear_op(x, weight, weight_scale_inv, bias, backend or "")
     plan = _linear_plan(x, weight, weight_scale_inv, bias, backend, m, check_weights, tune=True)
+    graphs = plan.graph_set(x, (x.shape, x.stride()), weight, weight_scale_inv, bias) if plan.graphed else None
     if _needs_grad(x, bias):
-        return _linear_fn(x, weight, weight_scale_inv, bias, plan)
-    if plan.graphed:
-        graphs = plan.graph_set(x, (x.shape, x.stride()), weight, weight_scale_inv, bias)
-        if graphs is not None:
-            y = graphs((x,), plan.run_linear, (weight, weight_scale_inv, bias))
-            if y is not None:
-                if check_weights:
-                    SHORTCUTS.remember(x, weight, weight_scale_inv, bias, backend, plan, graphs)
-                return y
-    return plan.run_linear(x, weight, weight_scale_inv, bias)
+        y = _linear_fn(x, weight, weight_scale_inv, bias, plan, graphs)
+        replayed = graphs is not None and y.untyped_storage()._cdata == graphs.storage
+    else:
+        y = None if graphs is None else graphs((x,), plan.run_linear, (weight, weight_scale_inv, bias))
+        replayed = y is not None
+        if y is None:
+            y = plan.run_linear(x, weight, weight_scale_inv, bias)
+    if replayed and check_weights:
+        SHORTCUTS.remember(x, weight, weight_scale_inv, bias, backend, plan, graphs)
+    return y
 
 
 class Shortcut:
@@ -508,10 +512,11 @@ class Shortcut:
     on -- the activation's exact type, shape, strides, dtype and device; the scale and bias tensors; the backend
     setting, ``BLOCKFP8_BACKEND`` and the dispatcher's generation; no grad needed, nothing compiling, tracing or
     intercepting; no capture under way; the current device, stream and thread; the weight tensors' storage.
-    Anything else falls back to the full path, which remembers its result again."""
+    Anything else falls back to the full path, which remembers its result again. A call that needs gradients
+    goes through ``_LinearFn`` around the same set."""
 
     __slots__ = ("shape", "stride", "dtype", "device", "scales", "bias", "backend", "env", "generation", "stream",
-                 "thread", "graphs", "run")
+                 "thread", "graphs", "plan")
 
     def __init__(self, x: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
@@ -520,7 +525,7 @@ class Shortcut:
         self.bias = None if bias is None else weakref.ref(bias)
         self.backend, self.env, self.generation = backend, env_backend(), generation()
         self.stream, self.thread = current_raw_stream(self.device), threading.get_ident()
-        self.graphs, self.run = graphs, plan.run_linear
+        self.graphs, self.plan = graphs, plan
 
     def __call__(self, x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  backend: str | None) -> torch.Tensor | None:
@@ -531,16 +536,17 @@ class Shortcut:
                 or (bias is not None if self.bias is None else self.bias() is not bias)
                 or backend != self.backend or env_backend() != self.env or generation() != self.generation):
             return None
-        if (_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))) or _is_compiling() \
-                or _torch_function_mode() or _dispatch_stack_len() or _tracing() or _capturing():
+        if _is_compiling() or _torch_function_mode() or _dispatch_stack_len() or _tracing() or _capturing():
             return None
         if (not EagerGraphs.enabled or _current_device() != self.device or threading.get_ident() != self.thread
                 or current_raw_stream(self.device) != self.stream):
             return None
-        operands = (weight, weight_scale_inv, bias)
-        if self.graphs.ptrs != (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr()):
+        graphs = self.graphs
+        if graphs.ptrs != (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr()):
             return None
-        return self.graphs((x,), self.run, operands)
+        if _grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            return _linear_fn(x, weight, weight_scale_inv, bias, self.plan, graphs)
+        return graphs((x,), self.plan.run_linear, (weight, weight_scale_inv, bias))
 
 
 class ShortcutRegistry:
