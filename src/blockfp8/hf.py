@@ -110,6 +110,55 @@ def quantize(model: nn.Module, skip: Iterable[str] | None = None, backend: str |
     return report
 
 
+# Decoder layers whose RMSNorms compute x * rsqrt(mean(x^2) + eps) * weight, whose MLP is down(act(gate(x)) * up(x))
+# and whose attention reads its input only through its shape and the q/k/v projections (transformers 5): the fused
+# producers compute the same (quant.rms_norm, quant.silu_mul; docs/fused.md).
+FUSABLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _silu(act: object) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def fuse_producers(model: nn.Module) -> list[str]:
+    """Run a quantized transformers decoder's norms and MLPs on blockfp8's fused producers, in place: in every
+    decoder layer of ``FUSABLE_LAYERS`` whose projections are all ``Fp8BlockLinear`` (after ``quantize``) and whose
+    MLP activation is SiLU, both RMSNorms become ``Fp8RMSNorm`` (the norm writes the fp8 input of q/k/v, and of
+    gate/up, in one kernel, shared by the projections it feeds) and the MLP becomes ``Fp8GatedMLP`` (gate and up
+    stacked into one GEMM, the SiLU-mul writing down_proj's fp8 input). Per decoder layer at decode, six separate
+    activation quantizers and two float kernels give way to three producers. Inference only (no autograd formula);
+    the norm rounds once in fp32 where transformers rounds twice (at most an ulp of the dtype). A fused model is
+    not saved as a checkpoint (``save_pretrained`` refuses it): save before fusing. A layer whose MLP rows do not
+    fill whole 128-row blocks stays as it is. Returns the fused layers' names; ``ValueError`` when no layer
+    qualifies (the model is then unchanged)."""
+    from .modules import Fp8GatedMLP, Fp8RMSNorm
+
+    built, seen = [], 0
+    for name, layer in model.named_modules():
+        if type(layer).__name__ not in FUSABLE_LAYERS:
+            continue
+        seen += 1
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        projections = [getattr(attn, p, None) for p in ("q_proj", "k_proj", "v_proj")]
+        projections += [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
+        # fp8 gate and up weights stack along whole 128-row blocks only.
+        if (not all(isinstance(p, Fp8BlockLinear) for p in projections) or not _silu(getattr(mlp, "act_fn", None))
+                or mlp.gate_proj.out_features % 128):
+            continue
+        built.append((name, layer, Fp8RMSNorm.from_norm(layer.input_layernorm),
+                      Fp8RMSNorm.from_norm(layer.post_attention_layernorm),
+                      Fp8GatedMLP.from_projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    if not built:
+        why = (f"none of its {seen} decoder layer(s) has every projection in block FP8 (run hf.quantize first), a "
+               "SiLU MLP and an intermediate size that is a multiple of 128") if seen else \
+            f"it has no decoder layer of {', '.join(FUSABLE_LAYERS)}"
+        raise ValueError(f"fuse_producers found nothing to fuse in this {type(model).__name__}: {why}")
+    # Only now is the model touched: every new module was built without error.
+    for _, layer, norm_in, norm_post, mlp in built:
+        layer.input_layernorm, layer.post_attention_layernorm, layer.mlp = norm_in, norm_post, mlp
+    return [name for name, *_ in built]
+
+
 def _checkpoint_folder(path_or_dir: str | Path) -> Path:
     """A local folder as it is; anything else is taken for a Hub model id and fetched (configs and safetensors)."""
     path = Path(path_or_dir)

@@ -122,12 +122,21 @@ def _matching_problems(model: nn.Module, fp8: list[str], floats: list[str]) -> l
     return problems
 
 
+def _producer_problems(model: nn.Module) -> list[str]:
+    """Modules ``hf.fuse_producers`` put in: their tensors (a stacked gate_up_proj) are not the model's own."""
+    fused = [name for name, m in model.named_modules() if type(m).__module__ == "blockfp8.modules"]
+    if not fused:
+        return []
+    return [f"{len(fused)} module(s) run blockfp8's fused producers (hf.fuse_producers), such as {fused[0]!r}, whose "
+            "stacked gate_up_proj transformers would not load; save the model before fusing, or quantize a fresh copy"]
+
+
 def save_problems(model: nn.Module) -> list[str]:
     """Why a checkpoint of ``model`` would not load back as the same model, one sentence each (empty: it would)."""
     fp8, floats = fp8_layout(model)
     if not fp8 or not is_transformers_model(model):
         return []
-    return _tie_problems(model, set(fp8)) + _matching_problems(model, fp8, floats)
+    return _producer_problems(model) + _tie_problems(model, set(fp8)) + _matching_problems(model, fp8, floats)
 
 
 def check_saveable(model: nn.Module) -> None:

@@ -146,6 +146,12 @@ class QuantizedActivation(NamedTuple):
     dtype: torch.dtype
     layout: str = "row"
 
+    @property
+    def shape(self) -> torch.Size:
+        """The activation's shape (``values``'): code written for float inputs reads it, as transformers'
+        attention does before its projections."""
+        return self.values.shape
+
 
 # ------------------------------------------------------------------------------------ producers' numerics
 # RMSNorm and SiLU-mul as the fused producers (blockfp8.fused) compute them. Both use only operations whose

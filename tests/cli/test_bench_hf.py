@@ -68,6 +68,11 @@ def test_fp8_variants_share_one_set_of_fp8_tensors():
         assert hers.weight.data_ptr() == mine.weight.data_ptr(), name
         assert hers.weight_scale_inv.data_ptr() == mine.weight_scale_inv.data_ptr(), name
     assert type(theirs.lm_head) is torch.nn.Linear and theirs.lm_head.weight is bf16.lm_head.weight
+    fused = models["blockfp8-fused"].model.layers[0]  # the producers' variant: q/k/v/o/down shared, gate+up stacked
+    assert fused.self_attn.q_proj.weight.data_ptr() == ours.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    assert fused.mlp.down_proj.weight.data_ptr() == ours.model.layers[0].mlp.down_proj.weight.data_ptr()
+    assert fused.mlp.gate_up_proj.out_features == 2 * ours.model.layers[0].mlp.gate_proj.out_features
+    assert type(ours.model.layers[0].mlp).__name__ == "LlamaMLP"  # the blockfp8 variant itself is not fused
     assert type(bf16.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert getattr(bf16.config, "quantization_config", None) is None
 
@@ -84,6 +89,9 @@ def test_arguments_are_checked():
     cuda = bench_hf._resolve(_args(variants="blockfp8,bf16"), torch.device("cuda"))
     assert (cuda.preset, cuda.layers, cuda.vocab, cuda.modes) == ("llama", 4, 32000, ["eager", "compiled"])
     assert cuda.variants == ["bf16", "blockfp8"]
+    assert args.variants == ["bf16", "transformers-fp8", "blockfp8"]  # the fused variant only on request
+    assert bench_hf._resolve(_args(variants="blockfp8-fused,bf16"), torch.device("cpu")).variants == [
+        "bf16", "blockfp8-fused"]
     with pytest.raises(ValueError, match="--variants must include bf16"):
         bench_hf._resolve(_args(variants="blockfp8"), torch.device("cpu"))
     with pytest.raises(ValueError, match=r"--variants got \['fp4'\]"):

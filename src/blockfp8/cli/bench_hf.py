@@ -1,11 +1,13 @@
 """``blockfp8 bench-hf``: tokens/s of ``model.generate()`` on a transformers model built from a config.
 
-Three variants of one randomly initialised model (Llama- or Qwen3-shaped; ``lm_head`` stays bf16 in all):
+Variants of one randomly initialised model (Llama- or Qwen3-shaped; ``lm_head`` stays bf16 in all):
 
 * ``bf16``: the model as transformers builds it;
 * ``transformers-fp8``: transformers' own FP8 path, its ``FP8Linear`` layers (what ``from_pretrained`` builds
   for a block-FP8 checkpoint, with ``FineGrainedFP8Config``) holding the very fp8 tensors of the next variant;
-* ``blockfp8``: ``blockfp8.hf.quantize`` of the model.
+* ``blockfp8``: ``blockfp8.hf.quantize`` of the model;
+* ``blockfp8-fused`` (on request): that model with ``blockfp8.hf.fuse_producers`` (its norms and SiLU-mul write
+  the fp8 inputs of the projections they feed; gate and up in one GEMM), sharing its fp8 tensors.
 
 Modes: ``eager`` (the default dynamic KV cache, no compilation) and, on CUDA, ``compiled`` (transformers'
 static KV cache, with which ``generate`` compiles the decode step with ``torch.compile``, mode
@@ -55,15 +57,16 @@ from torch import nn
 from .. import hf
 from ..hf_config import fp8_layout
 from ..nn import Fp8BlockLinear
-from ..quant import quantize_activation
+from ..quant import QuantizedActivation, quantize_activation
 from ..reference import TOLERANCE, reference_gemm, rel_error
 from ..testing import Status
 from ..testing.environment import dist_version, environment, environment_line
 from ..testing.timing import synchronize, time_steps
 from .common import announce, parse_names, positive_ints, short_error
 
-BF16, HF_FP8, BLOCKFP8 = "bf16", "transformers-fp8", "blockfp8"
-VARIANTS = (BF16, HF_FP8, BLOCKFP8)
+BF16, HF_FP8, BLOCKFP8, FUSED = "bf16", "transformers-fp8", "blockfp8", "blockfp8-fused"
+VARIANTS = (BF16, HF_FP8, BLOCKFP8, FUSED)
+DEFAULT_VARIANTS = (BF16, HF_FP8, BLOCKFP8)  # blockfp8-fused on request
 MODES = ("eager", "compiled")
 SEED = 0
 
@@ -201,8 +204,11 @@ def forward_checked(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, 
     worst: list[float] = []
 
     def check(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        x = args[0].reshape(-1, args[0].shape[-1])
-        xq, xs = quantize_activation(x)
+        x = args[0]
+        if isinstance(x, QuantizedActivation):  # from a fused producer: its own quantization is the input
+            xq, xs = x.values.reshape(-1, x.shape[-1]), x.scales.reshape(-1, x.scales.shape[-1])
+        else:
+            xq, xs = quantize_activation(x.reshape(-1, x.shape[-1]))
         ref = reference_gemm(xq, xs, layer.weight, layer.weight_scale_inv, layer.bias, torch.float32)
         worst.append(rel_error(out.reshape(ref.shape), ref))
 
@@ -458,7 +464,7 @@ def _resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespa
         if value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
         setattr(args, name, value)
-    args.variants = parse_names(args.variants, VARIANTS, VARIANTS, "--variants")
+    args.variants = parse_names(args.variants, DEFAULT_VARIANTS, VARIANTS, "--variants")
     if BF16 not in args.variants:
         raise ValueError("--variants must include bf16: speed-ups and logits are measured against it")
     # The bf16 row leads each group so the others can be compared with it.
@@ -479,7 +485,7 @@ def _command(args: argparse.Namespace) -> str:
 def build_models(config, variants: list[str], device: torch.device) -> dict[str, nn.Module | BaseException]:
     """Each variant's model, or the exception that stopped it from being built."""
     models: dict[str, nn.Module | BaseException] = {BF16: build_bf16(config, device)}
-    if HF_FP8 in variants or BLOCKFP8 in variants:
+    if HF_FP8 in variants or BLOCKFP8 in variants or FUSED in variants:
         fp8 = build_blockfp8(models[BF16])
         if HF_FP8 in variants:
             try:
@@ -488,6 +494,9 @@ def build_models(config, variants: list[str], device: torch.device) -> dict[str,
                 models[HF_FP8] = e
         if BLOCKFP8 in variants:
             models[BLOCKFP8] = fp8
+        if FUSED in variants:
+            models[FUSED] = sharing_copy(fp8)
+            hf.fuse_producers(models[FUSED])
     return models
 
 
