@@ -169,3 +169,14 @@ def test_variants_are_timed_in_turn_after_their_setup(mode):
     setup = 1 if mode == "eager" else 3  # untimed calls per variant: the first, and compiled's recording calls
     assert log == ["bf16"] * setup + ["blockfp8"] * setup + ["bf16", "blockfp8"] * 3
     assert [r.status for r in rows] == [Status.OK, Status.OK] and all(r.tokens_per_s for r in rows)
+
+
+def test_eager_graph_captures_of_the_prefill_stay_out_of_the_timed_calls():
+    """Pinned: the prompt's prefill makes one call per layer and generate(), and a layer's eager CUDA graph of a
+    shape is captured on its 8th call: on CUDA, an FP8 model's first 8 calls are setup, in both modes."""
+    fp8 = torch.nn.Sequential(Fp8BlockLinear(128, 128))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert [bench_hf.untimed_calls(fp8, mode, cuda) for mode in ("eager", "compiled")] == [8, 8]
+    bf16 = torch.nn.Sequential(torch.nn.Linear(128, 128))
+    assert [bench_hf.untimed_calls(bf16, mode, cuda) for mode in ("eager", "compiled")] == [1, 3]
+    assert [bench_hf.untimed_calls(fp8, mode, cpu) for mode in ("eager", "compiled")] == [1, 3]

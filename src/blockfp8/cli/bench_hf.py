@@ -13,8 +13,9 @@ Modes: ``eager`` (the default dynamic KV cache, no compilation) and, on CUDA, ``
 static KV cache, with which ``generate`` compiles the decode step with ``torch.compile``, mode
 "reduce-overhead"). Each cell generates ``--new-tokens`` tokens after a ``--prompt-len`` prompt at each batch
 size; tokens/s is batch x new tokens over the median wall time of a ``generate`` call (prefill included). The
-first calls (kernel JIT, compilation, CUDA-graph recording) are untimed and reported as setup seconds. The
-variants of a cell are timed in turn, one call each per repeat, so drift of the host's speed weighs on all alike.
+first calls (kernel JIT, compilation, CUDA-graph recording, blockfp8's eager graphs of the prompt's prefill;
+``untimed_calls``) are untimed and reported as setup seconds. The variants of a cell are timed in turn, one call
+each per repeat, so drift of the host's speed weighs on all alike.
 
 Fidelity, on one forward pass of the prompts per FP8 variant and batch:
 
@@ -55,6 +56,7 @@ from rich.table import Table
 from torch import nn
 
 from .. import hf
+from ..eager_graphs import EagerGraphs
 from ..hf_config import fp8_layout
 from ..nn import Fp8BlockLinear
 from ..quant import QuantizedActivation, quantize_activation
@@ -261,6 +263,17 @@ def format_logits(blockfp8_model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
             m.backend = b
 
 
+def untimed_calls(model: nn.Module, mode: str, device: torch.device) -> int:
+    """generate() calls before a cell is timed: the first (kernel JIT); reduce-overhead compilation records its
+    CUDA graphs over the next two; blockfp8's eager CUDA graphs of the prompt's prefill (one linear call per
+    generate() at the prompt's shape) capture on a layer's ``EagerGraphs.HOT``-th call of a shape, in the
+    compiled mode too, where transformers runs the prefill uncompiled."""
+    calls = 3 if mode == "compiled" else 1
+    if device.type == "cuda" and any(isinstance(m, Fp8BlockLinear) for m in model.modules()):
+        calls = max(calls, EagerGraphs.HOT)
+    return calls
+
+
 @torch.inference_mode()
 def setup_generate(model: nn.Module, ids: torch.Tensor, mode: str, s: Settings) -> tuple[float, Callable[[], float]]:
     """(setup seconds, a function timing one generate call in seconds) of one cell: the untimed first calls
@@ -272,8 +285,7 @@ def setup_generate(model: nn.Module, ids: torch.Tensor, mode: str, s: Settings) 
 
     t0 = time.perf_counter()
     out = generate()
-    # reduce-overhead compilation records its CUDA graphs over the next calls: keep those untimed too.
-    for _ in range(2 if mode == "compiled" else 0):
+    for _ in range(untimed_calls(model, mode, s.device) - 1):
         generate()
     synchronize(s.device)
     setup = time.perf_counter() - t0
