@@ -113,7 +113,7 @@ class LinearPlan:
     """One weight's GEMM at M rows, everything decided that does not depend on the activation: the backend
     and its ``GemmPlan``. Holds no tensor: every call passes the weight, its scales and the bias.
 
-    ``linear`` takes float activations, ``gemm`` fp8 activations with their scales. ``keep``: False for a plan
+    ``run_linear`` takes float activations, ``gemm`` fp8 activations with their scales. ``keep``: False for a plan
     made while a CUDA graph is being captured (used for that capture only).
     """
 
@@ -157,18 +157,10 @@ class LinearPlan:
             return out
         return self.launch(x2, xs, weight, weight_scale_inv, bias).reshape(*x_fp8.shape[:-1], self.n)
 
-    def linear(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-               bias: torch.Tensor | None, graphs: bool = True) -> torch.Tensor:
-        """y [..., N] for float x [..., K] with M rows; ``graphs``: an eager call, which may replay a graph."""
-        if graphs and self.graphed:
-            y = self._replay((x,), (x.shape, x.stride()), self.run_linear, weight, weight_scale_inv, bias)
-            if y is not None:
-                return y
-        return self.run_linear(x, weight, weight_scale_inv, bias)
-
     def gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
              weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, graphs: bool = True) -> torch.Tensor:
-        """y [..., N] for fp8 x_fp8 [..., K] with M rows and its scales [..., Kb]; ``graphs`` as in ``linear``."""
+        """y [..., N] for fp8 x_fp8 [..., K] with M rows and its scales [..., Kb]; ``graphs``: an eager call,
+        which may replay a graph."""
         if graphs and self.graphed:
             layout = (x_fp8.shape, x_fp8.stride(), x_scale.shape, x_scale.stride())
             y = self._replay((x_fp8, x_scale), layout, self.run_gemm, weight, weight_scale_inv, bias)
@@ -314,7 +306,7 @@ def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
     """Whether a call runs its plan directly instead of through its custom op: plain tensors (parameters
     included), nothing being traced or compiled, no torch function or dispatch mode active (those are what the
     op's registration serves)."""
-    if (_is_compiling() or _torch_function_mode() or _dispatch_stack_len() or torch.jit.is_tracing()):
+    if _intercepted():
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN:
@@ -326,6 +318,13 @@ def runs_eagerly(*tensors: torch.Tensor | None) -> bool:
 _is_compiling = torch.compiler.is_compiling
 _torch_function_mode = torch._C._is_torch_function_mode_enabled
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
+_tracing = torch._C._get_tracing_state  # what torch.jit.is_tracing() reads, outside TorchScript
+
+
+def _intercepted() -> bool:
+    """Whether something other than a plain eager call is running: compilation, tracing, or an active torch
+    function or dispatch mode (the custom ops' registration serves those)."""
+    return bool(_is_compiling() or _torch_function_mode() or _dispatch_stack_len() or _tracing())
 
 
 def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
@@ -409,7 +408,7 @@ def _linear_op(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Te
         return x.new_empty(*x.shape[:-1], n)
     # No online tuning here: the op runs inside compiled graphs and their captures, where nothing is timed.
     plan = _linear_plan(x, weight, weight_scale_inv, bias, backend or None, m, check=True, tune=False)
-    return plan.linear(x, weight, weight_scale_inv, bias, graphs=False)
+    return plan.run_linear(x, weight, weight_scale_inv, bias)
 
 
 @_linear_op.register_fake
@@ -536,7 +535,7 @@ class Shortcut:
                 or (bias is not None if self.bias is None else self.bias() is not bias)
                 or backend != self.backend or env_backend() != self.env or generation() != self.generation):
             return None
-        if _is_compiling() or _torch_function_mode() or _dispatch_stack_len() or _tracing() or _capturing():
+        if _intercepted() or _capturing():
             return None
         if (not EagerGraphs.enabled or _current_device() != self.device or threading.get_ident() != self.thread
                 or current_raw_stream(self.device) != self.stream):
@@ -544,7 +543,7 @@ class Shortcut:
         graphs = self.graphs
         if graphs.ptrs != (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr()):
             return None
-        if _grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        if _needs_grad(x, bias):
             return _linear_fn(x, weight, weight_scale_inv, bias, self.plan, graphs)
         return graphs((x,), self.plan.run_linear, (weight, weight_scale_inv, bias))
 
@@ -570,8 +569,6 @@ class ShortcutRegistry:
 
 
 SHORTCUTS = ShortcutRegistry()
-_grad_enabled = torch.is_grad_enabled
-_tracing = torch._C._get_tracing_state
 
 
 def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
