@@ -265,7 +265,7 @@ def test_gated_mlp_refusals():
     fp8 = [Fp8BlockLinear.from_linear(m) for m in (gate, up, down)]
     with pytest.raises(ValueError, match="out_features % 128 == 0"):
         Fp8GatedMLP.from_projections(*fp8)
-    with pytest.raises(TypeError, match="both be nn.Linear or both Fp8BlockLinear"):
+    with pytest.raises(TypeError, match="must all be nn.Linear or all Fp8BlockLinear"):
         Fp8GatedMLP.from_projections(gate, fp8[1], down)
     with pytest.raises(ValueError, match="one shape"):
         Fp8GatedMLP.from_projections(gate, nn.Linear(200, 128), down)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from blockfp8 import hf
-from blockfp8.modules import Fp8GatedMLP, Fp8RMSNorm
+from blockfp8.modules import Fp8GatedMLP, Fp8NormProjections, Fp8RMSNorm, ProjectionSlice
+from blockfp8.nn import Fp8BlockLinear
 from blockfp8.quant import QuantizedActivation, quantize_activation
 
 transformers = pytest.importorskip("transformers")
@@ -31,22 +32,67 @@ def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-def test_a_fused_decoder_computes_what_the_quantized_one_does():
+@pytest.mark.parametrize("stack_qkv", [True, False])
+def test_a_fused_decoder_computes_what_the_quantized_one_does(stack_qkv):
     plain, fused = quantized_llama(), quantized_llama()
-    assert hf.fuse_producers(fused) == ["model.layers.0", "model.layers.1"]
+    assert hf.fuse_producers(fused, stack_qkv=stack_qkv) == ["model.layers.0", "model.layers.1"]
     layer = fused.model.layers[0]
-    assert isinstance(layer.input_layernorm, Fp8RMSNorm) and isinstance(layer.post_attention_layernorm, Fp8RMSNorm)
+    norm_in = Fp8NormProjections if stack_qkv else Fp8RMSNorm
+    assert isinstance(layer.input_layernorm, norm_in) and isinstance(layer.post_attention_layernorm, Fp8RMSNorm)
     assert isinstance(layer.mlp, Fp8GatedMLP)
+    projection = ProjectionSlice if stack_qkv else Fp8BlockLinear
+    assert all(isinstance(getattr(layer.self_attn, p), projection) for p in ("q_proj", "k_proj", "v_proj"))
     with torch.no_grad():
         want, got = plain(IDS).logits, fused(IDS).logits
     # Equal on the CPU. The producers' norm rounds once where transformers' rounds twice: an ulp of bf16 now and
     # then, which an fp8 rounding can turn into one e4m3 step (1/16) on a few elements; a norm in the wrong place
     # gives about 0.4.
     assert rel_error(got, want) < 0.05
+    if not stack_qkv:
+        return  # generation is the same code either way; once is enough on the CPU interpreter
     with torch.no_grad():
         out = fused.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=4, do_sample=False,
                              pad_token_id=0)
     assert out.shape == (2, 16)
+
+
+def test_stacked_projections_are_the_projections_they_replace():
+    """Each slice is its projection: the same fp8 rows and scales, and the same output from a float input (its
+    own rows as a linear) as from the stacked GEMM's output (a view of its columns)."""
+    plain, fused = quantized_llama(), quantized_llama()
+    hf.fuse_producers(fused)
+    attn, attn_plain = fused.model.layers[1].self_attn, plain.model.layers[1].self_attn
+    norm = fused.model.layers[1].input_layernorm
+    x = torch.randn(2, 5, CONFIG["hidden_size"], dtype=torch.bfloat16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        projected = norm(x)
+        assert projected.shape == x.shape
+        for p in ("q_proj", "k_proj", "v_proj"):
+            piece, want = getattr(attn, p), getattr(attn_plain, p)
+            assert (piece.in_features, piece.out_features) == (want.in_features, want.out_features)
+            assert torch.equal(piece.weight.view(torch.uint8), want.weight.view(torch.uint8))
+            assert torch.equal(piece.weight_scale_inv, want.weight_scale_inv)
+            assert torch.equal(piece(x), want(x))
+            assert torch.equal(piece(projected), want(norm.norm(x)))
+    # The stacked weight is held once in the model's state, by the norm module that runs it.
+    names = [n for n in fused.state_dict() if n.startswith("model.layers.1.") and n.endswith(".weight")]
+    assert "model.layers.1.input_layernorm.proj.weight" in names
+    assert not any("q_proj" in n or "k_proj" in n or "v_proj" in n for n in names)
+
+
+def test_stacking_qkv_needs_whole_weight_blocks():
+    """k_proj's rows must end on a 128-row block for v's scales to line up; a model where they do not keeps its
+    separate projections (and is still fused)."""
+    model = quantized_llama()
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = Fp8BlockLinear.from_linear(torch.nn.Linear(CONFIG["hidden_size"], 64, bias=False,
+                                                             dtype=torch.bfloat16))
+    attn.v_proj = Fp8BlockLinear.from_linear(torch.nn.Linear(CONFIG["hidden_size"], 64, bias=False,
+                                                             dtype=torch.bfloat16))
+    hf.fuse_producers(model)
+    assert isinstance(model.model.layers[0].input_layernorm, Fp8RMSNorm)
+    assert isinstance(model.model.layers[1].input_layernorm, Fp8NormProjections)
+    assert isinstance(attn.k_proj, Fp8BlockLinear)
 
 
 def test_nothing_to_fuse_is_an_error_naming_why():

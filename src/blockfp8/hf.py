@@ -16,7 +16,7 @@ from torch import nn
 
 from .checkpoint import CONFIG_NAME, load_fp8_model, read_quantization_config
 from .dispatch import check_backend_name
-from .format import DEFAULT_BLOCK, FP8_DTYPE
+from .format import BLOCK, DEFAULT_BLOCK, FP8_DTYPE
 from .hf_config import mark_fp8_model, transformers_module
 from .nn import ConversionReport, Fp8BlockLinear, convert_model
 from .validate import check_out_dtype
@@ -120,17 +120,36 @@ def _silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def fuse_producers(model: nn.Module) -> list[str]:
+def _norm_and_qkv(norm: nn.Module, attn: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The input norm, and the q/k/v projections stacked behind it where their fp8 rows allow (q and k end on
+    whole 128-row blocks): the norm module then runs the stacked GEMM and the projections become slices of it."""
+    from .modules import Fp8NormProjections, Fp8RMSNorm, ProjectionSlice, stack_linears
+
+    fp8_norm = Fp8RMSNorm.from_norm(norm)
+    q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
+    if q.out_features % BLOCK or k.out_features % BLOCK or len({q.backend, k.backend, v.backend}) > 1:
+        return fp8_norm, {}
+    stacked = stack_linears((q, k, v), ("q_proj", "k_proj", "v_proj"), q.backend, "qkv_proj")
+    ends = (q.out_features, q.out_features + k.out_features, stacked.out_features)
+    slices = {"q_proj": ProjectionSlice(stacked, 0, ends[0]), "k_proj": ProjectionSlice(stacked, ends[0], ends[1]),
+              "v_proj": ProjectionSlice(stacked, ends[1], ends[2])}
+    return Fp8NormProjections(fp8_norm, stacked), slices
+
+
+def fuse_producers(model: nn.Module, stack_qkv: bool = True) -> list[str]:
     """Run a quantized transformers decoder's norms and MLPs on blockfp8's fused producers, in place: in every
     decoder layer of ``FUSABLE_LAYERS`` whose projections are all ``Fp8BlockLinear`` (after ``quantize``) and whose
     MLP activation is SiLU, both RMSNorms become ``Fp8RMSNorm`` (the norm writes the fp8 input of q/k/v, and of
     gate/up, in one kernel, shared by the projections it feeds) and the MLP becomes ``Fp8GatedMLP`` (gate and up
-    stacked into one GEMM, the SiLU-mul writing down_proj's fp8 input). Per decoder layer at decode, six separate
-    activation quantizers and two float kernels give way to three producers. Inference only (no autograd formula);
-    the norm rounds once in fp32 where transformers rounds twice (at most an ulp of the dtype). A fused model is
-    not saved as a checkpoint (``save_pretrained`` refuses it): save before fusing. A layer whose MLP rows do not
-    fill whole 128-row blocks stays as it is. Returns the fused layers' names; ``ValueError`` when no layer
-    qualifies (the model is then unchanged)."""
+    stacked into one GEMM, the SiLU-mul writing down_proj's fp8 input). With ``stack_qkv`` (the default), q, k and
+    v are stacked into one GEMM too, where q's and k's rows end on whole 128-row blocks: the input norm becomes an
+    ``Fp8NormProjections`` that runs it, and the attention's q/k/v projections ``ProjectionSlice`` views of its
+    output. Per decoder layer at decode, six separate activation quantizers and two float kernels give way to
+    three producers, and seven GEMMs to four. Inference only (no autograd formula); the norm rounds once in fp32
+    where transformers rounds twice (at most an ulp of the dtype). A fused model is not saved as a checkpoint
+    (``save_pretrained`` refuses it): save before fusing. A layer whose MLP rows do not fill whole 128-row blocks
+    stays as it is. Returns the fused layers' names; ``ValueError`` when no layer qualifies (the model is then
+    unchanged)."""
     from .modules import Fp8GatedMLP, Fp8RMSNorm
 
     built, seen = [], 0
@@ -143,10 +162,11 @@ def fuse_producers(model: nn.Module) -> list[str]:
         projections += [getattr(mlp, p, None) for p in ("gate_proj", "up_proj", "down_proj")]
         # fp8 gate and up weights stack along whole 128-row blocks only.
         if (not all(isinstance(p, Fp8BlockLinear) for p in projections) or not _silu(getattr(mlp, "act_fn", None))
-                or mlp.gate_proj.out_features % 128):
+                or mlp.gate_proj.out_features % BLOCK):
             continue
-        built.append((name, layer, Fp8RMSNorm.from_norm(layer.input_layernorm),
-                      Fp8RMSNorm.from_norm(layer.post_attention_layernorm),
+        norm_in, slices = (_norm_and_qkv(layer.input_layernorm, attn) if stack_qkv
+                           else (Fp8RMSNorm.from_norm(layer.input_layernorm), {}))
+        built.append((name, layer, attn, norm_in, slices, Fp8RMSNorm.from_norm(layer.post_attention_layernorm),
                       Fp8GatedMLP.from_projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
     if not built:
         why = (f"none of its {seen} decoder layer(s) has every projection in block FP8 (run hf.quantize first), a "
@@ -154,8 +174,10 @@ def fuse_producers(model: nn.Module) -> list[str]:
             f"it has no decoder layer of {', '.join(FUSABLE_LAYERS)}"
         raise ValueError(f"fuse_producers found nothing to fuse in this {type(model).__name__}: {why}")
     # Only now is the model touched: every new module was built without error.
-    for _, layer, norm_in, norm_post, mlp in built:
+    for _, layer, attn, norm_in, slices, norm_post, mlp in built:
         layer.input_layernorm, layer.post_attention_layernorm, layer.mlp = norm_in, norm_post, mlp
+        for proj, piece in slices.items():
+            setattr(attn, proj, piece)
     return [name for name, *_ in built]
 
 

@@ -3,11 +3,16 @@ for the block-FP8 linears it feeds, and a gated MLP whose SiLU-mul quantizes for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
+from .format import BLOCK
 from .fused import rms_norm_quant, silu_mul_quant
 from .nn import Fp8BlockLinear
+from .ops import linear
 from .quant import QuantizedActivation, quantize_weight
 
 
@@ -62,28 +67,38 @@ def _fp8(lin: nn.Module, name: str, backend: str | None) -> Fp8BlockLinear:
     raise TypeError(f"{name} must be an nn.Linear or an Fp8BlockLinear, got {type(lin).__name__}")
 
 
-def _stack(gate: nn.Module, up: nn.Module, backend: str | None) -> Fp8BlockLinear:
-    """One linear computing [gate(x), up(x)]. Float weights are stacked and quantized; fp8 ones are stacked
-    with their block scales, which needs gate's out_features on a 128-row block boundary."""
-    if type(gate) is not type(up) or not isinstance(gate, (nn.Linear, Fp8BlockLinear)):
-        raise TypeError(f"gate_proj and up_proj must both be nn.Linear or both Fp8BlockLinear, got "
-                        f"{type(gate).__name__} and {type(up).__name__}")
-    if gate.in_features != up.in_features or gate.out_features != up.out_features:
-        raise ValueError(f"gate_proj and up_proj must have one shape, got {gate.out_features}x{gate.in_features} "
-                         f"and {up.out_features}x{up.in_features}")
-    if (gate.bias is None) != (up.bias is None):
-        raise ValueError("gate_proj and up_proj must both have a bias or neither")
-    bias = None if gate.bias is None else torch.cat([gate.bias.detach(), up.bias.detach()])
+def stack_linears(linears: Sequence[nn.Module], names: Sequence[str], backend: str | None, name: str, *,
+                  same_shape: bool = False) -> Fp8BlockLinear:
+    """One linear computing the linears' outputs side by side (``name``: its name in error messages). Float
+    weights are stacked and quantized; fp8 ones are stacked with their block scales, which needs every output but
+    the last to end on a 128-row block."""
+    first = linears[0]
+    listed = " and ".join(names)
+    if (any(type(lin) is not type(first) for lin in linears)
+            or not isinstance(first, (nn.Linear, Fp8BlockLinear))):
+        raise TypeError(f"{listed} must all be nn.Linear or all Fp8BlockLinear, got "
+                        f"{', '.join(type(lin).__name__ for lin in linears)}")
+    if same_shape and len({(lin.out_features, lin.in_features) for lin in linears}) > 1:
+        raise ValueError(f"{listed} must have one shape, got "
+                         f"{' and '.join(f'{lin.out_features}x{lin.in_features}' for lin in linears)}")
+    if any(lin.in_features != first.in_features for lin in linears):
+        raise ValueError(f"{listed} must share in_features, got "
+                         f"{', '.join(str(lin.in_features) for lin in linears)}")
+    if len({lin.bias is None for lin in linears}) > 1:
+        raise ValueError(f"{listed} must all have a bias or none")
+    bias = None if first.bias is None else torch.cat([lin.bias.detach() for lin in linears])
     with torch.no_grad():
-        if isinstance(gate, nn.Linear):
-            w, s = quantize_weight(torch.cat([gate.weight, up.weight]))
+        if isinstance(first, nn.Linear):
+            w, s = quantize_weight(torch.cat([lin.weight for lin in linears]))
         else:
-            if gate.out_features % 128:
-                raise ValueError(f"fp8 gate_proj and up_proj stack only when out_features % 128 == 0 (whole weight "
-                                 f"blocks), got {gate.out_features}; stack the float weights instead")
-            w = torch.cat([gate.weight, up.weight])
-            s = torch.cat([gate.weight_scale_inv, up.weight_scale_inv])
-    return Fp8BlockLinear.from_fp8(w, s, bias, backend, name="gate_up_proj.weight")
+            ragged = [n for n, lin in zip(names[:-1], linears[:-1], strict=True) if lin.out_features % BLOCK]
+            if ragged:
+                raise ValueError(f"fp8 {listed} stack only when every output but the last ends on a whole weight "
+                                 f"block (out_features % {BLOCK} == 0), not {', '.join(ragged)}; stack the float "
+                                 "weights instead")
+            w = torch.cat([lin.weight for lin in linears])
+            s = torch.cat([lin.weight_scale_inv for lin in linears])
+    return Fp8BlockLinear.from_fp8(w, s, bias, backend, name=f"{name}.weight")
 
 
 class Fp8GatedMLP(nn.Module):
@@ -121,8 +136,85 @@ class Fp8GatedMLP(nn.Module):
                          layout: str | None = None, ue8m0: bool = False, backend: str | None = None) -> Fp8GatedMLP:
         """From separate gate, up and down linears (the Llama/Qwen3 layout): gate and up are stacked into one
         GEMM."""
-        return cls.from_linears(_stack(gate_proj, up_proj, backend), down_proj, layout=layout, ue8m0=ue8m0,
-                                backend=backend)
+        gate_up = stack_linears((gate_proj, up_proj), ("gate_proj", "up_proj"), backend, "gate_up_proj",
+                                same_shape=True)
+        return cls.from_linears(gate_up, down_proj, layout=layout, ue8m0=ue8m0, backend=backend)
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         return self.down_proj(silu_mul_quant(self.gate_up_proj(x), layout=self.layout, ue8m0=self.ue8m0))
+
+
+class ProjectedInput(NamedTuple):
+    """A normalized activation already multiplied by every projection it feeds, in one stacked GEMM
+    (``Fp8NormProjections``): ``outputs`` [..., sum of their N], read by each projection's ``ProjectionSlice``.
+    ``shape`` is the normalized activation's, which attention code reads before its projections."""
+
+    outputs: torch.Tensor
+    shape: torch.Size
+
+
+class Fp8NormProjections(nn.Module):
+    """An RMSNorm and the projections it feeds (q, k and v) as one producer and one stacked GEMM:
+    ``proj(norm(x))``, returned as a ``ProjectedInput`` for the ``ProjectionSlice`` modules that stand in for the
+    projections. At decode three small GEMMs, each mostly launch and ramp-up, become one."""
+
+    def __init__(self, norm: Fp8RMSNorm, proj: Fp8BlockLinear) -> None:
+        super().__init__()
+        if proj.in_features != norm.weight.shape[0]:
+            raise ValueError(f"proj.in_features ({proj.in_features}) must be the norm's size "
+                             f"({norm.weight.shape[0]})")
+        self.norm, self.proj = norm, proj
+
+    def forward(self, x: torch.Tensor) -> ProjectedInput:
+        return ProjectedInput(self.proj(self.norm(x)), x.shape)
+
+
+class ProjectionSlice(nn.Module):
+    """Rows [start, end) of a stacked ``Fp8BlockLinear`` as a projection of its own. Given a ``ProjectedInput``
+    it returns its columns of the stacked output (a view, no kernel); given anything else it runs its rows of
+    the stacked weight as a linear. ``start`` lies on a 128-row weight block. The stacked linear is held, not
+    registered: it belongs to the ``Fp8NormProjections`` that runs it."""
+
+    def __init__(self, stacked: Fp8BlockLinear, start: int, end: int) -> None:
+        super().__init__()
+        if start % BLOCK or not 0 <= start < end <= stacked.out_features:
+            raise ValueError(f"a projection slice needs 0 <= start < end <= {stacked.out_features} with start on a "
+                             f"{BLOCK}-row block, got [{start}, {end})")
+        object.__setattr__(self, "_stacked", stacked)  # not a submodule: the state dict holds it once
+        self.start, self.end = start, end
+        self.in_features, self.out_features = stacked.in_features, end - start
+
+    def _rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        # Views of the stacked buffers, made again only when those are replaced (a device move, a load with
+        # assign=True): a layer's plans live with its weight tensor, so a new view per call would plan every call.
+        stacked = self._stacked
+        weight = stacked.weight
+        views = self.__dict__.get("_views")
+        if views is None or views[0] is not weight:
+            bias = stacked.bias
+            views = (weight, weight[self.start:self.end],
+                     stacked.weight_scale_inv[self.start // BLOCK:-(-self.end // BLOCK)],
+                     None if bias is None else bias[self.start:self.end])
+            self.__dict__["_views"] = views
+        return views[1:]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """This projection's rows of the stacked fp8 weight (a view)."""
+        return self._rows()[0]
+
+    @property
+    def weight_scale_inv(self) -> torch.Tensor:
+        return self._rows()[1]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self._rows()[2]
+
+    def forward(self, x: torch.Tensor | QuantizedActivation | ProjectedInput) -> torch.Tensor:
+        if isinstance(x, ProjectedInput):
+            return x.outputs[..., self.start:self.end]
+        return linear(x, *self._rows(), backend=self._stacked.backend)
+
+    def extra_repr(self) -> str:
+        return f"rows [{self.start}, {self.end}) of a stacked {self._stacked.out_features}x{self.in_features} linear"

@@ -55,6 +55,19 @@ def test_bench_hf_tiny_on_cpu(capsys, tmp_path):
     assert "--preset tiny --layers 2 --vocab 512 --batch 1,2 --prompt-len 8 --new-tokens 2" in md
 
 
+def test_the_fused_variant_runs_and_is_checked_layer_by_layer(tmp_path):
+    """The fused model (hf.fuse_producers: stacked q/k/v behind the norm, projections as slices of its output)
+    generates, and its fp8 GEMMs, the stacked ones included, are each held to the bound."""
+    out_json = tmp_path / "hf.json"
+    argv = ["bench-hf", "--device", "cpu", "--batch", "1", "--new-tokens", "2", "--repeats", "1", "--modes", "eager",
+            "--variants", "bf16,blockfp8-fused", "--json", str(out_json)]
+    assert main(argv) == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    fused = next(r for r in rows if r["variant"] == "blockfp8-fused")
+    assert fused["status"] == Status.OK and fused["tokens_per_s"] > 0, fused["note"]
+    assert 1e-4 < fused["layer_error"] <= 5e-3 and fused["logits_cos_min"] >= 0.99
+
+
 def test_fp8_variants_share_one_set_of_fp8_tensors():
     from transformers.integrations.finegrained_fp8 import FP8Linear
 
@@ -68,8 +81,10 @@ def test_fp8_variants_share_one_set_of_fp8_tensors():
         assert hers.weight.data_ptr() == mine.weight.data_ptr(), name
         assert hers.weight_scale_inv.data_ptr() == mine.weight_scale_inv.data_ptr(), name
     assert type(theirs.lm_head) is torch.nn.Linear and theirs.lm_head.weight is bf16.lm_head.weight
-    fused = models["blockfp8-fused"].model.layers[0]  # the producers' variant: q/k/v/o/down shared, gate+up stacked
-    assert fused.self_attn.q_proj.weight.data_ptr() == ours.model.layers[0].self_attn.q_proj.weight.data_ptr()
+    fused = models["blockfp8-fused"].model.layers[0]  # the producers' variant: o/down shared, q+k+v, gate+up stacked
+    assert fused.self_attn.o_proj.weight.data_ptr() == ours.model.layers[0].self_attn.o_proj.weight.data_ptr()
+    assert torch.equal(fused.self_attn.k_proj.weight.view(torch.uint8),
+                       ours.model.layers[0].self_attn.k_proj.weight.view(torch.uint8))
     assert fused.mlp.down_proj.weight.data_ptr() == ours.model.layers[0].mlp.down_proj.weight.data_ptr()
     assert fused.mlp.gate_up_proj.out_features == 2 * ours.model.layers[0].mlp.gate_proj.out_features
     assert type(ours.model.layers[0].mlp).__name__ == "LlamaMLP"  # the blockfp8 variant itself is not fused

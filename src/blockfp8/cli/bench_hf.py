@@ -207,6 +207,8 @@ def forward_checked(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, 
 
     def check(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
         x = args[0]
+        if not isinstance(x, (torch.Tensor, QuantizedActivation)):
+            return  # a slice of a stacked projection's output (hf.fuse_producers): the stacked layer was checked
         if isinstance(x, QuantizedActivation):  # from a fused producer: its own quantization is the input
             xq, xs = x.values.reshape(-1, x.shape[-1]), x.scales.reshape(-1, x.scales.shape[-1])
         else:
