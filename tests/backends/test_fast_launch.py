@@ -71,3 +71,37 @@ def test_layer_eager_equals_the_op(n, k):
         with torch.inference_mode():
             for _ in range(3):
                 assert torch.equal(layer(x), torch.ops.blockfp8.linear(x, wq, ws, layer.bias, ""))
+
+
+@pytest.mark.skipif(not launch.FAST_LAUNCH, reason="fast launches are off for this Triton version")
+@pytest.mark.parametrize("k", [256, 1000, 4096])
+def test_producers_fast_equal_triton_launch(k, slow):
+    """The fused producers relaunched directly give Triton's own launch's bytes, over token counts, both scale
+    layouts, a residual or none, and inputs with odd strides and unaligned bases."""
+    from blockfp8.backends.triton import producers
+
+    weight = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    base = random_activation(70, 2 * k + 8, device="cuda")
+    for m in (1, 16, 17, 65):
+        xs = (base[:m, :k], base[1:m + 1, 3:k + 3], base[:m, 8:8 + 2 * k].contiguous()[:, :k])
+        for x in xs:
+            for layout in ("row", "col"):
+                for residual in (None, base[:m, k:2 * k]):
+                    slow(True)
+                    want = producers.rms_norm_quant_triton(x, weight, 1e-6, residual, layout)
+                    slow(False)
+                    for _ in range(2):
+                        got = producers.rms_norm_quant_triton(x, weight, 1e-6, residual, layout)
+                        assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)), (m, k, layout)
+                        assert torch.equal(got[1], want[1])
+                        assert (got[2] is None) == (want[2] is None)
+                        assert got[2] is None or torch.equal(got[2], want[2])
+        for gate_up in (base[:m, :2 * k], base[1:m + 1, 3:2 * k + 3]):
+            for layout in ("row", "col"):
+                slow(True)
+                want = producers.silu_mul_quant_triton(gate_up, layout)
+                slow(False)
+                for _ in range(2):
+                    got = producers.silu_mul_quant_triton(gate_up, layout)
+                    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8)), (m, k, layout)
+                    assert torch.equal(got[1], want[1])

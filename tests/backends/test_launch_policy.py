@@ -75,3 +75,32 @@ def test_launches_take_triton_s_path_unless_fast(monkeypatch, fast):
         assert jit.log[1][1] == (*args, 4)  # the constexpr passed positionally, after the runtime arguments
     else:
         assert kernel._compiled == {}
+
+
+@pytest.mark.skipif(not launch.INTERPRET, reason="runs the kernels in the interpreter on the CPU")
+def test_every_fast_launched_kernel_can_relaunch(monkeypatch):
+    """A kernel relaunches directly only when its caller passes the constexprs in declaration order after every
+    runtime argument (FastLaunch then keeps it): checked for each kernel blockfp8 launches through FastLaunch, since
+    on a GPU a wrong order does not fail, it only stays on Triton's slow path."""
+    import torch
+
+    from blockfp8.backends.triton import act_quant, producers
+    from blockfp8.backends.triton.gemm import TritonGemmPlan
+    from blockfp8.testing.operands import random_activation, random_fp8_weight
+
+    seen = {}
+    original = launch.FastLaunch.__call__
+
+    def record(self, key, grid, args, constexprs, **options):
+        seen[self.fn.__name__] = list(constexprs) == self.fn.arg_names[len(args):]
+        return original(self, key, grid, args, constexprs, **options)
+
+    monkeypatch.setattr(launch.FastLaunch, "__call__", record)
+    x = random_activation(2, 256)
+    producers.rms_norm_quant_triton(x, torch.ones(256, dtype=torch.bfloat16), 1e-6, x.clone())
+    producers.silu_mul_quant_triton(x)
+    xq, xs = act_quant.quantize_activation_fused(x)
+    wq, ws = random_fp8_weight(128, 256)
+    TritonGemmPlan(wq, ws, None, torch.bfloat16, 2)(xq, xs, wq, ws, None)
+    assert seen == {"_rms_norm_quant_kernel": True, "_silu_mul_quant_kernel": True, "_act_quant_kernel": True,
+                    "_fp8_block_gemm_kernel": True}

@@ -22,6 +22,7 @@ from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
 from ...quant import EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_LOG2E, EXP_POLY, sum_bits
 from .act_quant import _max_keep_nan, e4m3_bits, quantize_groups
 from .gemm import _round_bf16
+from .launch import FastLaunch
 
 _LOG2E = tl.constexpr(EXP_LOG2E)
 _LN2_HI = tl.constexpr(EXP_LN2_HI)
@@ -124,6 +125,12 @@ def _silu_mul_quant_kernel(
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 
 
+# Later launches of a compiled kernel go straight to it (launch.py): Triton's own launch path costs 34-40 us of
+# host time per call, which an eager decoder pays for every producer of every layer.
+_RMS_NORM_QUANT = FastLaunch(_rms_norm_quant_kernel)
+_SILU_MUL_QUANT = FastLaunch(_silu_mul_quant_kernel)
+
+
 def _unit_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -152,13 +159,21 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         h = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m > 0:
         groups = triton.next_power_of_2(kb)
-        _rms_norm_quant_kernel[(m,)](
-            x, weight.contiguous(), residual if residual is not None else x, h if h is not None else x,
-            q.view(torch.uint8), s, k,
-            float(eps), x.stride(0), residual.stride(0) if residual is not None else 0, q.stride(0),
-            s.stride(0), s.stride(1),
-            GROUPS=groups, GROUP=BLOCK, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None, UE8M0=ue8m0,
-            AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, num_warps=_rms_warps(groups), enable_fp_fusion=False,
+        weight = weight.contiguous()
+        r = residual if residual is not None else x
+        xs0, rs0 = x.stride(0), r.stride(0) if residual is not None else 0
+        ss0, ss1 = s.stride()
+        # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
+        # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
+        key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
+               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0)
+        _RMS_NORM_QUANT(
+            key, (m,),
+            (x, weight, r, h if h is not None else x, q.view(torch.uint8), s, k, float(eps), xs0, rs0, q.stride(0),
+             ss0, ss1),
+            dict(GROUPS=groups, GROUP=BLOCK, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None, UE8M0=ue8m0,
+                 AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
+            num_warps=_rms_warps(groups), enable_fp_fusion=False,
         )
     return q, s, h
 
@@ -177,9 +192,13 @@ def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: boo
     if m > 0 and k > 0:
         # Few rows (decode): 2 groups per program spread one row over many SMs; more rows fill them anyway.
         per_prog = min(2 if m <= 64 else 8, triton.next_power_of_2(kb))
-        _silu_mul_quant_kernel[(m, cdiv(kb, per_prog))](
-            gate_up, q.view(torch.uint8), s, k, gate_up.stride(0), q.stride(0), s.stride(0), s.stride(1),
-            GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
+        gs0 = gate_up.stride(0)
+        ss0, ss1 = s.stride()
+        key = (k, gate_up.dtype, per_prog, ue8m0, gs0, ss0, ss1, gate_up.data_ptr() % 16 == 0)
+        _SILU_MUL_QUANT(
+            key, (m, cdiv(kb, per_prog)),
+            (gate_up, q.view(torch.uint8), s, k, gs0, q.stride(0), ss0, ss1),
+            dict(GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
             num_warps=4, enable_fp_fusion=False,
         )
     return q, s
