@@ -1,6 +1,8 @@
 """``blockfp8 tune`` and ``blockfp8 explain`` on the command line, on CPU: listing shapes from a model folder,
 argument errors, the clean refusal to time without a GPU, and what explain says decided."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -35,10 +37,27 @@ def test_list_model_shapes_with_tp(tmp_path, capsys):
     assert "4 shapes x 7 M values" in capsys.readouterr().out
 
 
+def test_list_fused_model_shapes(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    folder = tmp_path / "cfg"
+    folder.mkdir()
+    # A config-only Llama: hidden 256, 4 heads of 64, 2 KV heads, intermediate 384, one layer.
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 256, "head_dim": 64, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 384, "num_hidden_layers": 1, "vocab_size": 1000}))
+    assert main(["tune", "--list", "--model", str(folder), "--fused", "--m", "1"]) == 0
+    out = capsys.readouterr().out
+    for line in ("self_attn.qkv_proj: N=512 K=256", "mlp.gate_up_proj: N=768 K=256",
+                 "self_attn.k_proj+self_attn.v_proj x2: N=128 K=256", "6 shapes x 1 M values"):
+        assert line in out
+    assert main(["tune", "--list", "--model", str(folder), "--fused", "--tp", "2"]) == 2
+    assert "need --tp 1" in " ".join(capsys.readouterr().err.split())
+
+
 @pytest.mark.parametrize("args,message", [
     (["--tp", "0"], "--tp must be >= 1"), (["--model", "/nonexistent"], "not a folder"),
     (["--shapes", "nope"], "unknown shape set"), (["--reps", "0"], "--reps must be >= 1"),
-    (["--backends", "cutlass"], "--backends"),
+    (["--backends", "cutlass"], "--backends"), (["--fused"], "--fused adds the stacked"),
 ])
 def test_argument_errors(capsys, args, message):
     assert main(["tune", "--list", *args]) == 2

@@ -18,6 +18,7 @@ from blockfp8.testing.shapes import (
     model_shapes,
     parallel_style,
     shape_set,
+    stacked_linears,
 )
 
 # A two-layer Llama-like model: hidden 256, 4 heads of 64 (2 KV heads), intermediate 512, vocabulary 1000.
@@ -114,3 +115,51 @@ def test_new_shape_sets_load():
         shapes = load_shapes(name)
         assert len(shapes) == count and all(s.n % 16 == 0 and s.k % 16 == 0 for s in shapes)
     assert load_shapes("qwen3-32b")[0].n == 10240  # q 64 x 128 + k, v 8 x 128
+
+
+def _llama_config(folder, kv_heads: int = 2, intermediate: int = 384) -> None:
+    """A config-only Llama folder (no weights): hidden 256, 4 heads of 64, two layers; the fields config_linears
+    needs to build the model on the meta device."""
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "head_dim": 64,
+        "num_attention_heads": 4, "num_key_value_heads": kv_heads, "intermediate_size": intermediate,
+        "num_hidden_layers": 2, "vocab_size": 1000}))
+
+
+def test_stacked_shapes_of_a_fused_model(tmp_path):
+    pytest.importorskip("transformers")
+    _llama_config(tmp_path / "cfg")
+    separate = {(256, 256): "self_attn.o_proj+self_attn.q_proj x4", (128, 256): "self_attn.k_proj+self_attn.v_proj x4",
+                (384, 256): "mlp.gate_proj+mlp.up_proj x4", (256, 384): "mlp.down_proj x2"}
+    assert {(s.n, s.k): s.name for s in model_shapes(tmp_path / "cfg")} == separate
+    # q 256 + k 128 + v 128 rows over K 256; gate 384 + up 384 rows over K 256: what fuse_producers stacks.
+    assert {(s.n, s.k): s.name for s in model_shapes(tmp_path / "cfg", stacked=True)} == \
+        {**separate, (512, 256): "self_attn.qkv_proj x2", (768, 256): "mlp.gate_up_proj x2"}
+
+
+@pytest.mark.parametrize("kv_heads,intermediate,want", [
+    (1, 512, {(1024, 256)}),  # k_proj N 64 ends inside a 128-row block: q/k/v stay separate, gate/up stack
+    (2, 320, {(512, 256)}),  # gate_proj N 320 ends inside one: gate/up stay separate, q/k/v stack
+])
+def test_stacked_shapes_need_whole_blocks(tmp_path, kv_heads, intermediate, want):
+    pytest.importorskip("transformers")
+    _llama_config(tmp_path / "cfg", kv_heads, intermediate)
+    plain = {(s.n, s.k) for s in model_shapes(tmp_path / "cfg")}
+    assert {(s.n, s.k) for s in model_shapes(tmp_path / "cfg", stacked=True)} - plain == want
+
+
+def test_stacked_linears_by_prefix():
+    layers = [LinearLayer("a.q_proj", 256, 64), LinearLayer("a.k_proj", 128, 64), LinearLayer("a.v_proj", 128, 64),
+              LinearLayer("b.q_proj", 256, 64), LinearLayer("b.k_proj", 128, 64), LinearLayer("b.v_proj", 128, 32),
+              LinearLayer("c.gate_proj", 256, 64), LinearLayer("c.up_proj", 128, 64), LinearLayer("up_proj", 128, 8),
+              LinearLayer("gate_proj", 128, 8), LinearLayer("d.q_proj", 192, 64), LinearLayer("d.k_proj", 128, 64),
+              LinearLayer("d.v_proj", 128, 64)]
+    # b's v_proj has another K, c's up_proj another N and d's q_proj ends inside a 128-row block: none of them
+    # stacks; a top-level gate/up pair does.
+    assert stacked_linears(layers) == [LinearLayer("a.qkv_proj", 512, 64), LinearLayer("gate_up_proj", 256, 8)]
+
+
+def test_stacked_shapes_need_one_rank(tmp_path):
+    with pytest.raises(ValueError, match="--tp 1"):
+        model_shapes(tmp_path, tp=2, stacked=True)

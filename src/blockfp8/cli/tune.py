@@ -47,6 +47,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks: tune the local shapes (q/k/v/gate/up/qkv/gate_up_proj split N, "
                         "o_proj/down_proj split K, other layers whole; default 1)")
+    p.add_argument("--fused", action="store_true",
+                   help="with --model: also tune the stacked GEMMs hf.fuse_producers builds, so that a fused model "
+                        "runs tuned shapes: q+k+v as one qkv_proj (where q's and k's N are multiples of 128) and "
+                        "gate+up as one gate_up_proj (where gate's N is); the separate shapes stay for unfused runs "
+                        "(--tp 1 only)")
     p.add_argument("--m", default=None, help="token counts M to tune at (default: 1,16,64,128,512,2048,4096)")
     p.add_argument("--backends", default=None, help=f"backends to measure (default: {','.join(backend_names())})")
     p.add_argument("--max-configs", type=int, default=4,
@@ -71,7 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _shapes(args: argparse.Namespace) -> list[Shape]:
     if args.tp < 1:
         raise ValueError(f"--tp must be >= 1, got {args.tp}")
-    shapes = model_shapes(args.model, args.tp) if args.model else []
+    if args.fused and not args.model:
+        raise ValueError("--fused adds the stacked q/k/v and gate/up shapes of a model's layers: name the model "
+                         "with --model DIR")
+    shapes = model_shapes(args.model, args.tp, stacked=args.fused) if args.model else []
     if args.shapes or not args.model:
         named = load_shapes(args.shapes or "deepseek-v3")
         shapes += [Shape(n, k, s.name if (n, k) == (s.n, s.k) else f"{s.name} (TP{args.tp})")

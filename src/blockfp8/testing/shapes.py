@@ -200,13 +200,52 @@ def layer_shapes(layer: LinearLayer, tp: int = 1) -> list[tuple[int, int]]:
     return list(dict.fromkeys(local_shape(layer.n, layer.k, r, tp, style, parts) for r in range(tp)))
 
 
-def model_shapes(folder: str | Path, tp: int = 1) -> list[Shape]:
+# Why the stacked shapes are tuned for one rank only: a tensor-parallel q/k/v stack splits q, k and v each on its own
+# (each rank keeps its heads of all three), while ``layer_shapes`` splits a ``qkv_proj`` of unknown parts as one
+# block of rows; and ``hf.fuse_producers`` stacks unsharded ``Fp8BlockLinear`` projections only.
+STACKED_NEEDS_TP1 = ("stacked shapes (--fused) need --tp 1: a tensor-parallel q/k/v stack splits q, k and v each on "
+                     "its own, not as the one block of rows layer_shapes splits a qkv_proj into, and "
+                     "hf.fuse_producers stacks unsharded projections only")
+
+
+def stacked_linears(layers: list[LinearLayer]) -> list[LinearLayer]:
+    """The stacked layers ``hf.fuse_producers`` builds from ``layers``, one per layer prefix (the name less its last
+    component): ``qkv_proj`` (N = q + k + v) where q_proj, k_proj and v_proj share one K and q's and k's N are
+    multiples of 128, and ``gate_up_proj`` (N = 2 x gate's) where gate_proj and up_proj have one shape and gate's
+    N is a multiple of 128."""
+    from ..format import BLOCK
+
+    by_prefix: dict[str, dict[str, LinearLayer]] = {}
+    for layer in layers:
+        prefix, _, last = layer.name.rpartition(".")
+        by_prefix.setdefault(prefix, {})[last] = layer
+    out = []
+    for prefix, parts in by_prefix.items():
+        head = f"{prefix}." if prefix else ""
+        q, k, v = (parts.get(p) for p in ("q_proj", "k_proj", "v_proj"))
+        # fp8 weights stack along whole 128-row blocks only: q and k must end on one for v to start on one.
+        if q and k and v and q.k == k.k == v.k and not q.n % BLOCK and not k.n % BLOCK:
+            out.append(LinearLayer(f"{head}qkv_proj", q.n + k.n + v.n, q.k))
+        gate, up = parts.get("gate_proj"), parts.get("up_proj")
+        if gate and up and (gate.n, gate.k) == (up.n, up.k) and not gate.n % BLOCK:
+            out.append(LinearLayer(f"{head}gate_up_proj", 2 * gate.n, gate.k))
+    return out
+
+
+def model_shapes(folder: str | Path, tp: int = 1, stacked: bool = False) -> list[Shape]:
     """The distinct GEMM shapes of a model folder's linear layers, tensor-parallel over ``tp`` ranks, each named
-    after the layers that have it (``"self_attn.o_proj+self_attn.q_proj x64"``: two kinds, 64 layers)."""
+    after the layers that have it (``"self_attn.o_proj+self_attn.q_proj x64"``: two kinds, 64 layers). With
+    ``stacked``, also the stacked q/k/v and gate/up GEMMs of a model ``hf.fuse_producers`` has fused
+    (``stacked_linears``; ``tp`` 1 only, see ``STACKED_NEEDS_TP1``), besides the separate ones an unfused run uses."""
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"--tp must be a positive int, got {tp!r}")
+    if stacked and tp != 1:
+        raise ValueError(f"{STACKED_NEEDS_TP1}; got --tp {tp}")
+    linears = model_linears(folder)
+    if stacked:
+        linears += stacked_linears(linears)
     names: dict[tuple[int, int], list[str]] = {}
-    for layer in model_linears(folder):
+    for layer in linears:
         for nk in layer_shapes(layer, tp):
             names.setdefault(nk, []).append(_pattern(layer.name))
     if not names:
