@@ -1,6 +1,7 @@
 """The Python an eager decode call of ``Fp8BlockLinear`` runs, without a GPU: the layer's plan is marked graphed,
 captures and replays are stubs, and the device/stream lookups return constants, so what is timed is the library's
-own per-call code on the graphed path (docs/performance.md). ``nn.Linear`` at 16x16 on the CPU is printed beside it
+own per-call code on the graphed path (docs/performance.md), for a float input and for a fused producer's
+``QuantizedActivation``. ``nn.Linear`` at 16x16 on the CPU is printed beside it
 for scale (its matmul is tiny). Prints microseconds per call, best of 5 x 20000 back-to-back calls;
 ``--profile`` adds a cProfile of the layer's calls."""
 
@@ -16,6 +17,7 @@ import torch
 
 import blockfp8
 from blockfp8 import eager_graphs, ops
+from blockfp8.quant import QuantizedActivation, quantize_activation
 from blockfp8.testing.operands import random_activation, random_fp8_weight
 
 
@@ -54,6 +56,12 @@ def main() -> None:
         plan.graphed, plan.device_index = True, -1
         print(f"Fp8BlockLinear eager graphed call (replay stubbed): {per_call_us(layer, x):.2f} us; "
               f"nn.Linear 16x16 on the CPU: {per_call_us(small, xs):.2f} us")
+        # The same layer fed a fused producer's output: its GEMM set, reached through the GEMM shortcut.
+        qa = QuantizedActivation(*quantize_activation(x.view(1, 4096)), torch.bfloat16)
+        layer(qa)
+        for p in ops.PLANS.plans_of(layer.weight):
+            p.graphed, p.device_index = True, -1
+        print(f"Fp8BlockLinear fed a QuantizedActivation (replay stubbed): {per_call_us(layer, qa):.2f} us")
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()

@@ -185,3 +185,49 @@ def test_calls_with_autograd_on_remember_their_set_too(stubs):
     y = lay(x)  # the capture, and the first replay
     shortcut = ops.SHORTCUTS.of(lay.weight)
     assert shortcut is not None and y.untyped_storage()._cdata == shortcut.graphs.storage
+
+
+def _graphed_gemm_layer():
+    """A layer fed a fused producer's ``QuantizedActivation`` whose eager GEMM set has captured (a stub)."""
+    from blockfp8.quant import QuantizedActivation, quantize_activation
+
+    wq, ws = random_fp8_weight(256, 256)
+    lay = Fp8BlockLinear.from_fp8(wq, ws, torch.zeros(256, dtype=torch.bfloat16), backend="reference")
+    qa = QuantizedActivation(*quantize_activation(random_activation(2, 256)), torch.bfloat16)
+    with torch.no_grad():
+        lay(qa)
+        plan, = ops.PLANS.plans_of(lay.weight)
+        plan.graphed, plan.device_index = True, -1
+        for _ in range(EagerGraphs.HOT):
+            lay(qa)
+    lay.x = qa
+    return lay
+
+
+def test_a_layer_fed_a_quantized_activation_replays_its_gemm_set(stubs):
+    from blockfp8.quant import QuantizedActivation
+
+    lay = _graphed_gemm_layer()
+    qa = lay.x
+    shortcut = ops.SHORTCUTS.of(lay.weight)
+    assert type(shortcut) is ops.GemmShortcut
+    with torch.no_grad():
+        assert _hit(lay)
+        assert _hit(lay, x=QuantizedActivation(qa.values.clone(), qa.scales.clone(), qa.dtype))
+        y = lay(qa)
+        assert y.untyped_storage()._cdata == shortcut.graphs.storage  # the set's output, not a direct launch
+        del y
+        col = torch.empty(qa.scales.shape[::-1]).t()
+        col.copy_(qa.scales)
+        others = [QuantizedActivation(qa.values, qa.scales, torch.float16),  # another output dtype
+                  QuantizedActivation(qa.values, col, qa.dtype, "col"),  # the scales in another layout
+                  QuantizedActivation(qa.values[:1], qa.scales[:1], qa.dtype),  # other rows
+                  QuantizedActivation(qa.values.view(torch.uint8), qa.scales, qa.dtype),  # not fp8
+                  QuantizedActivation(qa.values, qa.scales.double(), qa.dtype),
+                  qa.values.float()]  # a float input: the linear's own shortcut, not this one
+        for other in others:
+            assert not _hit(lay, x=other)
+        assert not _hit(lay, scales=lay.weight_scale_inv.clone())
+        assert not _hit(lay, bias=None)
+    with torch.enable_grad():
+        assert not _hit(lay, bias=lay.bias.clone().requires_grad_())

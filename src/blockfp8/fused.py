@@ -25,6 +25,7 @@ accepts both layouts, so a producer feeding several linears can never pick a wro
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 
@@ -32,7 +33,7 @@ import torch
 
 from .backends import Problem, get_backend
 from .dispatch import choose
-from .format import BLOCK, FP8_DTYPE, SCALE_LAYOUTS, cdiv, empty_scales
+from .format import BLOCK, FLOAT_DTYPES, FP8_DTYPE, SCALE_LAYOUTS, cdiv, empty_scales
 from .ops import runs_eagerly
 from .quant import QuantizedActivation, quantize_activation, rms_norm, silu_mul
 from .validate import require_dtype, require_tensor
@@ -145,7 +146,7 @@ def _check_same(t: torch.Tensor, name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move both to one device")
 
 
-def _packed(q: torch.Tensor, s: torch.Tensor, lead: tuple[int, ...], dtype: torch.dtype,
+def _packed(q: torch.Tensor, s: torch.Tensor, lead: tuple[int, ...] | torch.Size, dtype: torch.dtype,
             layout: str) -> QuantizedActivation:
     k, kb = q.shape[1], s.shape[1]
     # A "col" scale tensor (M, Kb) with strides (1, M') views as [..., Kb] without a copy; the GEMM op reshapes
@@ -162,6 +163,17 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
     the sum ``h = x + residual`` is normalized and returned as well: ``(QuantizedActivation, h)``.
     ``layout``: the scale layout to write (None: ``default_layout(x)``); ``ue8m0``: power-of-two scales.
     """
+    # The common call, on CUDA, in one flat check (an eager decoder pays for every check on every call); anything
+    # else is checked below, one named error per problem.
+    if (type(x) is torch.Tensor and x.dtype in FLOAT_DTYPES and x.dim() >= 1 and type(eps) is float
+            and 0.0 <= eps < math.inf and (layout is None or layout in SCALE_LAYOUTS) and type(ue8m0) is bool
+            and isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES and weight.dim() == 1
+            and x.shape[-1] == weight.shape[0] > 0 and x.is_cuda and weight.is_cuda
+            and x.get_device() == weight.get_device()
+            and (residual is None or (type(residual) is torch.Tensor and residual.dtype is x.dtype
+                                      and residual.shape == x.shape and residual.is_cuda
+                                      and residual.get_device() == x.get_device()))):
+        return _rms_norm_quant_checked(x, weight, eps, residual, "col" if layout is None else layout, ue8m0)
     require_dtype(x, "x")
     require_dtype(weight, "weight")
     _check_device(x, "x")
@@ -182,11 +194,16 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
         _check_same(residual, "residual", x)
     layout = default_layout(x) if layout is None else layout
     _check_layout(layout, ue8m0)
-    lead = tuple(x.shape[:-1])
+    return _rms_norm_quant_checked(x, weight, float(eps), residual, layout, ue8m0)
+
+
+def _rms_norm_quant_checked(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None,
+                            layout: str, ue8m0: bool) -> QuantizedActivation | tuple[QuantizedActivation, torch.Tensor]:
+    k = x.shape[-1]
     res2 = None if residual is None else residual.reshape(-1, k)
     op = _rms_norm_quant_impl if _direct(x, weight, residual) else _rms_norm_quant_op
-    q, s, h = op(x.reshape(-1, k), weight, float(eps), res2, layout, ue8m0)
-    qa = _packed(q, s, lead, x.dtype, layout)
+    q, s, h = op(x if x.dim() == 2 else x.reshape(-1, k), weight, eps, res2, layout, ue8m0)
+    qa = _packed(q, s, x.shape[:-1], x.dtype, layout)
     return qa if residual is None else (qa, h.view(x.shape))
 
 
@@ -196,14 +213,18 @@ def silu_mul_quant(gate_up: torch.Tensor, *, layout: str | None = None, ue8m0: b
 
     ``layout``: the scale layout to write (None: ``default_layout(gate_up)``); ``ue8m0``: power-of-two scales.
     """
-    require_dtype(gate_up, "gate_up")
-    _check_device(gate_up, "gate_up")
-    if gate_up.dim() < 1 or gate_up.shape[-1] == 0 or gate_up.shape[-1] % 2:
-        raise ValueError(f"gate_up must have an even, non-zero last dimension ([gate, up]), got shape "
-                         f"{tuple(gate_up.shape)}")
-    layout = default_layout(gate_up) if layout is None else layout
-    _check_layout(layout, ue8m0)
+    if not (type(gate_up) is torch.Tensor and gate_up.dtype in FLOAT_DTYPES and gate_up.dim() >= 1
+            and gate_up.shape[-1] > 0 and not gate_up.shape[-1] % 2 and (layout is None or layout in SCALE_LAYOUTS)
+            and type(ue8m0) is bool and gate_up.is_cuda):
+        # Not the common call on CUDA (one flat check above): one named error per problem.
+        require_dtype(gate_up, "gate_up")
+        _check_device(gate_up, "gate_up")
+        if gate_up.dim() < 1 or gate_up.shape[-1] == 0 or gate_up.shape[-1] % 2:
+            raise ValueError(f"gate_up must have an even, non-zero last dimension ([gate, up]), got shape "
+                             f"{tuple(gate_up.shape)}")
+        _check_layout(default_layout(gate_up) if layout is None else layout, ue8m0)
+    layout = ("col" if gate_up.is_cuda else "row") if layout is None else layout
     two_k = gate_up.shape[-1]
     op = _silu_mul_quant_impl if _direct(gate_up) else _silu_mul_quant_op
-    q, s = op(gate_up.reshape(-1, two_k), layout, ue8m0)
-    return _packed(q, s, tuple(gate_up.shape[:-1]), gate_up.dtype, layout)
+    q, s = op(gate_up if gate_up.dim() == 2 else gate_up.reshape(-1, two_k), layout, ue8m0)
+    return _packed(q, s, gate_up.shape[:-1], gate_up.dtype, layout)

@@ -530,8 +530,19 @@ class Shortcut:
                  backend: str | None) -> torch.Tensor | None:
         """The replayed output, or None: the call takes the full path."""
         if (type(x) is not torch.Tensor or x.shape != self.shape or x.dtype is not self.dtype
-                or x.stride() != self.stride or x.get_device() != self.device
-                or self.scales() is not weight_scale_inv
+                or x.stride() != self.stride or x.get_device() != self.device):
+            return None
+        graphs = self._graphs(weight, weight_scale_inv, bias, backend)
+        if graphs is None:
+            return None
+        if _needs_grad(x, bias):
+            return _linear_fn(x, weight, weight_scale_inv, bias, self.plan, graphs)
+        return graphs((x,), self.plan.run_linear, (weight, weight_scale_inv, bias))
+
+    def _graphs(self, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                backend: str | None) -> EagerGraphs | None:
+        """The kept set, when everything but the activation is as it was."""
+        if (self.scales() is not weight_scale_inv
                 or (bias is not None if self.bias is None else self.bias() is not bias)
                 or backend != self.backend or env_backend() != self.env or generation() != self.generation):
             return None
@@ -543,9 +554,37 @@ class Shortcut:
         graphs = self.graphs
         if graphs.ptrs != (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr()):
             return None
-        if _needs_grad(x, bias):
-            return _linear_fn(x, weight, weight_scale_inv, bias, self.plan, graphs)
-        return graphs((x,), self.plan.run_linear, (weight, weight_scale_inv, bias))
+        return graphs
+
+
+class GemmShortcut(Shortcut):
+    """``Shortcut`` for a layer fed by a fused producer: its ``QuantizedActivation`` input is matched on the fp8
+    values' shape and strides, the scales' shape and strides (their layout) and the output dtype, and the set
+    replays the GEMM alone. A bias that needs a gradient takes the full path (the op's)."""
+
+    __slots__ = ("scale_shape", "scale_stride")
+
+    def __init__(self, x: QuantizedActivation, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
+        super().__init__(x.values, weight_scale_inv, bias, backend, plan, graphs)
+        self.dtype = x.dtype  # the output's: the values are always fp8
+        self.scale_shape, self.scale_stride = x.scales.shape, x.scales.stride()
+
+    def __call__(self, x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 backend: str | None) -> torch.Tensor | None:
+        if type(x) is not QuantizedActivation:
+            return None
+        values, scales = x.values, x.scales
+        if (type(values) is not torch.Tensor or type(scales) is not torch.Tensor or x.dtype is not self.dtype
+                or values.dtype is not FP8_DTYPE or scales.dtype is not torch.float32
+                or values.shape != self.shape or values.stride() != self.stride
+                or scales.shape != self.scale_shape or scales.stride() != self.scale_stride
+                or values.get_device() != self.device or scales.get_device() != self.device):
+            return None
+        graphs = self._graphs(weight, weight_scale_inv, bias, backend)
+        if graphs is None or _needs_grad(values, bias):
+            return None
+        return graphs((values, scales), self.plan.run_gemm, (weight, weight_scale_inv, bias))
 
 
 class ShortcutRegistry:
@@ -559,13 +598,14 @@ class ShortcutRegistry:
         entry = self._by_weight.get(id(weight))
         return entry[1] if entry is not None and entry[0]() is weight else None
 
-    def remember(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+    def remember(self, x: torch.Tensor | QuantizedActivation, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                  bias: torch.Tensor | None, backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
-        if type(x) is not torch.Tensor:
+        kind = Shortcut if type(x) is torch.Tensor else GemmShortcut if type(x) is QuantizedActivation else None
+        if kind is None:
             return
         entry = self._by_weight.get(id(weight))
         ref = entry[0] if entry is not None and entry[0]() is weight else _watched(self._by_weight, weight)
-        self._by_weight[id(weight)] = (ref, Shortcut(x, weight_scale_inv, bias, backend, plan, graphs))
+        self._by_weight[id(weight)] = (ref, kind(x, weight_scale_inv, bias, backend, plan, graphs))
 
 
 SHORTCUTS = ShortcutRegistry()
@@ -582,7 +622,7 @@ def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor
         if y is not None:
             return y
     if isinstance(x, QuantizedActivation):
-        return gemm(x.values, x.scales, weight, weight_scale_inv, bias=bias, out_dtype=x.dtype, backend=backend)
+        return _layer_gemm(x, weight, weight_scale_inv, bias, backend)
     # get_device(): an int, cheaper than comparing torch.device objects; a CPU/meta pair that it cannot tell
     # apart does not run eagerly, and the op's path checks everything.
     if (not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES or x.dim() < 1
@@ -590,6 +630,27 @@ def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor
             or x.get_device() != weight.get_device() or x.is_cuda != weight.is_cuda):
         check_linear_input(x, weight, weight_scale_inv, bias)  # raises the error that names the problem
     return _linear_checked(x, weight, weight_scale_inv, bias, backend, check_weights=True)
+
+
+def _layer_gemm(x: QuantizedActivation, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                bias: torch.Tensor | None, backend: str | None) -> torch.Tensor:
+    """``gemm`` of a fused producer's output as a layer calls it: as ``gemm`` does, and a call that replayed a
+    graph is remembered for the layer's next one (``GemmShortcut``)."""
+    values, scales, out_dtype = x.values, x.scales, x.dtype
+    if not _gemm_activation_ok(values, scales, weight):
+        check_gemm_input(values, scales, weight, weight_scale_inv, bias, out_dtype)  # names the problem
+    m = values.shape[0] if values.dim() == 2 else _rows(values.shape)
+    if m == 0 or not runs_eagerly(values, scales, bias) or _needs_grad(values, bias):
+        return gemm(values, scales, weight, weight_scale_inv, bias=bias, out_dtype=out_dtype, backend=backend)
+    plan = _gemm_plan(values, scales, weight, weight_scale_inv, bias, out_dtype, backend, m, tune=True, check=True)
+    if plan.graphed:
+        graphs = plan.graph_set(values, (values.shape, values.stride(), scales.shape, scales.stride()), weight,
+                                weight_scale_inv, bias)
+        y = None if graphs is None else graphs((values, scales), plan.run_gemm, (weight, weight_scale_inv, bias))
+        if y is not None:
+            SHORTCUTS.remember(x, weight, weight_scale_inv, bias, backend, plan, graphs)
+            return y
+    return plan.run_gemm(values, scales, weight, weight_scale_inv, bias)
 
 
 def gemm(
