@@ -45,11 +45,12 @@ def stubs(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
 
 
-def _graphed_layer():
-    """A layer whose eager set has captured (a stub) and whose shortcut is remembered."""
+def _graphed_layer(x=None):
+    """A layer whose eager set has captured (a stub) and whose shortcut is remembered; ``x``: its input (default:
+    a float activation; a ``QuantizedActivation`` gives the GEMM's set)."""
     wq, ws = random_fp8_weight(256, 256)
     lay = Fp8BlockLinear.from_fp8(wq, ws, torch.zeros(256, dtype=torch.bfloat16), backend="reference")
-    x = random_activation(2, 256)
+    x = random_activation(2, 256) if x is None else x
     with torch.no_grad():
         lay(x)
         plan, = ops.PLANS.plans_of(lay.weight)
@@ -187,27 +188,10 @@ def test_calls_with_autograd_on_remember_their_set_too(stubs):
     assert shortcut is not None and y.untyped_storage()._cdata == shortcut.graphs.storage
 
 
-def _graphed_gemm_layer():
-    """A layer fed a fused producer's ``QuantizedActivation`` whose eager GEMM set has captured (a stub)."""
+def test_a_layer_fed_a_quantized_activation_replays_its_gemm_set(stubs):
     from blockfp8.quant import QuantizedActivation, quantize_activation
 
-    wq, ws = random_fp8_weight(256, 256)
-    lay = Fp8BlockLinear.from_fp8(wq, ws, torch.zeros(256, dtype=torch.bfloat16), backend="reference")
-    qa = QuantizedActivation(*quantize_activation(random_activation(2, 256)), torch.bfloat16)
-    with torch.no_grad():
-        lay(qa)
-        plan, = ops.PLANS.plans_of(lay.weight)
-        plan.graphed, plan.device_index = True, -1
-        for _ in range(EagerGraphs.HOT):
-            lay(qa)
-    lay.x = qa
-    return lay
-
-
-def test_a_layer_fed_a_quantized_activation_replays_its_gemm_set(stubs):
-    from blockfp8.quant import QuantizedActivation
-
-    lay = _graphed_gemm_layer()
+    lay = _graphed_layer(QuantizedActivation(*quantize_activation(random_activation(2, 256)), torch.bfloat16))
     qa = lay.x
     shortcut = ops.SHORTCUTS.of(lay.weight)
     assert type(shortcut) is ops.GemmShortcut
