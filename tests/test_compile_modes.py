@@ -94,17 +94,20 @@ def _teacher_forced(model: nn.Module, sequences: torch.Tensor, prompt: int) -> t
     return model(sequences).logits[:, prompt - 1:-1].float()
 
 
-@pytest.mark.parametrize("backend", [None, "triton"])
-def test_static_cache_generate_agrees_with_eager(backend):
+@pytest.mark.parametrize("backend,fused", [(None, False), ("triton", False), (None, True)])
+def test_static_cache_generate_agrees_with_eager(backend, fused):
     """transformers compiles the decode step with mode="reduce-overhead" for a static cache. Along the tokens it
     generated, its logits must be as faithful to the bf16 model's as the eager FP8 model's logits are (see
-    test_reduce_overhead_decoder for why not bit for bit)."""
+    test_reduce_overhead_decoder for why not bit for bit). ``fused``: on the fused producers, q/k/v stacked
+    (hf.fuse_producers), compared with its own eager logits."""
     from blockfp8 import hf
 
     torch._dynamo.reset()
     bf16 = _tiny_llama()
     fp8 = _tiny_llama()
     hf.quantize(fp8, backend=backend)
+    if fused:
+        hf.fuse_producers(fp8)
     ids = torch.randint(1, 512, (2, 8), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     with torch.inference_mode():
         for _ in range(3):  # the first calls record the graphs
