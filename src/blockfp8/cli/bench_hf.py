@@ -7,7 +7,8 @@ Variants of one randomly initialised model (Llama- or Qwen3-shaped; ``lm_head`` 
   for a block-FP8 checkpoint, with ``FineGrainedFP8Config``) holding the very fp8 tensors of the next variant;
 * ``blockfp8``: ``blockfp8.hf.quantize`` of the model;
 * ``blockfp8-fused`` (on request): that model with ``blockfp8.hf.fuse_producers`` (its norms and SiLU-mul write
-  the fp8 inputs of the projections they feed; gate and up in one GEMM), sharing its fp8 tensors.
+  the fp8 inputs of the projections they feed; q/k/v in one GEMM and gate/up in another), sharing its other fp8
+  tensors.
 
 Modes: ``eager`` (the default dynamic KV cache, no compilation) and, on CUDA, ``compiled`` (transformers'
 static KV cache, with which ``generate`` compiles the decode step with ``torch.compile``, mode
