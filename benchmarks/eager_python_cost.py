@@ -1,9 +1,9 @@
 """The Python an eager decode call of ``Fp8BlockLinear`` runs, without a GPU: the layer's plan is marked graphed,
 captures and replays are stubs, and the device/stream lookups return constants, so what is timed is the library's
 own per-call code on the graphed path (docs/performance.md), for a float input and for a fused producer's
-``QuantizedActivation``. ``nn.Linear`` at 16x16 on the CPU is printed beside it
-for scale (its matmul is tiny). Prints microseconds per call, best of 5 x 20000 back-to-back calls;
-``--profile`` adds a cProfile of the layer's calls."""
+``QuantizedActivation``, and with autograd on beside an empty autograd Function. ``nn.Linear`` at 16x16 on the
+CPU is printed beside it for scale (its matmul is tiny). Prints microseconds per call, best of 5 x 20000
+back-to-back calls; ``--profile`` adds a cProfile of the layer's calls."""
 
 from __future__ import annotations
 
@@ -24,6 +24,24 @@ from blockfp8.testing.operands import random_activation, random_fp8_weight
 class _Graph:
     def replay(self) -> None:
         pass
+
+
+class _Empty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, bias, frozen):
+        return _EMPTY_OUT.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+_EMPTY_OUT = torch.zeros(1, 1, 4096, dtype=torch.bfloat16)
+_empty_raw = ops._RAW_APPLY.__get__(None, _Empty) if ops._RAW_APPLY is not None else _Empty.apply
+
+
+def _empty_apply(x: torch.Tensor) -> torch.Tensor:
+    return _empty_raw(x, None, ())
 
 
 def per_call_us(fn, x, calls: int = 20000, runs: int = 5) -> float:
@@ -62,6 +80,12 @@ def main() -> None:
         for p in ops.PLANS.plans_of(layer.weight):
             p.graphed, p.device_index = True, -1
         print(f"Fp8BlockLinear fed a QuantizedActivation (replay stubbed): {per_call_us(layer, qa):.2f} us")
+    # With autograd on: the same set through ops._LinearFn, and, for scale, an empty autograd Function applied the
+    # way _LinearFn is (the C++ apply): the floor any Function-based call pays over a no-grad one.
+    xg = x.clone().requires_grad_()
+    print(f"Fp8BlockLinear with autograd on (replay stubbed): {per_call_us(layer, xg):.2f} us; an empty "
+          f"autograd Function: {per_call_us(_empty_apply, xg):.2f} us")
+    with torch.inference_mode():
         if args.profile:
             prof = cProfile.Profile()
             prof.enable()
