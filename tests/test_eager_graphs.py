@@ -236,3 +236,51 @@ def test_a_graph_that_reads_the_activation_twice_fails_the_proof_and_stays_right
             assert torch.equal(y, run(x, torch.empty(2, 256, device="cuda")))
         del y
     assert replays == 5 and graphs.moving is None and graphs.tried_rebinding
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+def test_a_norm_and_its_stacked_projections_replay_one_rebound_graph(backend):
+    """``Fp8NormProjections`` in eager decode: the norm's producer and the stacked GEMM from one graph that follows
+    the moving activation (the producer's kernel holds the only copy of its address), with the bytes of the two
+    modules called one after the other."""
+    from blockfp8.modules import Fp8NormProjections, Fp8RMSNorm
+
+    _skip_unavailable(backend)
+    norm = Fp8RMSNorm(4096, eps=1e-5, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    module = Fp8NormProjections(norm, _layer(6144, 4096, backend=backend))
+    xs = []
+    with torch.inference_mode():
+        for step in range(EagerGraphs.HOT + 6):
+            xs.append(random_activation(4, 4096, seed=step, device="cuda").view(1, 4, 4096))
+            got = module(xs[-1]).outputs
+            assert torch.equal(got, module.proj(norm(xs[-1]))), f"step {step}"
+            del got
+        plan = next(p for p in PLANS.plans_of(module.proj.weight) if p.graphs)
+        graphs, = (g for key, g in plan.graphs.items() if key[2][0] == "rms_norm_quant")
+        assert graphs.moving is not None and graphs.captures == 1 and graphs.copy_graph is None
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+def test_a_normed_mlp_replays_one_rebound_graph(backend):
+    """``Fp8GatedMLP`` with its own norm in eager decode: norm producer, gate_up, SiLU-mul and down from one graph
+    that follows the moving activation, with the bytes of the modules called one after the other."""
+    from blockfp8.modules import Fp8GatedMLP, Fp8RMSNorm
+
+    _skip_unavailable(backend)
+    norm = Fp8RMSNorm(4096, eps=1e-5, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    gate_up, down = _layer(2 * 1536, 4096, backend=backend), _layer(4096, 1536, backend=backend)
+    mlp, plain = Fp8GatedMLP.from_linears(gate_up, down, norm=norm), Fp8GatedMLP.from_linears(gate_up, down)
+    xs = []
+    with torch.inference_mode():
+        for step in range(EagerGraphs.HOT + 6):
+            xs.append(random_activation(4, 4096, seed=step, device="cuda").view(1, 4, 4096))
+            got = mlp(xs[-1])
+            assert torch.equal(got, plain(norm(xs[-1]))), f"step {step}"
+            del got
+        plan = next(p for p in PLANS.plans_of(down.weight) if p.graphs)
+        graphs, = (g for key, g in plan.graphs.items() if key[2][0] == "rms_norm_quant+mlp")
+        assert graphs.moving is not None and graphs.captures == 1 and graphs.copy_graph is None

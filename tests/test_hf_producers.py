@@ -38,8 +38,8 @@ def test_a_fused_decoder_computes_what_the_quantized_one_does(stack_qkv):
     assert hf.fuse_producers(fused, stack_qkv=stack_qkv) == ["model.layers.0", "model.layers.1"]
     layer = fused.model.layers[0]
     norm_in = Fp8NormProjections if stack_qkv else Fp8RMSNorm
-    assert isinstance(layer.input_layernorm, norm_in) and isinstance(layer.post_attention_layernorm, Fp8RMSNorm)
-    assert isinstance(layer.mlp, Fp8GatedMLP)
+    assert isinstance(layer.input_layernorm, norm_in) and isinstance(layer.post_attention_layernorm, torch.nn.Identity)
+    assert isinstance(layer.mlp, Fp8GatedMLP) and isinstance(layer.mlp.norm, Fp8RMSNorm)  # the MLP runs its norm
     projection = ProjectionSlice if stack_qkv else Fp8BlockLinear
     assert all(isinstance(getattr(layer.self_attn, p), projection) for p in ("q_proj", "k_proj", "v_proj"))
     with torch.no_grad():

@@ -215,3 +215,79 @@ def test_a_layer_fed_a_quantized_activation_replays_its_gemm_set(stubs):
         assert not _hit(lay, bias=None)
     with torch.enable_grad():
         assert not _hit(lay, bias=lay.bias.clone().requires_grad_())
+
+
+def test_a_norm_and_its_stacked_projections_replay_one_set(stubs, monkeypatch):
+    """``Fp8NormProjections``' eager call, once its GEMM's plan is built and graphed, comes from one set holding the
+    norm's producer and the GEMM (the stub capture runs the set's kernels once, so its output is checked too)."""
+    from blockfp8.modules import Fp8NormProjections, Fp8RMSNorm
+
+    def capture(self, inputs, run, operands, keep_graph=False):
+        run(*inputs, *operands, out=self.out)
+        return _Graph()
+
+    monkeypatch.setattr(EagerGraphs, "_capture", capture)
+    wq, ws = random_fp8_weight(384, 256)
+    norm = Fp8RMSNorm(256, eps=1e-5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    module = Fp8NormProjections(norm, Fp8BlockLinear.from_fp8(wq, ws, None, backend="reference"))
+    x = random_activation(2, 256).view(1, 2, 256)
+    with torch.no_grad():
+        want = module.proj(norm(x))
+        plan, = ops.PLANS.plans_of(wq)  # built by that call
+        plan.graphed, plan.device_index = True, -1
+        for _ in range(EagerGraphs.HOT):
+            got = module(x).outputs
+        sets = [g for key, g in plan.graphs.items() if key[2][0] == "rms_norm_quant"]
+        assert len(sets) == 1 and got.untyped_storage()._cdata == sets[0].storage
+        assert torch.equal(got, want)
+        del got
+        # A changed eps is another graph: another set.
+        norm.eps = 1e-3
+        for _ in range(EagerGraphs.HOT):
+            module(x)
+        assert len([k for k in plan.graphs if k[2][0] == "rms_norm_quant"]) == 2
+    with torch.enable_grad():  # autograd on: the two modules, no set
+        y = module(x.clone().requires_grad_()).outputs
+        assert y.untyped_storage()._cdata not in {g.storage for g in plan.graphs.values()}
+
+
+def test_a_normed_mlp_replays_norm_gemms_and_silu_mul_from_one_set(stubs, monkeypatch):
+    """``Fp8GatedMLP`` with its own norm: once both GEMMs' plans are built and graphed, an eager call comes from one
+    set (kept with down's plan) holding the norm's producer, gate_up, the SiLU-mul and down; its output is the
+    modules' (the stub capture runs the set's kernels once)."""
+    from blockfp8.modules import Fp8GatedMLP, Fp8RMSNorm
+
+    def capture(self, inputs, run, operands, keep_graph=False):
+        run(*inputs, *operands, out=self.out)
+        return _Graph()
+
+    monkeypatch.setattr(EagerGraphs, "_capture", capture)
+    gate_up, down = (Fp8BlockLinear.from_fp8(*random_fp8_weight(n, k), None, backend="reference")
+                     for n, k in ((512, 256), (256, 256)))
+    norm = Fp8RMSNorm(256, eps=1e-5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    mlp = Fp8GatedMLP.from_linears(gate_up, down, norm=norm)
+    x = random_activation(2, 256).view(1, 2, 256)
+    with torch.no_grad():
+        want = mlp(x)  # the modules, building both plans
+        assert torch.equal(want, Fp8GatedMLP.from_linears(gate_up, down)(norm(x)))
+        for lin in (gate_up, down):
+            plan, = ops.PLANS.plans_of(lin.weight)
+            plan.graphed, plan.device_index = True, -1
+        for _ in range(EagerGraphs.HOT):
+            got = mlp(x)
+        down_plan, = ops.PLANS.plans_of(down.weight)
+        sets = [g for key, g in down_plan.graphs.items() if key[2][0] == "rms_norm_quant+mlp"]
+        assert len(sets) == 1 and got.untyped_storage()._cdata == sets[0].storage
+        assert torch.equal(got, want)
+        del got
+        # A hook on one of the modules must see its call: then the modules run, not the set.
+        seen = []
+        handle = down.register_forward_hook(lambda *args: seen.append(1))
+        assert mlp(x).untyped_storage()._cdata != sets[0].storage and seen == [1]
+        handle.remove()
+    with pytest.raises(ValueError, match="norm must be an Fp8RMSNorm of size 256"):
+        Fp8GatedMLP.from_linears(gate_up, down, norm=Fp8RMSNorm(128))

@@ -139,9 +139,11 @@ def _norm_and_qkv(norm: nn.Module, attn: nn.Module) -> tuple[nn.Module, dict[str
 def fuse_producers(model: nn.Module, stack_qkv: bool = True) -> list[str]:
     """Run a quantized transformers decoder's norms and MLPs on blockfp8's fused producers, in place: in every
     decoder layer of ``FUSABLE_LAYERS`` whose projections are all ``Fp8BlockLinear`` (after ``quantize``) and whose
-    MLP activation is SiLU, both RMSNorms become ``Fp8RMSNorm`` (the norm writes the fp8 input of q/k/v, and of
+    MLP activation is SiLU, both RMSNorms run as ``Fp8RMSNorm`` (the norm writes the fp8 input of q/k/v, and of
     gate/up, in one kernel, shared by the projections it feeds) and the MLP becomes ``Fp8GatedMLP`` (gate and up
-    stacked into one GEMM, the SiLU-mul writing down_proj's fp8 input). With ``stack_qkv`` (the default), q, k and
+    stacked into one GEMM, the SiLU-mul writing down_proj's fp8 input), which runs the post-attention norm itself
+    (``post_attention_layernorm`` becomes an identity), so that an eager call replays norm, GEMMs and SiLU-mul
+    from one CUDA graph. With ``stack_qkv`` (the default), q, k and
     v are stacked into one GEMM too, where q's and k's rows end on whole 128-row blocks: the input norm becomes an
     ``Fp8NormProjections`` that runs it, and the attention's q/k/v projections ``ProjectionSlice`` views of its
     output. Per decoder layer at decode, six separate activation quantizers and two float kernels give way to
@@ -166,8 +168,11 @@ def fuse_producers(model: nn.Module, stack_qkv: bool = True) -> list[str]:
             continue
         norm_in, slices = (_norm_and_qkv(layer.input_layernorm, attn) if stack_qkv
                            else (Fp8RMSNorm.from_norm(layer.input_layernorm), {}))
-        built.append((name, layer, attn, norm_in, slices, Fp8RMSNorm.from_norm(layer.post_attention_layernorm),
-                      Fp8GatedMLP.from_projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+        # The MLP runs its own input norm (an eager call is then one graph of norm, GEMMs and SiLU-mul); the norm
+        # module the decoder calls before it passes its input through.
+        built.append((name, layer, attn, norm_in, slices, nn.Identity(),
+                      Fp8GatedMLP.from_projections(mlp.gate_proj, mlp.up_proj, mlp.down_proj,
+                                                   norm=Fp8RMSNorm.from_norm(layer.post_attention_layernorm))))
     if not built:
         why = (f"none of its {seen} decoder layer(s) has every projection in block FP8 (run hf.quantize first), a "
                "SiLU MLP and an intermediate size that is a multiple of 128") if seen else \

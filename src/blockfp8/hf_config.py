@@ -123,12 +123,13 @@ def _matching_problems(model: nn.Module, fp8: list[str], floats: list[str]) -> l
 
 
 def _producer_problems(model: nn.Module) -> list[str]:
-    """Modules ``hf.fuse_producers`` put in: their tensors (a stacked gate_up_proj) are not the model's own."""
+    """Modules ``hf.fuse_producers`` put in: their tensors (stacked projections) are not the model's own."""
     fused = [name for name, m in model.named_modules() if type(m).__module__ == "blockfp8.modules"]
     if not fused:
         return []
     return [f"{len(fused)} module(s) run blockfp8's fused producers (hf.fuse_producers), such as {fused[0]!r}, whose "
-            "stacked gate_up_proj transformers would not load; save the model before fusing, or quantize a fresh copy"]
+            "stacked projections (qkv, gate_up) transformers would not load; save the model before fusing, or "
+            "quantize a fresh copy"]
 
 
 def save_problems(model: nn.Module) -> list[str]:

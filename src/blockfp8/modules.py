@@ -9,11 +9,47 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .eager_graphs import EagerGraphs
 from .format import BLOCK
 from .fused import rms_norm_quant, silu_mul_quant
 from .nn import Fp8BlockLinear
-from .ops import linear
+from .ops import LinearPlan, gemm_plan_of, linear, runs_eagerly
 from .quant import QuantizedActivation, quantize_weight
+
+# Eager graph sets of a norm's producer and the GEMM(s) after it live with the last GEMM's plan, beside its own
+# sets; these tags start their keys.
+_NORM_SET, _NORM_MLP_SET = "rms_norm_quant", "rms_norm_quant+mlp"
+
+
+def _graphed_plan(x: torch.Tensor, layer: Fp8BlockLinear, *extra: torch.Tensor | None
+                  ) -> tuple[LinearPlan, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(plan, weight, scales, bias) of ``layer``'s GEMM at x's rows, when an eager call of a chain that starts
+    from ``x`` (a producer reading it, then this GEMM) may be replayed from a CUDA graph: plain tensors, nothing
+    traced, no gradient to track, and a graphed plan built by an earlier call of the chain's modules (so a shape's
+    first calls run the modules; a plan exists only for a device that graphs, never on the CPU)."""
+    buffers = layer._buffers
+    weight, scales, bias = buffers.get("weight"), buffers.get("weight_scale_inv"), buffers.get("bias")
+    if (type(x) is not torch.Tensor or x.dim() < 2 or not EagerGraphs.enabled or weight is None or scales is None
+            or x.get_device() != weight.get_device() or not runs_eagerly(x, bias, *extra)
+            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *extra)))):
+        return None
+    plan = gemm_plan_of(weight, scales, bias, x.dtype, x.numel() // x.shape[-1], layer.backend)
+    return None if plan is None or not plan.graphed else (plan, weight, scales, bias)
+
+
+def _hooked(*modules: nn.Module) -> bool:
+    """Whether any of ``modules`` has a forward or backward hook, or any module does (global hooks): a replay of a
+    chain skips its modules' calls, so their hooks (a fidelity check, a profiler) would not see them."""
+    g = nn.modules.module
+    if (g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+            or g._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
+def _norm_key(norm: Fp8RMSNorm) -> tuple:
+    return norm.weight.data_ptr(), norm.weight.dtype, norm.eps, norm.layout, norm.ue8m0
 
 
 class Fp8RMSNorm(nn.Module):
@@ -104,7 +140,9 @@ def stack_linears(linears: Sequence[nn.Module], names: Sequence[str], backend: s
 class Fp8GatedMLP(nn.Module):
     """SwiGLU MLP on block-FP8 linears: ``down_proj(silu_mul_quant(gate_up_proj(x)))``, where the SiLU-mul writes
     the down projection's fp8 input directly. ``x`` may be a float tensor or a ``QuantizedActivation`` (from an
-    ``Fp8RMSNorm``). ``gate_up_proj`` computes [gate, up] along its output.
+    ``Fp8RMSNorm``). ``gate_up_proj`` computes [gate, up] along its output. With ``norm`` (an ``Fp8RMSNorm``) the
+    MLP normalizes its float input first, and an eager call replays the norm's producer, both GEMMs and the
+    SiLU-mul from one CUDA graph (the norm module that fed it becomes an identity: ``hf.fuse_producers``).
     """
 
     def __init__(self, hidden: int, intermediate: int, bias: bool = False, *, layout: str | None = None,
@@ -115,33 +153,73 @@ class Fp8GatedMLP(nn.Module):
         self.down_proj = Fp8BlockLinear(intermediate, hidden, bias, device, bias_dtype, backend)
         self.layout = layout
         self.ue8m0 = ue8m0
+        self.norm: Fp8RMSNorm | None = None
 
     @classmethod
     def from_linears(cls, gate_up_proj: nn.Module, down_proj: nn.Module, *, layout: str | None = None,
-                     ue8m0: bool = False, backend: str | None = None) -> Fp8GatedMLP:
+                     ue8m0: bool = False, backend: str | None = None, norm: Fp8RMSNorm | None = None) -> Fp8GatedMLP:
         """From a fused gate-up linear and a down linear (nn.Linear ones are quantized; Fp8BlockLinear ones are
-        shared, not copied)."""
+        shared, not copied); ``norm``: the MLP's own input norm (see the class)."""
         gate_up = _fp8(gate_up_proj, "gate_up_proj", backend)
         down = _fp8(down_proj, "down_proj", backend)
         if gate_up.out_features != 2 * down.in_features:
             raise ValueError(f"gate_up_proj.out_features must be 2 * down_proj.in_features = {2 * down.in_features}, "
                              f"got {gate_up.out_features}")
+        if norm is not None and (not isinstance(norm, Fp8RMSNorm) or norm.weight.shape[0] != gate_up.in_features):
+            raise ValueError(f"norm must be an Fp8RMSNorm of size {gate_up.in_features} (gate_up_proj.in_features), "
+                             f"got {type(norm).__name__}")
         mlp = cls.__new__(cls)
         nn.Module.__init__(mlp)
         mlp.gate_up_proj, mlp.down_proj, mlp.layout, mlp.ue8m0 = gate_up, down, layout, ue8m0
+        mlp.norm = norm
         return mlp
 
     @classmethod
     def from_projections(cls, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module, *,
-                         layout: str | None = None, ue8m0: bool = False, backend: str | None = None) -> Fp8GatedMLP:
+                         layout: str | None = None, ue8m0: bool = False, backend: str | None = None,
+                         norm: Fp8RMSNorm | None = None) -> Fp8GatedMLP:
         """From separate gate, up and down linears (the Llama/Qwen3 layout): gate and up are stacked into one
         GEMM."""
         gate_up = stack_linears((gate_proj, up_proj), ("gate_proj", "up_proj"), backend, "gate_up_proj",
                                 same_shape=True)
-        return cls.from_linears(gate_up, down_proj, layout=layout, ue8m0=ue8m0, backend=backend)
+        return cls.from_linears(gate_up, down_proj, layout=layout, ue8m0=ue8m0, backend=backend, norm=norm)
 
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
+        norm = self.norm
+        if norm is not None:
+            y = self._replayed(x)
+            if y is not None:
+                return y
+            x = norm(x)
         return self.down_proj(silu_mul_quant(self.gate_up_proj(x), layout=self.layout, ue8m0=self.ue8m0))
+
+    def _replayed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An eager call's output from one CUDA graph of the norm's producer, gate_up, the SiLU-mul and down, or
+        None: the call runs the modules (``_graphed_plan``; the set lives with down's plan)."""
+        norm = self.norm
+        up = None if _hooked(norm, self.gate_up_proj, self.down_proj) else _graphed_plan(x, self.gate_up_proj,
+                                                                                          norm.weight)
+        down = None if up is None else _graphed_plan(x, self.down_proj)
+        if down is None:
+            return None
+        up_plan, up_weight, up_scales, up_bias = up
+        plan, weight, scales, bias = down
+        eps, layout, ue8m0, act_layout, act_ue8m0 = norm.eps, norm.layout, norm.ue8m0, self.layout, self.ue8m0
+        # Everything the graph bakes in besides down's tensors (which the set itself checks) is in its key.
+        key = (_NORM_MLP_SET, x.shape, x.stride(), x.dtype, _norm_key(norm), act_layout, act_ue8m0,
+               up_weight.data_ptr(), up_scales.data_ptr(), 0 if up_bias is None else up_bias.data_ptr())
+        graphs = plan.graph_set(x, key, weight, scales, bias)
+        if graphs is None:
+            return None
+
+        def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+            qa = rms_norm_quant(x, norm.weight, eps, layout=layout, ue8m0=ue8m0)
+            gate_up = up_plan.run_gemm(qa.values, qa.scales, up_weight, up_scales, up_bias)
+            act = silu_mul_quant(gate_up, layout=act_layout, ue8m0=act_ue8m0)
+            return plan.run_gemm(act.values, act.scales, weight, scales, bias, out=out)
+
+        return graphs((x,), run, (weight, scales, bias))
 
 
 class ProjectedInput(NamedTuple):
@@ -166,7 +244,30 @@ class Fp8NormProjections(nn.Module):
         self.norm, self.proj = norm, proj
 
     def forward(self, x: torch.Tensor) -> ProjectedInput:
-        return ProjectedInput(self.proj(self.norm(x)), x.shape)
+        y = self._replayed(x)
+        return ProjectedInput(self.proj(self.norm(x)) if y is None else y, x.shape)
+
+    def _replayed(self, x: torch.Tensor) -> torch.Tensor | None:
+        """An eager call's output from one CUDA graph of the norm's producer and the stacked GEMM, or None: the call
+        runs the two modules (``_graphed_plan``)."""
+        norm = self.norm
+        found = None if _hooked(norm, self.proj) else _graphed_plan(x, self.proj, norm.weight)
+        if found is None:
+            return None
+        plan, weight, scales, bias = found
+        eps, layout, ue8m0 = norm.eps, norm.layout, norm.ue8m0
+        # The graph bakes in the norm's weight address, eps and scale layout: all in the set's key.
+        key = (_NORM_SET, x.shape, x.stride(), x.dtype, _norm_key(norm))
+        graphs = plan.graph_set(x, key, weight, scales, bias)
+        if graphs is None:
+            return None
+
+        def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+            qa = rms_norm_quant(x, norm.weight, eps, layout=layout, ue8m0=ue8m0)
+            return plan.run_gemm(qa.values, qa.scales, weight, scales, bias, out=out)
+
+        return graphs((x,), run, (weight, scales, bias))
 
 
 class ProjectionSlice(nn.Module):

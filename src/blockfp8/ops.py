@@ -274,11 +274,11 @@ class PlanRegistry:
 PLANS = PlanRegistry()
 
 
-def plan_key(x: torch.Tensor, out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool) -> tuple:
+def plan_key(x_dtype: torch.dtype, out_dtype: torch.dtype, m: int, backend: str | None, quantize: bool) -> tuple:
     """Everything besides the weight tensors that a ``LinearPlan`` depends on (the device is the weight's). The
     environment override and the dispatcher's generation are read per call, so forcing a backend or installing
     a table takes effect at once."""
-    return (m, x.dtype, out_dtype, backend or env_backend(), generation(), quantize)
+    return (m, x_dtype, out_dtype, backend or env_backend(), generation(), quantize)
 
 
 def _env_reader() -> Callable[[], str | None]:
@@ -334,7 +334,7 @@ def _needs_grad(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
 def _linear_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
                  backend: str | None, m: int, check: bool, tune: bool) -> LinearPlan:
     """The registered plan of this call, built (weight side checked when ``check``) on the first call."""
-    key = plan_key(x, x.dtype, m, backend, True)
+    key = plan_key(x.dtype, x.dtype, m, backend, True)
     plan = PLANS.find(weight, weight_scale_inv, bias, key)
     if plan is not None:
         return plan
@@ -449,7 +449,7 @@ def _gemm_plan(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
                bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str | None, m: int,
                tune: bool, check: bool = False) -> LinearPlan:
     """The registered plan of this gemm call, built (every input checked when ``check``) on the first call."""
-    key = plan_key(x_fp8, out_dtype, m, backend, False)
+    key = plan_key(x_fp8.dtype, out_dtype, m, backend, False)
     plan = PLANS.find(weight, weight_scale_inv, bias, key)
     if plan is not None:
         return plan
@@ -461,6 +461,12 @@ def _gemm_plan(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
                           _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv) if tune else None)
 
     return PLANS.get(weight, weight_scale_inv, bias, key, build)
+
+
+def gemm_plan_of(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype, m: int, backend: str | None) -> LinearPlan | None:
+    """The plan an earlier eager ``gemm`` call of M fp8 rows built for these tensors, or None (nothing built)."""
+    return PLANS.find(weight, weight_scale_inv, bias, plan_key(FP8_DTYPE, out_dtype, m, backend, False))
 
 
 def _gemm_activation_ok(x_fp8: object, x_scale: object, w_fp8: object) -> bool:

@@ -160,7 +160,9 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
     if m > 0:
         groups = triton.next_power_of_2(kb)
         weight = weight.contiguous()
-        r = residual if residual is not None else x
+        # Without a residual the kernel reads neither r nor h; they get the weight's address, not x's, so that x is
+        # the only argument holding the activation's address (an eager graph rebinds it by value: eager_graphs.py).
+        r = residual if residual is not None else weight
         xs0, rs0 = x.stride(0), r.stride(0) if residual is not None else 0
         ss0, ss1 = s.stride()
         # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
@@ -169,7 +171,7 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
                x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0)
         _RMS_NORM_QUANT(
             key, (m,),
-            (x, weight, r, h if h is not None else x, q.view(torch.uint8), s, k, float(eps), xs0, rs0, q.stride(0),
+            (x, weight, r, h if h is not None else weight, q.view(torch.uint8), s, k, float(eps), xs0, rs0, q.stride(0),
              ss0, ss1),
             dict(GROUPS=groups, GROUP=BLOCK, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None, UE8M0=ue8m0,
                  AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
