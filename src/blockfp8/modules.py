@@ -16,6 +16,8 @@ from .nn import Fp8BlockLinear
 from .ops import LinearPlan, gemm_plan_of, linear, runs_eagerly
 from .quant import QuantizedActivation, quantize_weight
 
+_is_compiling = torch.compiler.is_compiling
+
 # Eager graph sets of a norm's producer and the GEMM(s) after it live with the last GEMM's plan, beside its own
 # sets; these tags start their keys.
 _NORM_SET, _NORM_MLP_SET = "rms_norm_quant", "rms_norm_quant+mlp"
@@ -187,7 +189,8 @@ class Fp8GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor | QuantizedActivation) -> torch.Tensor:
         norm = self.norm
         if norm is not None:
-            y = self._replayed(x)
+            # Under torch.compile this branch is dropped while tracing (is_compiling() is a constant there).
+            y = None if _is_compiling() else self._replayed(x)
             if y is not None:
                 return y
             x = norm(x)
@@ -244,7 +247,7 @@ class Fp8NormProjections(nn.Module):
         self.norm, self.proj = norm, proj
 
     def forward(self, x: torch.Tensor) -> ProjectedInput:
-        y = self._replayed(x)
+        y = None if _is_compiling() else self._replayed(x)  # (a constant while torch.compile traces)
         return ProjectedInput(self.proj(self.norm(x)) if y is None else y, x.shape)
 
     def _replayed(self, x: torch.Tensor) -> torch.Tensor | None:
