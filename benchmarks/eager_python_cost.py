@@ -1,9 +1,9 @@
 """The Python an eager decode call of ``Fp8BlockLinear`` runs, without a GPU: the layer's plan is marked graphed,
 captures and replays are stubs, and the device/stream lookups return constants, so what is timed is the library's
-own per-call code on the graphed path (docs/performance.md), for a float input and for a fused producer's
-``QuantizedActivation``, and with autograd on beside an empty autograd Function. ``nn.Linear`` at 16x16 on the
-CPU is printed beside it for scale (its matmul is tiny). Prints microseconds per call, best of 5 x 20000
-back-to-back calls; ``--profile`` adds a cProfile of the layer's calls."""
+own per-call code on the graphed path (docs/performance.md): for a float input, for a fused producer's
+``QuantizedActivation``, for the fused modules' chains, and with autograd on beside an empty autograd Function.
+``nn.Linear`` at 16x16 on the CPU is printed beside it for scale (its matmul is tiny). Prints microseconds per call,
+best of 5 x 20000 back-to-back calls; ``--profile`` adds a cProfile of the layer's calls."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import torch
 
 import blockfp8
 from blockfp8 import eager_graphs, ops
+from blockfp8.modules import Fp8GatedMLP, Fp8NormProjections, Fp8RMSNorm
 from blockfp8.quant import QuantizedActivation, quantize_activation
 from blockfp8.testing.operands import random_activation, random_fp8_weight
 
@@ -54,6 +55,32 @@ def per_call_us(fn, x, calls: int = 20000, runs: int = 5) -> float:
             fn(x)
         best = min(best, (time.perf_counter() - t0) / calls * 1e6)
     return best
+
+
+def _chains() -> None:
+    """The fused modules' chain replays (norm producer and GEMMs from one set), on 256-wide reference layers."""
+
+    def capture(self, inputs, run, operands, keep_graph=False):
+        run(*inputs, *operands, out=self.out)  # once, as a capture would, so the set's output is real
+        return _Graph()
+
+    eager_graphs.EagerGraphs._capture = capture
+
+    def layer(n: int, k: int) -> blockfp8.Fp8BlockLinear:
+        return blockfp8.Fp8BlockLinear.from_fp8(*random_fp8_weight(n, k), None, backend="reference")
+
+    norm = Fp8RMSNorm(256, dtype=torch.bfloat16)
+    projections = Fp8NormProjections(norm, layer(512, 256))
+    mlp = Fp8GatedMLP.from_linears(layer(512, 256), layer(256, 256), norm=norm)
+    x = random_activation(1, 256).view(1, 1, 256)
+    with torch.inference_mode():
+        projections(x)
+        mlp(x)  # the modules' calls build the GEMMs' plans
+        for lin in (projections.proj, mlp.gate_up_proj, mlp.down_proj):
+            for p in ops.PLANS.plans_of(lin.weight):
+                p.graphed, p.device_index = True, -1
+        print(f"Fp8NormProjections chain (norm + stacked GEMM, replay stubbed): {per_call_us(projections, x):.2f} us; "
+              f"Fp8GatedMLP with its norm (norm, gate_up, SiLU-mul, down): {per_call_us(mlp, x):.2f} us")
 
 
 def main() -> None:
@@ -95,6 +122,7 @@ def main() -> None:
             out = io.StringIO()
             pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(15)
             print(out.getvalue())
+    _chains()
 
 
 if __name__ == "__main__":
