@@ -3,7 +3,7 @@ for the block-FP8 linears it feeds, and a gated MLP whose SiLU-mul quantizes for
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -37,6 +37,24 @@ def _graphed_plan(x: torch.Tensor, layer: Fp8BlockLinear, *extra: torch.Tensor |
         return None
     plan = gemm_plan_of(weight, scales, bias, x.dtype, x.numel() // x.shape[-1], layer.backend)
     return None if plan is None or not plan.graphed else (plan, weight, scales, bias)
+
+
+def _replay_chain(x: torch.Tensor, last: tuple[LinearPlan, torch.Tensor, torch.Tensor, torch.Tensor | None],
+                  key: tuple, last_input: Callable[[torch.Tensor], QuantizedActivation]) -> torch.Tensor | None:
+    """The chain's output from its set on the last GEMM's plan (``last``, from ``_graphed_plan``), or None (launch
+    directly): the set's kernels are ``last_input(x)`` (the producers and GEMMs before the last GEMM) and that GEMM.
+    ``key`` holds everything the chain bakes in besides the last GEMM's tensors, which the set checks itself."""
+    plan, weight, scales, bias = last
+    graphs = plan.graph_set(x, key, weight, scales, bias)
+    if graphs is None:
+        return None
+
+    def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        qa = last_input(x)
+        return plan.run_gemm(qa.values, qa.scales, weight, scales, bias, out=out)
+
+    return graphs((x,), run, (weight, scales, bias))
 
 
 def _hooked(*modules: nn.Module) -> bool:
@@ -206,23 +224,17 @@ class Fp8GatedMLP(nn.Module):
         if down is None:
             return None
         up_plan, up_weight, up_scales, up_bias = up
-        plan, weight, scales, bias = down
         eps, layout, ue8m0, act_layout, act_ue8m0 = norm.eps, norm.layout, norm.ue8m0, self.layout, self.ue8m0
         # Everything the graph bakes in besides down's tensors (which the set itself checks) is in its key.
         key = (_NORM_MLP_SET, x.shape, x.stride(), x.dtype, _norm_key(norm), act_layout, act_ue8m0,
                up_weight.data_ptr(), up_scales.data_ptr(), 0 if up_bias is None else up_bias.data_ptr())
-        graphs = plan.graph_set(x, key, weight, scales, bias)
-        if graphs is None:
-            return None
 
-        def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+        def down_input(x: torch.Tensor) -> QuantizedActivation:
             qa = rms_norm_quant(x, norm.weight, eps, layout=layout, ue8m0=ue8m0)
             gate_up = up_plan.run_gemm(qa.values, qa.scales, up_weight, up_scales, up_bias)
-            act = silu_mul_quant(gate_up, layout=act_layout, ue8m0=act_ue8m0)
-            return plan.run_gemm(act.values, act.scales, weight, scales, bias, out=out)
+            return silu_mul_quant(gate_up, layout=act_layout, ue8m0=act_ue8m0)
 
-        return graphs((x,), run, (weight, scales, bias))
+        return _replay_chain(x, down, key, down_input)
 
 
 class ProjectedInput(NamedTuple):
@@ -257,20 +269,10 @@ class Fp8NormProjections(nn.Module):
         found = None if _hooked(norm, self.proj) else _graphed_plan(x, self.proj, norm.weight)
         if found is None:
             return None
-        plan, weight, scales, bias = found
         eps, layout, ue8m0 = norm.eps, norm.layout, norm.ue8m0
         # The graph bakes in the norm's weight address, eps and scale layout: all in the set's key.
         key = (_NORM_SET, x.shape, x.stride(), x.dtype, _norm_key(norm))
-        graphs = plan.graph_set(x, key, weight, scales, bias)
-        if graphs is None:
-            return None
-
-        def run(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                out: torch.Tensor | None = None) -> torch.Tensor:
-            qa = rms_norm_quant(x, norm.weight, eps, layout=layout, ue8m0=ue8m0)
-            return plan.run_gemm(qa.values, qa.scales, weight, scales, bias, out=out)
-
-        return graphs((x,), run, (weight, scales, bias))
+        return _replay_chain(x, found, key, lambda x: rms_norm_quant(x, norm.weight, eps, layout=layout, ue8m0=ue8m0))
 
 
 class ProjectionSlice(nn.Module):
