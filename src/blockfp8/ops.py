@@ -113,7 +113,7 @@ class LinearPlan:
     """One weight's GEMM at M rows, everything decided that does not depend on the activation: the backend
     and its ``GemmPlan``. Holds no tensor: every call passes the weight, its scales and the bias.
 
-    ``run_linear`` takes float activations, ``gemm`` fp8 activations with their scales. ``keep``: False for a plan
+    ``run_linear`` takes float activations, ``run_gemm`` fp8 activations with their scales. ``keep``: False for a plan
     made while a CUDA graph is being captured (used for that capture only).
     """
 
@@ -157,17 +157,6 @@ class LinearPlan:
             return out
         return self.launch(x2, xs, weight, weight_scale_inv, bias).reshape(*x_fp8.shape[:-1], self.n)
 
-    def gemm(self, x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
-             weight_scale_inv: torch.Tensor, bias: torch.Tensor | None, graphs: bool = True) -> torch.Tensor:
-        """y [..., N] for fp8 x_fp8 [..., K] with M rows and its scales [..., Kb]; ``graphs``: an eager call,
-        which may replay a graph."""
-        if graphs and self.graphed:
-            layout = (x_fp8.shape, x_fp8.stride(), x_scale.shape, x_scale.stride())
-            y = self._replay((x_fp8, x_scale), layout, self.run_gemm, weight, weight_scale_inv, bias)
-            if y is not None:
-                return y
-        return self.run_gemm(x_fp8, x_scale, weight, weight_scale_inv, bias)
-
     def graph_set(self, x: torch.Tensor, layout: tuple, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                   bias: torch.Tensor | None) -> EagerGraphs | None:
         """The CUDA graphs of the calling thread and stream for inputs of ``layout`` (``x`` the first input), or
@@ -186,13 +175,6 @@ class LinearPlan:
                 self.graphs.clear()  # many threads or layouts over time: start over rather than grow
             graphs = self.graphs[key] = EagerGraphs(x.device, (*x.shape[:-1], self.n), self.out_dtype, stream, ptrs)
         return graphs
-
-    def _replay(self, inputs: tuple[torch.Tensor, ...], layout: tuple, run: Callable[..., torch.Tensor],
-                weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor | None:
-        """This call's output from a CUDA graph (``graph_set``), or None when it must launch directly."""
-        graphs = self.graph_set(inputs[0], layout, weight, weight_scale_inv, bias)
-        return None if graphs is None else graphs(inputs, run, (weight, weight_scale_inv, bias))
 
 
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
@@ -437,7 +419,7 @@ def _gemm_op(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w
     if m == 0:
         return x_fp8.new_empty(*x_fp8.shape[:-1], n, dtype=out_dtype)
     return _gemm_plan(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype, backend or None, m,
-                      tune=False).gemm(x_fp8, x_scale, weight, weight_scale_inv, bias, graphs=False)
+                      tune=False).run_gemm(x_fp8, x_scale, weight, weight_scale_inv, bias)
 
 
 @_gemm_op.register_fake
@@ -640,23 +622,33 @@ def layer_linear(x: object, weight: torch.Tensor, weight_scale_inv: torch.Tensor
 
 def _layer_gemm(x: QuantizedActivation, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
                 bias: torch.Tensor | None, backend: str | None) -> torch.Tensor:
-    """``gemm`` of a fused producer's output as a layer calls it: as ``gemm`` does, and a call that replayed a
-    graph is remembered for the layer's next one (``GemmShortcut``)."""
-    values, scales, out_dtype = x.values, x.scales, x.dtype
-    if not _gemm_activation_ok(values, scales, weight):
-        check_gemm_input(values, scales, weight, weight_scale_inv, bias, out_dtype)  # names the problem
-    m = values.shape[0] if values.dim() == 2 else _rows(values.shape)
-    if m == 0 or not runs_eagerly(values, scales, bias) or _needs_grad(values, bias):
-        return gemm(values, scales, weight, weight_scale_inv, bias=bias, out_dtype=out_dtype, backend=backend)
-    plan = _gemm_plan(values, scales, weight, weight_scale_inv, bias, out_dtype, backend, m, tune=True, check=True)
+    """``gemm`` of a fused producer's output as a layer calls it: a call that replayed a graph is remembered for
+    the layer's next one (``GemmShortcut``)."""
+    return _gemm_checked(x.values, x.scales, weight, weight_scale_inv, bias, x.dtype, backend, remember=x)
+
+
+def _gemm_checked(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, weight_scale_inv: torch.Tensor,
+                  bias: torch.Tensor | None, out_dtype: torch.dtype, backend: str | None,
+                  remember: QuantizedActivation | None = None) -> torch.Tensor:
+    """``gemm`` once its backend name is checked. ``remember``: a layer's input, whose call is remembered when it
+    replayed a graph (``SHORTCUTS``)."""
+    if not _gemm_activation_ok(x_fp8, x_scale, w_fp8):
+        check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)  # names the problem
+    m = x_fp8.shape[0] if x_fp8.dim() == 2 else _rows(x_fp8.shape)
+    if m == 0 or not runs_eagerly(x_fp8, x_scale, bias) or _needs_grad(x_fp8, bias):
+        check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
+        return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
+    # Every input is checked in full when the plan is built; a found plan was built for these very tensors.
+    plan = _gemm_plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend, m, tune=True, check=True)
     if plan.graphed:
-        graphs = plan.graph_set(values, (values.shape, values.stride(), scales.shape, scales.stride()), weight,
-                                weight_scale_inv, bias)
-        y = None if graphs is None else graphs((values, scales), plan.run_gemm, (weight, weight_scale_inv, bias))
+        layout = (x_fp8.shape, x_fp8.stride(), x_scale.shape, x_scale.stride())
+        graphs = plan.graph_set(x_fp8, layout, w_fp8, weight_scale_inv, bias)
+        y = None if graphs is None else graphs((x_fp8, x_scale), plan.run_gemm, (w_fp8, weight_scale_inv, bias))
         if y is not None:
-            SHORTCUTS.remember(x, weight, weight_scale_inv, bias, backend, plan, graphs)
+            if remember is not None:
+                SHORTCUTS.remember(remember, w_fp8, weight_scale_inv, bias, backend, plan, graphs)
             return y
-    return plan.run_gemm(values, scales, weight, weight_scale_inv, bias)
+    return plan.run_gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias)
 
 
 def gemm(
@@ -675,15 +667,7 @@ def gemm(
     fp32 ``weight_scale_inv`` (ceil(N/128), ceil(K/128)). ``backend=None`` lets the dispatcher choose.
     """
     check_backend_name(backend)
-    if not _gemm_activation_ok(x_fp8, x_scale, w_fp8):
-        check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)  # names the problem
-    m = x_fp8.shape[0] if x_fp8.dim() == 2 else _rows(x_fp8.shape)
-    if m == 0 or not runs_eagerly(x_fp8, x_scale, bias) or _needs_grad(x_fp8, bias):
-        check_gemm_input(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype)
-        return _gemm_op(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend or "")
-    # Every input is checked in full when the plan is built; a found plan was built for these very tensors.
-    plan = _gemm_plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend, m, tune=True, check=True)
-    return plan.gemm(x_fp8, x_scale, w_fp8, weight_scale_inv, bias)
+    return _gemm_checked(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend)
 
 
 def linear(
