@@ -118,7 +118,8 @@ class EagerGraphs:
     def _rebindable(self, ptrs: tuple[int, ...], inputs: tuple[torch.Tensor, ...], run: Callable,
                     operands: tuple) -> torch.cuda.CUDAGraph | None:
         """The set's first capture, where one input can be rebound (``graph_args``): a graph reading the caller's
-        activation in place whose quantizer is pointed at each later call's activation before its replay. Proven
+        activation in place whose one kernel reading it (the quantizer, or a fused producer) is pointed at each
+        later call's activation before its replay. Proven
         on other data first (``_rebinds``); a graph that fails the proof is kept as an in-place graph."""
         if (self.tried_rebinding or len(inputs) != 1 or self.captures >= self.CAPTURES
                 or not graph_args.keeps_graphs()):

@@ -173,7 +173,8 @@ def rms_norm_quant(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: 
             and (residual is None or (type(residual) is torch.Tensor and residual.dtype is x.dtype
                                       and residual.shape == x.shape and residual.is_cuda
                                       and residual.get_device() == x.get_device()))):
-        return _rms_norm_quant_checked(x, weight, eps, residual, "col" if layout is None else layout, ue8m0)
+        return _rms_norm_quant_checked(x, weight, eps, residual, default_layout(x) if layout is None else layout,
+                                       ue8m0)
     require_dtype(x, "x")
     require_dtype(weight, "weight")
     _check_device(x, "x")
@@ -223,7 +224,7 @@ def silu_mul_quant(gate_up: torch.Tensor, *, layout: str | None = None, ue8m0: b
             raise ValueError(f"gate_up must have an even, non-zero last dimension ([gate, up]), got shape "
                              f"{tuple(gate_up.shape)}")
         _check_layout(default_layout(gate_up) if layout is None else layout, ue8m0)
-    layout = ("col" if gate_up.is_cuda else "row") if layout is None else layout
+    layout = default_layout(gate_up) if layout is None else layout
     two_k = gate_up.shape[-1]
     op = _silu_mul_quant_impl if _direct(gate_up) else _silu_mul_quant_op
     q, s = op(gate_up if gate_up.dim() == 2 else gate_up.reshape(-1, two_k), layout, ue8m0)

@@ -120,14 +120,16 @@ def _silu(act: object) -> bool:
     return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
-def _norm_and_qkv(norm: nn.Module, attn: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
-    """The input norm, and the q/k/v projections stacked behind it where their fp8 rows allow (q and k end on
-    whole 128-row blocks): the norm module then runs the stacked GEMM and the projections become slices of it."""
+def _norm_and_qkv(norm: nn.Module, attn: nn.Module, stack_qkv: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """The input norm, and with ``stack_qkv`` the q/k/v projections stacked behind it where their fp8 rows allow
+    (q and k end on whole 128-row blocks): the norm module then runs the stacked GEMM and the projections become
+    slices of it."""
     from .modules import Fp8NormProjections, Fp8RMSNorm, ProjectionSlice, stack_linears
 
     fp8_norm = Fp8RMSNorm.from_norm(norm)
     q, k, v = attn.q_proj, attn.k_proj, attn.v_proj
-    if q.out_features % BLOCK or k.out_features % BLOCK or len({q.backend, k.backend, v.backend}) > 1:
+    if (not stack_qkv or q.out_features % BLOCK or k.out_features % BLOCK
+            or len({q.backend, k.backend, v.backend}) > 1):
         return fp8_norm, {}
     stacked = stack_linears((q, k, v), ("q_proj", "k_proj", "v_proj"), q.backend, "qkv_proj")
     ends = (q.out_features, q.out_features + k.out_features, stacked.out_features)
@@ -143,15 +145,14 @@ def fuse_producers(model: nn.Module, stack_qkv: bool = True) -> list[str]:
     gate/up, in one kernel, shared by the projections it feeds) and the MLP becomes ``Fp8GatedMLP`` (gate and up
     stacked into one GEMM, the SiLU-mul writing down_proj's fp8 input), which runs the post-attention norm itself
     (``post_attention_layernorm`` becomes an identity), so that an eager call replays norm, GEMMs and SiLU-mul
-    from one CUDA graph. With ``stack_qkv`` (the default), q, k and
-    v are stacked into one GEMM too, where q's and k's rows end on whole 128-row blocks: the input norm becomes an
-    ``Fp8NormProjections`` that runs it, and the attention's q/k/v projections ``ProjectionSlice`` views of its
-    output. Per decoder layer at decode, six separate activation quantizers and two float kernels give way to
-    three producers, and seven GEMMs to four. Inference only (no autograd formula); the norm rounds once in fp32
-    where transformers rounds twice (at most an ulp of the dtype). A fused model is not saved as a checkpoint
-    (``save_pretrained`` refuses it): save before fusing. A layer whose MLP rows do not fill whole 128-row blocks
-    stays as it is. Returns the fused layers' names; ``ValueError`` when no layer qualifies (the model is then
-    unchanged)."""
+    from one CUDA graph. With ``stack_qkv`` (the default), q, k and v are stacked into one GEMM too, where q's and
+    k's rows end on whole 128-row blocks: the input norm becomes an ``Fp8NormProjections`` that runs it, and the
+    attention's q/k/v projections ``ProjectionSlice`` views of its output. Per decoder layer at decode, six
+    separate activation quantizers and two float kernels give way to three producers, and seven GEMMs to four.
+    Inference only (no autograd formula); the norm rounds once in fp32 where transformers rounds twice (at most an
+    ulp of the dtype). A fused model is not saved as a checkpoint (``save_pretrained`` refuses it): save before
+    fusing. A layer whose MLP rows do not fill whole 128-row blocks stays as it is. Returns the fused layers'
+    names; ``ValueError`` when no layer qualifies (the model is then unchanged)."""
     from .modules import Fp8GatedMLP, Fp8RMSNorm
 
     built, seen = [], 0
@@ -166,8 +167,7 @@ def fuse_producers(model: nn.Module, stack_qkv: bool = True) -> list[str]:
         if (not all(isinstance(p, Fp8BlockLinear) for p in projections) or not _silu(getattr(mlp, "act_fn", None))
                 or mlp.gate_proj.out_features % BLOCK):
             continue
-        norm_in, slices = (_norm_and_qkv(layer.input_layernorm, attn) if stack_qkv
-                           else (Fp8RMSNorm.from_norm(layer.input_layernorm), {}))
+        norm_in, slices = _norm_and_qkv(layer.input_layernorm, attn, stack_qkv)
         # The MLP runs its own input norm (an eager call is then one graph of norm, GEMMs and SiLU-mul); the norm
         # module the decoder calls before it passes its input through.
         built.append((name, layer, attn, norm_in, slices, nn.Identity(),

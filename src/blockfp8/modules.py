@@ -23,17 +23,22 @@ _is_compiling = torch.compiler.is_compiling
 _NORM_SET, _NORM_MLP_SET = "rms_norm_quant", "rms_norm_quant+mlp"
 
 
-def _graphed_plan(x: torch.Tensor, layer: Fp8BlockLinear, *extra: torch.Tensor | None
+def _eager_chain(x: object, *tensors: torch.Tensor | None) -> bool:
+    """Whether an eager call of a chain that starts from ``x`` (a producer reading it, then GEMMs; ``tensors``:
+    the chain's other inputs a gradient or a trace could reach) may be replayed from a CUDA graph: plain tensors,
+    nothing traced, no gradient to track."""
+    return (type(x) is torch.Tensor and x.dim() >= 2 and EagerGraphs.enabled and runs_eagerly(x, *tensors)
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, *tensors))))
+
+
+def _graphed_plan(x: torch.Tensor, layer: Fp8BlockLinear
                   ) -> tuple[LinearPlan, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """(plan, weight, scales, bias) of ``layer``'s GEMM at x's rows, when an eager call of a chain that starts
-    from ``x`` (a producer reading it, then this GEMM) may be replayed from a CUDA graph: plain tensors, nothing
-    traced, no gradient to track, and a graphed plan built by an earlier call of the chain's modules (so a shape's
-    first calls run the modules; a plan exists only for a device that graphs, never on the CPU)."""
+    """(plan, weight, scales, bias) of ``layer``'s GEMM at x's rows in a chain ``_eager_chain`` admitted, when an
+    earlier call of the chain's modules built that plan and it is graphed (so a shape's first calls run the
+    modules; a plan exists only for a device that graphs, never on the CPU)."""
     buffers = layer._buffers
     weight, scales, bias = buffers.get("weight"), buffers.get("weight_scale_inv"), buffers.get("bias")
-    if (type(x) is not torch.Tensor or x.dim() < 2 or not EagerGraphs.enabled or weight is None or scales is None
-            or x.get_device() != weight.get_device() or not runs_eagerly(x, bias, *extra)
-            or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, *extra)))):
+    if weight is None or scales is None or x.get_device() != weight.get_device():
         return None
     plan = gemm_plan_of(weight, scales, bias, x.dtype, x.numel() // x.shape[-1], layer.backend)
     return None if plan is None or not plan.graphed else (plan, weight, scales, bias)
@@ -216,11 +221,13 @@ class Fp8GatedMLP(nn.Module):
 
     def _replayed(self, x: torch.Tensor) -> torch.Tensor | None:
         """An eager call's output from one CUDA graph of the norm's producer, gate_up, the SiLU-mul and down, or
-        None: the call runs the modules (``_graphed_plan``; the set lives with down's plan)."""
-        norm = self.norm
-        up = None if _hooked(norm, self.gate_up_proj, self.down_proj) else _graphed_plan(x, self.gate_up_proj,
-                                                                                          norm.weight)
-        down = None if up is None else _graphed_plan(x, self.down_proj)
+        None: the call runs the modules (``_eager_chain``, ``_graphed_plan``; the set lives with down's plan)."""
+        norm, gate_up, down_proj = self.norm, self.gate_up_proj, self.down_proj
+        if (_hooked(norm, gate_up, down_proj)
+                or not _eager_chain(x, norm.weight, gate_up._buffers.get("bias"), down_proj._buffers.get("bias"))):
+            return None
+        up = _graphed_plan(x, gate_up)
+        down = None if up is None else _graphed_plan(x, down_proj)
         if down is None:
             return None
         up_plan, up_weight, up_scales, up_bias = up
@@ -264,9 +271,11 @@ class Fp8NormProjections(nn.Module):
 
     def _replayed(self, x: torch.Tensor) -> torch.Tensor | None:
         """An eager call's output from one CUDA graph of the norm's producer and the stacked GEMM, or None: the call
-        runs the two modules (``_graphed_plan``)."""
-        norm = self.norm
-        found = None if _hooked(norm, self.proj) else _graphed_plan(x, self.proj, norm.weight)
+        runs the two modules (``_eager_chain``, ``_graphed_plan``)."""
+        norm, proj = self.norm, self.proj
+        if _hooked(norm, proj) or not _eager_chain(x, norm.weight, proj._buffers.get("bias")):
+            return None
+        found = _graphed_plan(x, proj)
         if found is None:
             return None
         eps, layout, ue8m0 = norm.eps, norm.layout, norm.ue8m0
