@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
 from ...validate import check_group_size, require_dtype
-from .launch import FastLaunch
+from .launch import FastLaunch, pdl_ok
 
 
 @triton.jit
@@ -79,8 +79,11 @@ def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.con
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, M, K, z_count, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
-    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        # The GEMM that reads the result may launch now (it waits for this launch to finish before it reads).
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     if ZERO:
         # The next GEMM's split-K counters (z_count int32 at z_ptr): zeroed here, in a launch the linear makes
@@ -138,12 +141,13 @@ def quantize_activation_fused(
         per_prog = min(8, 1 << (kb - 1).bit_length())  # the next power of two of kb, at most 8
         ss0, ss1 = s.stride()
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
+        pdl = pdl_ok(x.device)
         key = (m, out_rows, k, x2.dtype, xs0, x2.data_ptr() % 16 == 0, ss0, ss1, g, ue8m0,
-               zero_count if zeroing else 0)
+               zero_count if zeroing else 0, pdl)
         _ACT_QUANT(key, (out_rows, cdiv(kb, per_prog)),
                    (x2, q, s, zero if zeroing else q, m, k, zero_count, xs0, k, ss0, ss1),
                    dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
-                        ZERO=zeroing),
+                        ZERO=zeroing, PDL=pdl),
                    num_warps=4)
     elif zeroing:
         zero[:zero_count].zero_()

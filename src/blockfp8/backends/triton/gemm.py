@@ -20,6 +20,12 @@ Two launch shapes, picked per (M, N, K) from a tuned table or a heuristic (``con
 Tiles are read through TMA tensor descriptors where the operands allow it (sm_90+, 16-byte aligned rows;
 ``TritonConfig.tma``): the copy engine's zero fill past M, N and K replaces the masks, and its deep pipeline
 measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewhere, pointer loads with masks.
+
+With ``BLOCKFP8_PDL=1`` on sm_90+, every launch is a programmatic dependent launch (``launch.PDL``): its programs
+start while the kernel before them -- the activation's producer, or the previous GEMM -- is still running, bring
+their first weight tiles into L2 (the weight never comes from that kernel in a model, and a prefetch consumes no
+value in any case), and wait for that kernel to finish before they read anything else. The decode GEMM's ramp-up
+and the first part of its weight read then overlap the producer instead of following it.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from ...device import cuda_identity
 from ...format import cdiv
 from ..base import GemmPlan
 from .configs import TritonConfig, get_config
-from .launch import INTERPRET, FastLaunch
+from .launch import INTERPRET, FastLaunch, pdl_ok
 
 
 @triton.jit
@@ -59,6 +65,14 @@ def _store_tile(c_ptr, c_offs, c_mask, acc, bias_ptr, rn, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
+def _prefetch_l2(ptrs, nbytes):
+    """Bring ``nbytes`` (a multiple of 16) from each 16-byte aligned address in ``ptrs`` into L2, asynchronously
+    (sm_90's bulk prefetch; nothing is waited for or read)."""
+    tl.inline_asm_elementwise("{ cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }", "=r,l,r",
+                              [ptrs, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _fp8_block_gemm_kernel(
     a_ptr, as_ptr, w_ptr, ws_ptr, c_ptr, bias_ptr, work_ptr, a_desc, w_desc,
     M, N, K,
@@ -66,7 +80,7 @@ def _fp8_block_gemm_kernel(
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, SWAP_AB: tl.constexpr,
     EVEN_K: tl.constexpr, ROUND_BF16: tl.constexpr, USE_TMA: tl.constexpr,
-    PAIR_K: tl.constexpr,
+    PAIR_K: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -93,6 +107,18 @@ def _fp8_block_gemm_kernel(
     g_end = min(g_start + per_split, num_groups)
 
     k0 = g_start * BLOCK_K
+    if PDL:
+        # Launched with programmatic dependent launch: the kernel before this one (the producer of x, its scales
+        # and the split-K counters) may still be running. Only the weight is read before the wait, and only as an
+        # L2 prefetch of this program's first PREFETCH groups, which consumes no value: a weight that kernel
+        # wrote is still read correctly after the wait. A GEMM launched next the same way may start once every
+        # program here has (it waits for this launch to end before it reads anything but its weight).
+        tl.extra.cuda.gdc_launch_dependents()
+        if PREFETCH > 0:
+            nbytes = min(min(PREFETCH, g_end - g_start) * BLOCK_K, K - k0)
+            if nbytes > 0:
+                _prefetch_l2(w_ptr + rn.to(tl.int64) * stride_wn + k0, tl.zeros_like(rn) + nbytes)
+        tl.extra.cuda.gdc_wait()
     if SWAP_AB:
         # acc is (BLOCK_N, BLOCK_M): weights (BLOCK_N, BLOCK_K) times activations (BLOCK_K, BLOCK_M).
         w_ptrs = w_ptr + rn[:, None] * stride_wn + (k0 + offs_k)[None, :]
@@ -229,6 +255,18 @@ def _descriptor_of(template: TensorDescriptor, t: torch.Tensor, shape: tuple, st
 
 
 _GEMM = FastLaunch(_fp8_block_gemm_kernel)
+# The most weight bytes one launch brings into L2 before its wait (programmatic dependent launch, sm_90+): about
+# what HBM delivers while a decode producer runs, and well under the 50 MB L2 of an H100, so that the prefetched
+# lines are still there when the loop reads them.
+PREFETCH_BYTES = 16 << 20
+
+
+def prefetch_groups(n: int, k: int, block_n: int, split: int, budget: int | None = None) -> int:
+    """K groups of its weight rows each program of an (N, K) GEMM prefetches into L2 before its wait: all of its
+    share of K, or fewer so that the launch's programs (every N tile times ``split``) fetch at most ``budget``
+    bytes (``PREFETCH_BYTES``)."""
+    per_group = cdiv(n, block_n) * block_n * split * 128
+    return min(cdiv(cdiv(k, 128), split), (PREFETCH_BYTES if budget is None else budget) // per_group)
 
 
 def _alignment(t: torch.Tensor | None) -> tuple | None:
@@ -258,16 +296,21 @@ class TritonGemmPlan(GemmPlan):
         self.w_contiguous = w_fp8.stride(1) == 1
         # A strided weight is copied per call (a fresh, aligned tensor): whether that copy suits TMA is known then.
         self.w_tma = cfg.tma and (not self.w_contiguous or _tma_ok(w_fp8))
+        self.pdl = pdl_ok(w_fp8.device)
+        # Groups each program prefetches before its wait: whole, aligned rows of a contiguous weight only, and at
+        # most PREFETCH_BYTES for the launch.
+        prefetch = prefetch_groups(n, k, cfg.block_n, split) if self.pdl and self.w_contiguous and _tma_ok(w_fp8) else 0
         self.constexprs = dict(
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
             GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
             ROUND_BF16=INTERPRET and out_dtype == torch.bfloat16)
         # What tells this plan's kernels apart from other layers' (the launch cache is shared by every layer).
         self.static_key = (n, k, out_dtype, _alignment(bias), _alignment(w_fp8), _alignment(weight_scale_inv),
-                           tuple(self.constexprs.values()), cfg)
-        self._plain_constexprs = {**self.constexprs, "USE_TMA": False, "PAIR_K": False}
+                           tuple(self.constexprs.values()), cfg, self.pdl, prefetch)
+        pdl = {"PDL": self.pdl, "PREFETCH": prefetch}
+        self._plain_constexprs = {**self.constexprs, "USE_TMA": False, "PAIR_K": False, **pdl}
         self._tma_constexprs = {**self.constexprs, "USE_TMA": True,
-                                "PAIR_K": cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0}
+                                "PAIR_K": cfg.swap_ab and cfg.pair_k and 128 % cfg.block_n == 0, **pdl}
         # Descriptor templates (layouts only, no tensor), made on the first TMA call.
         self._w_desc: TensorDescriptor | None = None
         self._x_desc: TensorDescriptor | None = None
@@ -316,7 +359,7 @@ class TritonGemmPlan(GemmPlan):
                 work if work is not None else out, a_desc, w_desc, m, n, self.k, xs0, ss0, ss1, w_fp8.stride(0),
                 ws0, ws1, out.stride(0))
         _GEMM(key, self.grid, args, self._tma_constexprs if use_tma else self._plain_constexprs,
-              num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=self.pdl)
         return out
 
 

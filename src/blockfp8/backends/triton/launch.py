@@ -25,9 +25,10 @@ import os
 import threading
 from collections.abc import Hashable, Sequence
 
+import torch
 import triton
 
-from ...device import current_raw_stream
+from ...device import cuda_identity, current_raw_stream
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ENV_FAST_LAUNCH = "BLOCKFP8_FAST_LAUNCH"
@@ -54,6 +55,19 @@ def _fast_launch_enabled() -> bool:
 
 
 FAST_LAUNCH = _fast_launch_enabled()
+
+ENV_PDL = "BLOCKFP8_PDL"
+# Programmatic dependent launch (sm_90+): a GEMM launched with it starts while the kernel before it (the producer
+# of its activation) still runs, warms L2 with its first weight tiles, and waits (griddepcontrol.wait) before it
+# reads or writes anything else; producers let it launch as soon as all their programs have started.
+# Opt-in (BLOCKFP8_PDL=1) until its gain is measured on a GPU. Never under the interpreter, which has no grid
+# dependency control.
+PDL = not INTERPRET and os.environ.get(ENV_PDL) == "1"
+
+
+def pdl_ok(device: torch.device) -> bool:
+    """Whether kernels on ``device`` use programmatic dependent launch (``PDL`` and a CUDA device of sm_90+)."""
+    return PDL and device.type == "cuda" and cuda_identity(device.index).arch >= (9, 0)
 
 
 def _hooks_active() -> bool:

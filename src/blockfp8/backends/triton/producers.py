@@ -22,7 +22,7 @@ from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
 from ...quant import EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_LOG2E, EXP_POLY, sum_bits
 from .act_quant import _max_keep_nan, e4m3_bits, quantize_groups
 from .gemm import _round_bf16
-from .launch import FastLaunch
+from .launch import FastLaunch, pdl_ok
 
 _LOG2E = tl.constexpr(EXP_LOG2E)
 _LN2_HI = tl.constexpr(EXP_LN2_HI)
@@ -84,8 +84,11 @@ def _rms_norm_quant_kernel(
     x_ptr, w_ptr, r_ptr, h_ptr, q_ptr, s_ptr, K, eps,
     stride_xm, stride_rm, stride_qm, stride_sm, stride_sk,
     GROUPS: tl.constexpr, GROUP: tl.constexpr, SUM_BITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
+    UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        # The consuming GEMM may launch now: it prefetches its weights and waits for this launch (launch.PDL).
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs_g = tl.arange(0, GROUPS)
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -109,8 +112,10 @@ def _rms_norm_quant_kernel(
 def _silu_mul_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
-    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs_g = tl.program_id(1) * GROUPS_PER_PROG + tl.arange(0, GROUPS_PER_PROG)
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
@@ -167,14 +172,15 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         ss0, ss1 = s.stride()
         # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
         # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
+        pdl = pdl_ok(x.device)
         key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
-               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0)
+               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl)
         _RMS_NORM_QUANT(
             key, (m,),
             (x, weight, r, h if h is not None else weight, q.view(torch.uint8), s, k, float(eps), xs0, rs0, q.stride(0),
              ss0, ss1),
             dict(GROUPS=groups, GROUP=BLOCK, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None, UE8M0=ue8m0,
-                 AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
+                 AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
             num_warps=_rms_warps(groups), enable_fp_fusion=False,
         )
     return q, s, h
@@ -196,11 +202,12 @@ def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: boo
         per_prog = min(2 if m <= 64 else 8, triton.next_power_of_2(kb))
         gs0 = gate_up.stride(0)
         ss0, ss1 = s.stride()
-        key = (k, gate_up.dtype, per_prog, ue8m0, gs0, ss0, ss1, gate_up.data_ptr() % 16 == 0)
+        pdl = pdl_ok(gate_up.device)
+        key = (k, gate_up.dtype, per_prog, ue8m0, gs0, ss0, ss1, gate_up.data_ptr() % 16 == 0, pdl)
         _SILU_MUL_QUANT(
             key, (m, cdiv(kb, per_prog)),
             (gate_up, q.view(torch.uint8), s, k, gs0, q.stride(0), ss0, ss1),
-            dict(GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX),
+            dict(GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
             num_warps=4, enable_fp_fusion=False,
         )
     return q, s
