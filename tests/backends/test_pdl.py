@@ -28,7 +28,8 @@ MB = 1 << 20
         (4096, 4096, 64, 4, 16 * MB, 8),  # split 4: each program holds 8 of the 32 groups
         (28672, 4096, 64, 4, 16 * MB, 1),  # 117 MB weight: one group per program fits the budget
         (28672, 4096, 64, 8, 16 * MB, 0),  # not even one
-        (100, 300, 64, 1, 1 * MB, 3),  # N padded to whole tiles, K's partial last group counted
+        (100, 300, 64, 1, 1 * MB, 3),  # K's partial last group counted
+        (100, 300, 64, 1, 2 * 128 * 128 - 1, 1),  # N padded to two whole 64-row tiles: under two groups' bytes
     ],
 )
 def test_prefetch_groups_fill_the_budget_and_no_more(n, k, block_n, split, budget, want):
