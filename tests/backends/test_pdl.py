@@ -42,6 +42,17 @@ def test_pdl_is_off_off_the_gpu():
         assert not launch.PDL
 
 
+def test_every_measurement_records_whether_pdl_was_on(monkeypatch):
+    from blockfp8.testing.environment import environment, environment_line
+
+    env = environment("cpu")
+    assert env["triton_pdl"] is False and env["triton_fast_launch"] is launch.FAST_LAUNCH
+    monkeypatch.setattr(launch, "pdl_ok", lambda device: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    env = environment("cpu")
+    assert env["triton_pdl"] is True and " (PDL)" in environment_line(env)
+
+
 def _needs_pdl(monkeypatch) -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("programmatic dependent launch needs an sm_90+ GPU")

@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 import torch
 
 from ..backends import backend_names, get_backend
+from ..backends.triton import launch
 from ..device import as_device, cuda_identity, device_key
 from ..tuning_cache import dist_version, driver_version
 
@@ -37,6 +38,10 @@ def environment(device: torch.device | str | None = None) -> dict:
         "torch": torch.__version__,
         "triton": dist_version("triton"),
         "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        # How blockfp8's Triton kernels launch here: straight to the compiled kernel, and with programmatic
+        # dependent launch (both change timings, never results).
+        "triton_fast_launch": launch.FAST_LAUNCH,
+        "triton_pdl": launch.pdl_ok(device),
         "deep_gemm": dist_version("deep_gemm", "deep-gemm", "deepinfer-gemm"),
         "torchao": dist_version("torchao"),
         "cuda": torch.version.cuda,
@@ -58,6 +63,6 @@ def environment(device: torch.device | str | None = None) -> dict:
 def environment_line(env: dict) -> str:
     """One line: device, versions, available backends (unavailable ones marked with a minus sign)."""
     marks = " ".join(f"{b}{'+' if v['available'] else '-'}" for b, v in env["backends"].items())
-    interp = " (Triton interpreter)" if env["triton_interpreter"] else ""
+    interp = " (Triton interpreter)" if env["triton_interpreter"] else " (PDL)" if env.get("triton_pdl") else ""
     cuda = f" cuda {env['cuda']}" if env["cuda"] else ""
     return f"{env['device']} | torch {env['torch']}{cuda} | triton {env['triton']}{interp} | backends: {marks}"
