@@ -1,12 +1,12 @@
-"""Programmatic dependent launch of the Triton GEMM, before/after in one process (CUDA, sm_90+).
-
-One decoder layer's four GEMMs of the llama preset (q/k/v stacked 6144x4096, o 4096x4096, gate/up stacked
-28672x4096, down 4096x14336), each behind its activation quantizer as ``linear`` launches them, captured in one
-CUDA graph over ``--copies`` weight copies (L2-cold: 3 copies hold 650 MB), Triton backend. Variants, each built
-and captured in this process: the GEMMs alone on pre-quantized activations, quantizer + GEMM without PDL, with
-PDL and several prefetch budgets (``gemm.PREFETCH_BYTES``), and the GEMMs alone with PDL (back-to-back GEMMs
-overlapping). Every variant's outputs are compared with quantizer + GEMM without PDL, bit for bit. Prints us per
-layer (median of 5 x ``--reps`` replays, twice, then once more after all variants for drift).
+"""Programmatic dependent launch of the Triton GEMM, before/after in one process (CUDA, sm_90+). One decoder layer's
+four GEMMs of the llama preset (q/k/v stacked 6144x4096, o 4096x4096, gate/up stacked 28672x4096, down 4096x14336),
+each behind its activation quantizer as ``linear`` launches them, captured in one CUDA graph over ``--copies``
+weight copies (L2-cold: 3 copies hold 650 MB), Triton backend. Variants, each built and captured in this process:
+the GEMMs alone on pre-quantized activations, quantizer + GEMM without PDL, with PDL and several prefetch budgets
+(``gemm.PREFETCH_BYTES``), the GEMMs alone with PDL (back-to-back GEMMs overlapping), and, where DeepGEMM is
+installed, the quantizer + DeepGEMM without and with DeepGEMM's own PDL. Every variant's outputs are compared, bit
+for bit, with its kernel's launch without PDL. Prints us per layer (median of 5 x ``--reps`` replays, twice, then
+once more after all variants for drift).
 
 Usage: ``python benchmarks/pdl_layer.py [--m 1,16,64] [--copies 3] [--reps 30]``
 """
@@ -18,6 +18,7 @@ import statistics
 
 import torch
 
+from blockfp8.backends import get_backend
 from blockfp8.backends.triton import gemm as triton_gemm
 from blockfp8.backends.triton import launch
 from blockfp8.backends.triton.act_quant import quantize_activation_fused
@@ -31,12 +32,35 @@ VARIANTS = [("gemm alone", False, 0, False), ("quant+gemm", False, 0, True), ("p
             ("pdl, prefetch 32 MB", True, 32 * MB, True), ("gemm alone, pdl 16 MB", True, 16 * MB, False)]
 
 
-def build(weights, m: int, pdl: bool, budget: int, quant: bool):
+class _DeepGemm:
+    """DeepGEMM in the place of the Triton plan (``deep_gemm.set_pdl`` decides its launch)."""
+
+    counters = 0
+    pdl = None
+    _tma_constexprs = {"PREFETCH": None}
+
+    def workspace(self, device):
+        return None
+
+    def __call__(self, xq, xs, w, s, bias, work=None):
+        return get_backend("deepgemm").run(xq, xs, w, s, None, torch.bfloat16)
+
+
+def build(weights, m: int, pdl: bool, budget: int, quant: bool, deepgemm: bool = False):
     """The layer's launches for every weight copy, captured in one graph with PDL and the budget set as given."""
     launch.PDL, triton_gemm.PREFETCH_BYTES = pdl, budget
     dev = torch.device("cuda")
     xs = {k: random_activation(m, k, device=dev, seed=k) for _, k in SHAPES}
-    plans = [[triton_gemm.TritonGemmPlan(w, s, None, torch.bfloat16, m) for w, s in layer] for layer in weights]
+    if deepgemm:
+        import deep_gemm
+
+        from blockfp8.backends import deepgemm as deepgemm_backend
+
+        deepgemm_backend._pdl_set = True  # this script decides DeepGEMM's launch, not the backend
+        deep_gemm.set_pdl(pdl)
+        plans = [[_DeepGemm() for _ in layer] for layer in weights]
+    else:
+        plans = [[triton_gemm.TritonGemmPlan(w, s, None, torch.bfloat16, m) for w, s in layer] for layer in weights]
     pre = {k: quantize_activation_fused(x, layout="col") for k, x in xs.items()}
     outs: list[torch.Tensor] = []
 
@@ -78,7 +102,7 @@ def time_graph(graph, reps: int, copies: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split(". ")[0])
     ap.add_argument("--m", default="1,16,64")
     ap.add_argument("--copies", type=int, default=3)
     ap.add_argument("--reps", type=int, default=30)
@@ -90,12 +114,17 @@ def main() -> None:
         built = {}
         for name, pdl, budget, quant in VARIANTS:
             built[name] = build(weights, m, pdl, budget, quant)
+        if get_backend("deepgemm").availability():
+            for pdl in (False, True):
+                built[f"deepgemm{', pdl' if pdl else ''}"] = build(weights, m, pdl, 0, True, deepgemm=True)
         launch.PDL, triton_gemm.PREFETCH_BYTES = saved
-        want = [o.clone() for o in built["quant+gemm"][1]]
+        want = {family: [o.clone() for o in built[base][1]] for family, base in
+                (("triton", "quant+gemm"), ("deepgemm", "deepgemm")) if base in built}
         for name, (graph, outs, plans) in built.items():
             graph.replay()
             torch.cuda.synchronize()
-            equal = all(torch.equal(a, b) for a, b in zip(outs, want, strict=True))
+            family = "deepgemm" if name.startswith("deepgemm") else "triton"
+            equal = all(torch.equal(a, b) for a, b in zip(outs, want[family], strict=True))
             us = [time_graph(graph, args.reps, args.copies) for _ in range(2)]
             prefetch = [p._tma_constexprs["PREFETCH"] for p in plans]
             print(f"M={m:<3d} {name:22s} {us[0]:8.2f} {us[1]:8.2f} us/layer  equal={equal}  prefetch groups "

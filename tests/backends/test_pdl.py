@@ -1,10 +1,9 @@
-"""Programmatic dependent launch of the Triton GEMM (backends/triton/launch.py, ``PDL``).
-
-CPU: how many K groups a launch prefetches into L2 before its wait, and that PDL stays off where it cannot run
-(the interpreter, CPU tensors). GPU (sm_90+): a producer followed by a GEMM launched with PDL gives the bytes of
-the same pair launched without it, eagerly and replayed from a CUDA graph, for split-K and single-pass configs,
-weights that are prefetched and weights that are not (rows not 16-byte aligned), and a weight written by the
-kernel right before the GEMM (the prefetch must never stand in for the wait).
+"""Programmatic dependent launch of the Triton GEMM (backends/triton/launch.py, ``PDL``). CPU: how many K groups a
+launch prefetches into L2 before its wait, and that PDL stays off where it cannot run (the interpreter, CPU
+tensors), and DeepGEMM's own PDL follows the switch. GPU (sm_90+): a producer followed by a GEMM launched with PDL
+gives the bytes of the same pair launched without it, eagerly and replayed from a CUDA graph, for split-K and
+single-pass configs, weights that are prefetched and weights that are not (rows not 16-byte aligned), and a weight
+written by the kernel right before the GEMM (the prefetch must never stand in for the wait).
 """
 
 from __future__ import annotations
@@ -51,6 +50,25 @@ def test_every_measurement_records_whether_pdl_was_on(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     env = environment("cpu")
     assert env["triton_pdl"] is True and " (PDL)" in environment_line(env)
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_deepgemm_launches_with_pdl_only_when_asked(monkeypatch, pdl):
+    """BLOCKFP8_PDL=1 turns DeepGEMM's own PDL on (once, at its first call); without it DeepGEMM is left alone."""
+    import sys
+    import types
+
+    from blockfp8.backends import deepgemm
+
+    calls = []
+    fake = types.SimpleNamespace(set_pdl=calls.append, fp8_gemm_nt=lambda a, b, y, disable_ue8m0_cast: y.zero_())
+    monkeypatch.setitem(sys.modules, "deep_gemm", fake)
+    monkeypatch.setattr(launch, "PDL", pdl)
+    monkeypatch.setattr(deepgemm, "_pdl_set", False)
+    x, w = torch.zeros(2, 128, dtype=torch.float8_e4m3fn), torch.zeros(64, 128, dtype=torch.float8_e4m3fn)
+    for _ in range(3):
+        deepgemm.BACKEND.run(x, torch.ones(2, 1), w, torch.ones(1, 1), None, torch.bfloat16)
+    assert calls == ([True] if pdl else [])
 
 
 def _needs_pdl(monkeypatch) -> None:

@@ -6,6 +6,10 @@ correct for every M tried (1..300), for N in {8, 16, 32, 64, 96, 200, 576, 2112,
 K % 16 != 0 (the fp8 row stride) and N=130 (the bf16 output row stride, so N % 8 != 0). So the real rule is
 N % 8 == 0 and K % 16 == 0 -- looser than the N % 64 / K % 128 rule engines use, and it never returned a
 wrong result. Activation scales in the TMA-aligned column-major layout skip its per-call transpose kernel.
+
+With ``BLOCKFP8_PDL=1`` (``triton.launch.PDL``) DeepGEMM's kernels are launched with programmatic dependent launch
+too (``deep_gemm.set_pdl``, a process-wide DeepGEMM setting, turned on at the first call): its SM90 GEMMs set up
+their barriers while the quantizer before them still runs and wait for it before reading anything.
 """
 
 from __future__ import annotations
@@ -13,6 +17,17 @@ from __future__ import annotations
 import torch
 
 from .base import HOPPER_ONLY, YES, Backend, Limits, Support, add_bias
+from .triton import launch
+
+_pdl_set = False
+
+
+def _set_pdl(deep_gemm) -> None:
+    global _pdl_set
+    set_pdl = getattr(deep_gemm, "set_pdl", None)  # DeepGEMM releases without it launch as before
+    if set_pdl is not None:
+        set_pdl(True)
+    _pdl_set = True
 
 
 class DeepGemmBackend(Backend):
@@ -28,6 +43,8 @@ class DeepGemmBackend(Backend):
     def run(self, x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, out=None) -> torch.Tensor:
         import deep_gemm
 
+        if launch.PDL and not _pdl_set:
+            _set_pdl(deep_gemm)
         y = torch.empty(x_fp8.shape[0], w_fp8.shape[0], dtype=out_dtype, device=x_fp8.device) if out is None else out
         deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), y, disable_ue8m0_cast=True)
         return add_bias(y, bias, out)
