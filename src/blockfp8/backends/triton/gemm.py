@@ -294,12 +294,13 @@ class TritonGemmPlan(GemmPlan):
         self.counters = tiles if split > 1 else 0
         self.workspace_numel = cdiv(tiles, 32) * 32 + split * m * n if split > 1 else 0
         self.w_contiguous = w_fp8.stride(1) == 1
+        w_aligned = self.w_contiguous and _tma_ok(w_fp8)
         # A strided weight is copied per call (a fresh, aligned tensor): whether that copy suits TMA is known then.
-        self.w_tma = cfg.tma and (not self.w_contiguous or _tma_ok(w_fp8))
+        self.w_tma = cfg.tma and (not self.w_contiguous or w_aligned)
         self.pdl = pdl_ok(w_fp8.device)
         # Groups each program prefetches before its wait: whole, aligned rows of a contiguous weight only, and at
         # most PREFETCH_BYTES for the launch.
-        prefetch = prefetch_groups(n, k, cfg.block_n, split) if self.pdl and self.w_contiguous and _tma_ok(w_fp8) else 0
+        prefetch = prefetch_groups(n, k, cfg.block_n, split) if self.pdl and w_aligned else 0
         self.constexprs = dict(
             HAS_BIAS=bias is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=128, W_BLOCK_N=128,
             GROUP_M=cfg.group_m, SPLIT_K=split, SWAP_AB=cfg.swap_ab, EVEN_K=k % 128 == 0,
