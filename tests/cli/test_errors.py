@@ -238,3 +238,72 @@ def test_explain_refuses_sizes_beyond_32_bit_offsets(capsys):
     rc, out, _ = run(capsys, "explain", 1, 5, 10**30)
     assert rc == 0
     assert "triton     refused: an operand of" in out and "beyond the 2147483647" in out
+
+
+# ------------------------------------------------------------------- output files, options that would be ignored
+
+
+@pytest.mark.parametrize("out_flag", ["--markdown", "--json"])
+def test_check_never_writes_over_its_from_json(tmp_path, capsys, out_flag):
+    saved = tmp_path / "saved.json"
+    saved.write_text('{"a": 1}')
+    rc, _, err = run(capsys, "check", "--from-json", saved, out_flag, saved)
+    line = one_line(err, "check")
+    assert rc == 2 and f"{out_flag} {saved} names the same file as --from-json" in line
+    assert saved.read_text() == '{"a": 1}'
+
+
+def test_bench_save_over_its_own_save_table_is_refused_first(tmp_path, capsys, monkeypatch):
+    table = tmp_path / "t.json"
+    table.write_text('{"keep": 1}')
+    import blockfp8.cli.bench as cli_bench
+
+    monkeypatch.setattr(cli_bench, "methods_for", lambda *a: pytest.fail("measured before checking the outputs"))
+    for flag in ("--save", "--markdown"):
+        rc, _, err = run(capsys, "bench", "--save-table", table, flag, table)
+        assert rc == 2 and f"{flag} {table} names the same file as --save-table" in one_line(err, "bench")
+    assert table.read_text() == '{"keep": 1}'
+
+
+def test_output_in_a_missing_folder_or_on_a_folder_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    import blockfp8.cli.check as cli_check
+
+    monkeypatch.setattr(cli_check, "_run_matrix", lambda *a: pytest.fail("ran before checking --json"))
+    rc, _, err = run(capsys, "check", "--json", tmp_path / "nowhere" / "x.json")
+    assert rc == 2 and f"folder {tmp_path / 'nowhere'} does not exist" in one_line(err, "check")
+    rc, _, err = run(capsys, "check", "--markdown", tmp_path)
+    assert rc == 2 and f"--markdown {tmp_path} is a folder" in one_line(err, "check")
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["check", "--from-json", "x.json", "--m", "1", "--probe"], "--m, --probe do not apply to --from-json"),
+    (["bench", "--host", "--mode", "foo"], "--mode does not apply to --host"),
+    (["bench", "--host", "--backends", "cublas", "--plot", "p.png"], "--backends, --plot do not apply to --host"),
+    (["tune", "--list", "--verify"], "--verify does not apply to --list"),
+])
+def test_options_a_mode_would_ignore_are_refused(capsys, argv, named):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and named in one_line(err, argv[0])
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["check", "--m", "0"], "--m values must be >= 1"),
+    (["check", "--m", "0,1"], "--m values must be >= 1"),
+    (["check", "--m", ""], "--m list '' must hold"),
+    (["check", "--shapes", ""], "--shapes '' names no shape"),
+    (["check", "--backends", ","], "--backends names no backend"),
+    (["tune", "--list", "--max-configs", "-5"], "argument --max-configs: expected an int >= 0, got -5"),
+    (["tune", "--list", "--warm-procs", "-3"], "argument --warm-procs: expected an int >= 0, got -3"),
+    (["tune", "--list", "--tp", "0"], "argument --tp: expected an int >= 1, got 0"),
+    (["bench-hf", "--device", "foo"], "--device 'foo' is not a device"),
+])
+def test_bad_values_are_one_line(capsys, argv, named):
+    rc, _, err = run(capsys, *argv)
+    assert rc == 2 and named in one_line(err, argv[0])
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="CPU only: on a GPU every mode runs")
+@pytest.mark.parametrize("command", ["bench-e2e", "bench-hf"])
+def test_gpu_only_modes_named_on_the_cpu_are_refused(capsys, command):
+    rc, _, err = run(capsys, command, "--modes", "eager,compiled")
+    assert rc == 2 and "--modes compiled needs a CUDA device" in one_line(err, command)

@@ -55,8 +55,8 @@ def test_list_fused_model_shapes(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--tp", "0"], "--tp must be >= 1"), (["--model", "/nonexistent"], "not a folder"),
-    (["--shapes", "nope"], "unknown shape set"), (["--reps", "0"], "--reps must be >= 1"),
+    (["--tp", "0"], "argument --tp: expected an int >= 1"), (["--model", "/nonexistent"], "not a folder"),
+    (["--shapes", "nope"], "unknown shape set"), (["--reps", "0"], "argument --reps: expected an int >= 1"),
     (["--backends", "cutlass"], "--backends"), (["--fused"], "--fused adds the stacked"),
 ])
 def test_argument_errors(capsys, args, message):

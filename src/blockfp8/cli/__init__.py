@@ -20,7 +20,7 @@ import sys
 import traceback
 
 from .. import __version__
-from .common import Parser
+from .common import Parser, check_output_paths
 
 DESCRIPTION = ("blockfp8 makes block-scaled FP8 linear layers (float8_e4m3fn weights with one fp32 scale per "
                "128x128 block, activations quantized per 1x128 group) fast and correct in PyTorch; these commands "
@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help(sys.stderr)
             return EXIT_USER_ERROR
+        check_output_paths(args)
         return int(_module(args.command).run(args) or 0)
     except KeyboardInterrupt:
         if debug:

@@ -44,12 +44,14 @@ from .common import (
     parse_names,
     plain,
     positive_int,
+    refuse_unused,
     stdout_console,
     write_text,
 )
 
 # Without --full, a machine without CUDA gets a smoke test: two small shapes with tails in N and K, two M.
 CPU_SHAPES, CPU_M = "200:300,130:1000", "1,16"
+MODE_DEFAULT = ",".join(MODES)
 PLOT_HINT = "--plot needs matplotlib: pip install 'blockfp8[plot]'"
 
 
@@ -238,7 +240,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peers", default=None,
                    help="outside peers: bf16, torchao, torchao-inference (slow first use: 48-config autotune per "
                         f"cell) (default: {','.join(GPU_PEERS)} on CUDA, bf16 on CPU)")
-    p.add_argument("--mode", default="gemm,linear", help="gemm, linear or both (default: gemm,linear)")
+    p.add_argument("--mode", default=MODE_DEFAULT, help=f"gemm, linear or both (default: {MODE_DEFAULT})")
     p.add_argument("--no-l2-cold", dest="l2_cold", action="store_false",
                    help="time repeated calls on one weight (L2-hot) instead of rotating L2-cold copies")
     p.add_argument("--reps", type=positive_int, default=None,
@@ -259,6 +261,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run_host(args: argparse.Namespace, device: torch.device) -> int:
     """``bench --host``: host microseconds per eager call, the layer's ratio to nn.Linear in bf16 and its ratio
     with autograd on to without."""
+    refuse_unused("--host (host time per call, eager)", full=args.full, backends=args.backends is not None,
+                  peers=args.peers is not None, mode=args.mode != MODE_DEFAULT, no_l2_cold=not args.l2_cold,
+                  reps=args.reps is not None, plot=bool(args.plot), save_table=bool(args.save_table),
+                  rank_in_run=args.rank_in_run, markdown=bool(args.markdown))
     shapes = load_shapes(args.shapes or "2112:7168,7168:2048")
     ms = parse_m_values(args.m or "1,16")
     calls, runs = (2000, 5) if device.type == "cuda" else (20, 1)

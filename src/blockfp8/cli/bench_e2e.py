@@ -45,6 +45,7 @@ from .common import (
     announce,
     cpu_timing_note,
     int_at_least,
+    modes_on,
     one_cpu_thread,
     parse_names,
     plain,
@@ -298,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     backends = parse_names(args.backends, [b for b in backend_names() if b != "reference"], backend_names(),
                            "--backends")
-    modes = [m for m in parse_names(args.modes, MODES, MODES, "--modes") if device.type == "cuda" or m == "eager"]
+    modes = modes_on(device, args.modes, MODES)
     big = device.type == "cuda" or args.full
     defaults = GPU_SIZES if big else CPU_SIZES
     given = {"preset": args.preset, "batch": args.batch, "steps": args.steps, "warmup": args.warmup}

@@ -65,7 +65,7 @@ from ..reference import TOLERANCE, reference_gemm, rel_error
 from ..testing import Status
 from ..testing.environment import dist_version, environment, environment_line
 from ..testing.timing import synchronize, time_steps
-from .common import announce, parse_names, positive_ints, short_error
+from .common import announce, modes_on, parse_names, positive_ints, resolve_device, short_error
 
 BF16, HF_FP8, BLOCKFP8, FUSED = "bf16", "transformers-fp8", "blockfp8", "blockfp8-fused"
 VARIANTS = (BF16, HF_FP8, BLOCKFP8, FUSED)
@@ -484,9 +484,8 @@ def _resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespa
         raise ValueError("--variants must include bf16: speed-ups and logits are measured against it")
     # The bf16 row leads each group so the others can be compared with it.
     args.variants = [v for v in VARIANTS if v in args.variants]
-    modes = parse_names(args.modes, MODES, MODES, "--modes")
     # generate() compiles only on accelerators, so on the CPU "compiled" would time the eager model again.
-    args.modes = [m for m in modes if device.type == "cuda" or m == "eager"]
+    args.modes = modes_on(device, args.modes, MODES)
     return args
 
 
@@ -516,11 +515,7 @@ def build_models(config, variants: list[str], device: torch.device) -> dict[str,
 
 
 def run(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but no CUDA device is available")
-    if device.type not in DEFAULTS:
-        raise ValueError(f"--device must be cuda or cpu, got {args.device!r}")
+    device = resolve_device(args.device)
     hf.import_transformers()
     args = _resolve(args, device)
     small = device.type == "cpu"

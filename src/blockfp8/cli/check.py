@@ -13,7 +13,7 @@ from ..backends import get_backend
 from ..testing import Status
 from ..testing.conformance import DISPATCHED, Cell, CheckResult, check_matrix, counts, load, markdown
 from ..testing.shapes import load_shapes, parse_ints
-from .common import CellProgress, announce, plain, stdout_console, write_text
+from .common import CellProgress, announce, plain, refuse_unused, stdout_console, write_text
 
 GPU_SHAPES, GPU_M = "edge,deepseek-v3", "1,2,7,16,77,128,1000"
 # On the CPU the Triton kernel runs in its interpreter: small shapes that still have tails in N, K and M.
@@ -81,9 +81,13 @@ def _load_saved(path: str) -> CheckResult:
 
 def _run_matrix(args: argparse.Namespace) -> CheckResult:
     big = args.full or torch.cuda.is_available()
-    shapes = load_shapes(args.shapes or (GPU_SHAPES if big else CPU_SHAPES))
-    ms = parse_ints(args.m or (GPU_M if big else CPU_M), "--m")
-    names = args.backends.split(",") if args.backends else None
+    shapes = load_shapes((GPU_SHAPES if big else CPU_SHAPES) if args.shapes is None else args.shapes)
+    ms = parse_ints((GPU_M if big else CPU_M) if args.m is None else args.m, "--m")
+    if min(ms) < 1:
+        raise ValueError(f"--m values must be >= 1 (a GEMM of no rows has nothing to check), got {args.m!r}")
+    names = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
+    if names == []:
+        raise ValueError("--backends names no backend")
     for name in names or ():
         get_backend(name)  # ValueError naming the known backends
     plan = f"check: {len(shapes)} shapes x {len(ms)} M values, every {'named' if names else 'available'} backend"
@@ -103,6 +107,9 @@ def _run_matrix(args: argparse.Namespace) -> CheckResult:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.from_json:
+        refuse_unused("--from-json (it renders a saved result)", shapes=args.shapes is not None,
+                      m=args.m is not None, full=args.full, backends=args.backends is not None, probe=args.probe)
     result = _load_saved(args.from_json) if args.from_json else _run_matrix(args)
     render(result)
     if args.markdown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -84,6 +85,57 @@ def resolve_device(spec: str | None, option: str = "--device") -> torch.device:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{option} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def modes_on(device: torch.device, spec: str | None, modes: Iterable[str], option: str = "--modes") -> list[str]:
+    """The modes a ``--modes`` option names (every one of ``modes`` when None). Only eager runs off CUDA: another
+    mode named there is a user error; left to the default, it is dropped."""
+    names = parse_names(spec, modes, modes, option)
+    if device.type == "cuda":
+        return names
+    gpu_only = [m for m in names if m != "eager"]
+    if spec is not None and gpu_only:
+        raise ValueError(f"{option} {','.join(gpu_only)} needs a CUDA device; on the CPU only eager runs")
+    return [m for m in names if m == "eager"]
+
+
+def refuse_unused(what: str, **given: bool) -> None:
+    """A ``ValueError`` naming every option (``given``: its flag without dashes, underscores for dashes ->
+    whether the user set it) that ``what`` would silently ignore."""
+    names = ["--" + name.replace("_", "-") for name, used in given.items() if used]
+    if names:
+        raise ValueError(f"{', '.join(names)} {'does' if len(names) == 1 else 'do'} not apply to {what}")
+
+
+# Options that name a file a command writes (by argparse dest; fidelity's --json is json_path), and those naming
+# a file it reads first. bench's --save-table is merged into, so it is both.
+OUTPUT_OPTIONS = {"json": "--json", "json_path": "--json", "markdown": "--markdown", "save": "--save",
+                  "plot": "--plot", "save_table": "--save-table"}
+INPUT_OPTIONS = {"from_json": "--from-json", "save_table": "--save-table"}
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Before any work: refuse an output option that names a folder or a file in a folder that does not exist
+    (found only after a long run otherwise), two options naming one file, and an output naming a file the
+    command reads (it would be overwritten: the user's input must survive every command)."""
+    owner: dict[str, str] = {}
+    for dest, flag in INPUT_OPTIONS.items():
+        path = getattr(args, dest, None)
+        if path:
+            owner[os.path.realpath(path)] = flag
+    for dest, flag in OUTPUT_OPTIONS.items():
+        path = getattr(args, dest, None)
+        if not path:
+            continue
+        where = Path(path)
+        if where.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; expected a file name")
+        if not where.resolve().parent.is_dir():
+            raise ValueError(f"{flag} {path}: folder {where.resolve().parent} does not exist")
+        key = os.path.realpath(path)
+        if owner.get(key, flag) != flag:
+            raise ValueError(f"{flag} {path} names the same file as {owner[key]}, which it would overwrite")
+        owner[key] = flag
 
 
 def cpu_timing_note(what: str) -> str:

@@ -33,7 +33,7 @@ from ..testing.environment import environment
 from ..testing.shapes import LinearLayer, Shape, layer_shapes, load_shapes, model_shapes, parse_m_values
 from ..testing.tuning import Candidate, CellResult, Trial, TuneRun, tune
 from ..testing.verify import POLICIES, TARGETS, cell_rows, summarize, verify
-from .common import parse_names
+from .common import int_at_least, parse_names, positive_int, refuse_unused
 
 NEEDS_CUDA = ("blockfp8 tune needs a CUDA device: backends and launch configs are measured on the GPU that runs "
               "them, and none was found")
@@ -44,7 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="shape sets of data/shapes.json and/or N:K pairs (default: deepseek-v3 without --model)")
     p.add_argument("--model", help="a model folder: its safetensors checkpoint (block-FP8 or float) or, without "
                                    "weights, its transformers config.json")
-    p.add_argument("--tp", type=int, default=1,
+    p.add_argument("--tp", type=positive_int, default=1,
                    help="tensor-parallel ranks: tune the local shapes (q/k/v/gate/up/qkv/gate_up_proj split N, "
                         "o_proj/down_proj split K, other layers whole; default 1)")
     p.add_argument("--fused", action="store_true",
@@ -54,13 +54,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(--tp 1 only)")
     p.add_argument("--m", default=None, help="token counts M to tune at (default: 1,16,64,128,512,2048,4096)")
     p.add_argument("--backends", default=None, help=f"backends to measure (default: {','.join(backend_names())})")
-    p.add_argument("--max-configs", type=int, default=4,
+    p.add_argument("--max-configs", type=int_at_least(0), default=4,
                    help="Triton launch configs per cell, the current one and the heuristic included (0: all; "
                         "default 4)")
-    p.add_argument("--gluon-configs", type=int, default=3, help="Gluon launch configs per cell (0: all; default 3)")
-    p.add_argument("--reps", type=int, default=5, help="timed graph replays per candidate (default 5)")
+    p.add_argument("--gluon-configs", type=int_at_least(0), default=3,
+                   help="Gluon launch configs per cell (0: all; default 3)")
+    p.add_argument("--reps", type=positive_int, default=5, help="timed graph replays per candidate (default 5)")
     p.add_argument("--force", action="store_true", help="measure again the cells the cache already holds")
-    p.add_argument("--warm-procs", type=int, default=min(16, os.cpu_count() or 1),
+    p.add_argument("--warm-procs", type=int_at_least(0), default=min(16, os.cpu_count() or 1),
                    help="processes that compile every candidate before timing (0: compile while timing; "
                         "default: min(16, CPU cores), fewer where the free GPU memory holds fewer)")
     p.add_argument("--list", action="store_true", help="print the shapes and cells that would be tuned, then stop")
@@ -69,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true",
                    help="measure the dispatcher against the per-cell oracle, untuned and after tuning into a "
                         "temporary cache (this device's shipped rows hidden; the user's cache untouched)")
-    p.add_argument("--verify-reps", type=int, default=20, help="graph replays per op in --verify (default 20)")
+    p.add_argument("--verify-reps", type=positive_int, default=20, help="graph replays per op in --verify (default 20)")
     p.add_argument("--json", help="write the results (tuned cells, or the --verify report) to this JSON file")
 
 
@@ -144,10 +145,9 @@ def run(args: argparse.Namespace) -> int:
     shapes = _shapes(args)
     ms = parse_m_values(args.m)
     backends = parse_names(args.backends, backend_names(), backend_names(), "--backends")
-    for flag in ("reps", "verify_reps"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.list:
+        refuse_unused("--list (it prints the cells and stops)", verify=args.verify, install=args.install,
+                      force=args.force, json=bool(args.json))
         for s in shapes:
             console.print(f"{s.name}: N={s.n} K={s.k}")
         console.print(f"{len(shapes)} shapes x {len(ms)} M values (M = {', '.join(map(str, ms))}) = "
