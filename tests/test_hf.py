@@ -6,6 +6,7 @@ that must be refused. A tiny Llama built from a config and all-MiniLM-L6-v2 from
 import copy
 import io
 import json
+import shutil
 import subprocess
 import sys
 
@@ -266,6 +267,25 @@ def test_from_pretrained_rejects_bad_input(tmp_path):
     (tmp_path / "other" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="quant_method 'bitsandbytes'"):
         blockfp8.from_pretrained(tmp_path / "other")
+
+
+def test_from_pretrained_refuses_fp8_tensors_without_a_quantization_config(saved, tmp_path):
+    _, path = saved
+    shutil.copytree(path, tmp_path / "unlabelled")
+    config = json.loads((tmp_path / "unlabelled" / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "unlabelled" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"no quantization_config, but the checkpoint holds 14 fp8 tensor\(s\)"):
+        blockfp8.from_pretrained(tmp_path / "unlabelled", progress=False)
+
+
+def test_from_pretrained_names_a_corrupt_file_and_a_bad_device_before_loading(tmp_path):
+    llama(TINY).save_pretrained(tmp_path / "bf16")
+    with pytest.raises(ValueError, match="device 'foo' is not a device"):
+        blockfp8.from_pretrained(tmp_path / "bf16", device="foo")
+    (tmp_path / "bf16" / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        blockfp8.from_pretrained(tmp_path / "bf16")
 
 
 def test_quantize_refuses_fp8_layers_it_cannot_run():

@@ -146,11 +146,11 @@ def test_registry_never_serves_a_freed_weight():
     assert registry.get(w, s, None, ("k",), build) is first and len(built) == 1
     # New scales at the same id as freed ones (their memory reused) must not get the old plan.
     (ref, plans), = registry._weights.values()
-    (full, (s_ref, b_ref, plan)), = plans.items()
+    (full, (s_ref, b_ref, plan, state)), = plans.items()
     dead = torch.zeros(1)
     dead_ref = weakref.ref(dead)
     del dead
-    plans[full] = (dead_ref, b_ref, plan)
+    plans[full] = (dead_ref, b_ref, plan, state)
     registry.get(w, s, None, ("k",), build)
     assert len(built) == 2
     del w

@@ -38,6 +38,7 @@ from . import autotune, tables
 from .autotune import Operands, set_autotune
 from .backends import Problem, Support, backend_names, get_backend
 from .rules import MIN_FP8_ARCH, static_rule
+from .validate import check_device, check_size
 
 ENV_VAR = "BLOCKFP8_BACKEND"
 ENV_TABLE = tables.KINDS["dispatch"][1]
@@ -170,9 +171,10 @@ class Explanation:
 def explain(m: int, n: int, k: int, device: torch.device | str | None = None,
             out_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> Explanation:
     """The dispatcher's choice for (M, N, K) on ``device``, what decided it, and every backend's verdict."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    for value, name in ((m, "m"), (n, "n"), (k, "k")):
+        check_size(value, name)
+    check_backend_name(backend)
+    device = check_device(device) or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return explain_problem(Problem.of(m, n, k, device, out_dtype), backend)
 
 

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, load_fp8_model, read_quantization_config
+from .checkpoint import CONFIG_NAME, INDEX_NAME, load_fp8_model, read_quantization_config, read_tensor_infos
 from .dispatch import check_backend_name
 from .format import BLOCK, DEFAULT_BLOCK, FP8_DTYPE
 from .hf_config import mark_fp8_model, transformers_module
 from .nn import ConversionReport, Fp8BlockLinear, convert_model
-from .validate import check_out_dtype
+from .validate import check_device, check_out_dtype
 
 # What a Hub download fetches for ``from_pretrained``: configs and safetensors weights, nothing else.
 _HUB_PATTERNS = ["*.json", "*.safetensors"]
@@ -238,6 +238,21 @@ def _empty_model(cls: type, config, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def _check_float_checkpoint(root: Path) -> None:
+    """A checkpoint whose config.json has no quantization_config must hold no fp8 tensor: transformers would load
+    fp8 values as float weights and drop their ``*_scale_inv`` tensors (thousands of times off, with only a list of
+    unexpected keys to show for it). Reads the safetensors headers only, which also names a corrupt file."""
+    if not (root / INDEX_NAME).is_file() and not any(root.glob("*.safetensors")):
+        return  # a .bin checkpoint: transformers reads it and reports its own errors
+    fp8 = [name for name, info in read_tensor_infos(root).items() if info.dtype.startswith("F8")]
+    if fp8:
+        raise ValueError(
+            f"{root / CONFIG_NAME} has no quantization_config, but the checkpoint holds {len(fp8)} fp8 tensor(s) "
+            f"(first: {fp8[0]!r}), whose values would load without their scales; add a block-FP8 quantization_config "
+            '(e.g. {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", '
+            '"weight_block_size": [128, 128]}) to config.json')
+
+
 def from_pretrained(path_or_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
                     device: torch.device | str | None = None, backend: str | None = None,
                     skip: Iterable[str] | None = None, *, progress: bool = True) -> nn.Module:
@@ -252,6 +267,7 @@ def from_pretrained(path_or_dir: str | Path, dtype: torch.dtype = torch.bfloat16
     """
     check_out_dtype(dtype, "dtype")
     check_backend_name(backend)
+    check_device(device)
     transformers = import_transformers()
     root = _checkpoint_folder(path_or_dir)
     config = transformers.AutoConfig.from_pretrained(root)
@@ -264,6 +280,7 @@ def from_pretrained(path_or_dir: str | Path, dtype: torch.dtype = torch.bfloat16
         if model.can_generate() and (root / "generation_config.json").is_file():
             model.generation_config = transformers.GenerationConfig.from_pretrained(root)
     elif method is None:
+        _check_float_checkpoint(root)
         model = cls.from_pretrained(root, dtype=dtype)
     else:
         raise ValueError(f"{root / CONFIG_NAME} has quantization_config.quant_method {method!r}; "

@@ -16,7 +16,14 @@ from .format import DEFAULT_BLOCK, FP8_DTYPE, weight_scale_shape
 from .hf_config import mark_fp8_model
 from .ops import layer_linear
 from .quant import quantize_weight
-from .validate import check_block_size, check_fp8_linear, check_fp8_state_dict
+from .validate import (
+    check_block_size,
+    check_device,
+    check_fp8_linear,
+    check_fp8_state_dict,
+    check_out_dtype,
+    check_size,
+)
 
 # Layers ``convert_model`` and ``convert_checkpoint`` keep in float unless told otherwise, as skip patterns
 # (``matches_pattern``): embeddings and norms are not matmuls, lm_head and MoE routers ("gate", not "gate_proj")
@@ -76,6 +83,10 @@ class Fp8BlockLinear(KeepFp8Buffers, nn.Module):
                  backend: str | None = None) -> None:
         super().__init__()
         check_backend_name(backend)
+        check_size(in_features, "in_features")
+        check_size(out_features, "out_features")
+        device = check_device(device)
+        check_out_dtype(bias_dtype, "bias_dtype")
         self.in_features = in_features
         self.out_features = out_features
         self.backend = backend

@@ -48,7 +48,13 @@ from .dispatch import ENV_VAR, Operands, check_backend_name, choose, generation
 from .eager_graphs import EagerGraphs
 from .format import DEFAULT_GROUP, FLOAT_DTYPES, FP8_DTYPE, cdiv, is_decode
 from .quant import QuantizedActivation, dequantize_weight, quantize_activation
-from .validate import check_gemm_input, check_linear_input
+from .validate import (
+    check_finite_values,
+    check_fp8_weight_values,
+    check_gemm_input,
+    check_linear_input,
+    check_scale_values,
+)
 
 
 def _rows(shape: torch.Size) -> int:
@@ -197,14 +203,52 @@ def _watched(table: dict, weight: torch.Tensor) -> weakref.ref:
     return weakref.ref(weight, drop)
 
 
+def weight_state(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+    """What a plan or a shortcut was made for besides the tensors' identity: each one's storage and, where torch
+    tracks it, its version (every in-place write bumps it; inference tensors keep none). A tensor given new
+    storage (``param.data = ...``, another shape) or written in place (new values, which may be NaN) gets a new
+    plan, whose build checks the weight side again."""
+    if weight.is_inference() or weight_scale_inv.is_inference():
+        state = (weight.data_ptr(), weight_scale_inv.data_ptr())
+    else:
+        state = (weight.data_ptr(), weight_scale_inv.data_ptr(), weight._version, weight_scale_inv._version)
+    if bias is None:
+        return state
+    return (*state, bias.data_ptr(), None if bias.is_inference() else bias._version)
+
+
+# weight id -> (weak reference, weight_state) of the weights whose values were last checked in that state.
+_VALUES_CHECKED: dict[int, tuple[weakref.ref, tuple]] = {}
+
+
+def check_values_once(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """The weight side's values checked (NaN/Inf/zero/negative scales, NaN fp8 bytes, a non-finite bias) when a
+    plan is built for a state of these tensors not checked before: a read of the weight (and a device sync) once
+    per weight and state, never per call. Inside a CUDA graph capture nothing can be read; the eager calls
+    before one (or after it) check."""
+    if weight.is_meta or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    state = weight_state(weight, weight_scale_inv, bias)
+    entry = _VALUES_CHECKED.get(id(weight))
+    if entry is not None and entry[0]() is weight and entry[1] == state:
+        return
+    check_scale_values(weight_scale_inv)
+    check_fp8_weight_values(weight)
+    if bias is not None:
+        check_finite_values(bias, "bias")
+    ref = entry[0] if entry is not None and entry[0]() is weight else _watched(_VALUES_CHECKED, weight)
+    _VALUES_CHECKED[id(weight)] = (ref, state)
+
+
 class PlanRegistry:
     """The plans of every weight tensor, kept as long as that tensor lives and no longer.
 
     Keyed by the weight tensor's identity (checked through a weak reference, whose callback drops the weight's
     plans when it is freed, so a new tensor that reuses a freed one's id never gets its plans), then by its
-    scales and bias (also checked by identity) and ``plan_key``. At most ``per_weight`` plans per weight, least
-    recently used dropped first (decode uses up to 64 token counts per layer; prefill adds one per new sequence
-    length). Safe to call from several threads: at worst two threads build the same plan once each.
+    scales and bias (also checked by identity) and ``plan_key``; a plan is found only while the tensors are in the
+    state it was built for (``weight_state``: same storage, no in-place write since). At most ``per_weight``
+    plans per weight, least recently used dropped first (decode uses up to 64 token counts per layer; prefill adds
+    one per new sequence length). Safe to call from several threads: at worst two threads build the same plan once each.
     """
 
     def __init__(self, per_weight: int = 128) -> None:
@@ -218,7 +262,8 @@ class PlanRegistry:
         entry = self._weights.get(id(weight))
         if entry is not None and entry[0]() is weight:
             hit = entry[1].get((id(weight_scale_inv), id(bias), key))
-            if hit is not None and hit[0]() is weight_scale_inv and (bias is None or hit[1]() is bias):
+            if (hit is not None and hit[0]() is weight_scale_inv and (bias is None or hit[1]() is bias)
+                    and hit[3] == weight_state(weight, weight_scale_inv, bias)):
                 return hit[2]
         return None
 
@@ -230,7 +275,8 @@ class PlanRegistry:
             plan = build()
             if plan.keep:
                 self._insert(weight, (id(weight_scale_inv), id(bias), key),
-                             (weakref.ref(weight_scale_inv), None if bias is None else weakref.ref(bias), plan))
+                             (weakref.ref(weight_scale_inv), None if bias is None else weakref.ref(bias), plan,
+                              weight_state(weight, weight_scale_inv, bias)))
         return plan
 
     def _insert(self, weight: torch.Tensor, full: tuple, value: tuple) -> None:
@@ -324,6 +370,7 @@ def _linear_plan(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.
     def build() -> LinearPlan:
         if check:
             check_linear_input(x, weight, weight_scale_inv, bias)
+        check_values_once(weight, weight_scale_inv, bias)
         return LinearPlan(weight, weight_scale_inv, bias, x.dtype, m, backend,
                           _linear_operands(x, weight, weight_scale_inv) if tune else None)
 
@@ -439,6 +486,7 @@ def _gemm_plan(x_fp8: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor,
     def build() -> LinearPlan:
         if check:
             check_gemm_input(x_fp8, x_scale, weight, weight_scale_inv, bias, out_dtype)
+        check_values_once(weight, weight_scale_inv, bias)
         return LinearPlan(weight, weight_scale_inv, bias, out_dtype, m, backend,
                           _gemm_operands(x_fp8, x_scale, weight, weight_scale_inv) if tune else None)
 
@@ -503,11 +551,12 @@ class Shortcut:
     goes through ``_LinearFn`` around the same set."""
 
     __slots__ = ("shape", "stride", "dtype", "device", "scales", "bias", "backend", "env", "generation", "stream",
-                 "thread", "graphs", "plan")
+                 "thread", "graphs", "plan", "state")
 
-    def __init__(self, x: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
+    def __init__(self, x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                 bias: torch.Tensor | None, backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
         self.shape, self.stride, self.dtype, self.device = x.shape, x.stride(), x.dtype, x.get_device()
+        self.state = weight_state(weight, weight_scale_inv, bias)
         self.scales = weakref.ref(weight_scale_inv)
         self.bias = None if bias is None else weakref.ref(bias)
         self.backend, self.env, self.generation = backend, env_backend(), generation()
@@ -539,10 +588,10 @@ class Shortcut:
         if (not EagerGraphs.enabled or _current_device() != self.device or threading.get_ident() != self.thread
                 or current_raw_stream(self.device) != self.stream):
             return None
-        graphs = self.graphs
-        if graphs.ptrs != (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr()):
+        # The set reads the storage it was captured with, and the plan was built (and checked) for these values.
+        if weight_state(weight, weight_scale_inv, bias) != self.state:
             return None
-        return graphs
+        return self.graphs
 
 
 class GemmShortcut(Shortcut):
@@ -552,9 +601,9 @@ class GemmShortcut(Shortcut):
 
     __slots__ = ("scale_shape", "scale_stride")
 
-    def __init__(self, x: QuantizedActivation, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
-                 backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
-        super().__init__(x.values, weight_scale_inv, bias, backend, plan, graphs)
+    def __init__(self, x: QuantizedActivation, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
+                 bias: torch.Tensor | None, backend: str | None, plan: LinearPlan, graphs: EagerGraphs) -> None:
+        super().__init__(x.values, weight, weight_scale_inv, bias, backend, plan, graphs)
         self.dtype = x.dtype  # the output's: the values are always fp8
         self.scale_shape, self.scale_stride = x.scales.shape, x.scales.stride()
 
@@ -593,7 +642,7 @@ class ShortcutRegistry:
             return
         entry = self._by_weight.get(id(weight))
         ref = entry[0] if entry is not None and entry[0]() is weight else _watched(self._by_weight, weight)
-        self._by_weight[id(weight)] = (ref, kind(x, weight_scale_inv, bias, backend, plan, graphs))
+        self._by_weight[id(weight)] = (ref, kind(x, weight, weight_scale_inv, bias, backend, plan, graphs))
 
 
 SHORTCUTS = ShortcutRegistry()

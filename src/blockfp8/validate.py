@@ -23,6 +23,7 @@ once at load time. Activations may have any strides: the quantizers copy ``x`` a
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 
 import torch
@@ -57,6 +58,40 @@ def require_dtype(t: object, name: str, allowed: tuple[torch.dtype, ...] = FLOAT
         raise TypeError(f"{name} must have dtype {_one_of([dtype_name(d) for d in allowed])}, "
                         f"got {dtype_name(t.dtype)}")
     return t
+
+
+def check_device(device: object, name: str = "device") -> torch.device | None:
+    """``device`` as a ``torch.device`` (None stays None), or a ``ValueError`` naming ``name`` when it is not a
+    device, or a CUDA device this machine does not have (found before any work, not by an assertion deep in torch
+    after a model has loaded)."""
+    if device is None:
+        return None
+    if not isinstance(device, (torch.device, str, int)) or isinstance(device, bool):
+        raise TypeError(f"{name} must be a torch.device or a string such as 'cuda', got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{name} {device!r} is not a device; expected e.g. 'cpu', 'cuda' or 'cuda:1'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} {str(device)!r}: no CUDA device is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def check_size(value: object, name: str, low: int = 1) -> int:
+    """``value`` as an int >= ``low``: a ``TypeError`` for a non-int (a bool or a float included), a
+    ``ValueError`` naming ``name`` for a smaller one."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)  # ints, numpy ints, 0-d integer tensors
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return value
 
 
 def check_block_size(block_size: tuple[int, int] | list[int], name: str = "block_size") -> tuple[int, int]:
