@@ -58,3 +58,33 @@ def test_check_device_and_size_pass_good_values():
     assert check_size(np.int32(3), "n") == 3 and check_size(torch.tensor(4), "n") == 4
     with pytest.raises(TypeError, match="device must be a torch.device"):
         check_device(1.0)
+
+
+@pytest.mark.parametrize("make,error,message", [
+    (lambda: blockfp8.Fp8GatedMLP(0, 0), ValueError, "hidden must be >= 1, got 0"),
+    (lambda: blockfp8.Fp8GatedMLP(128, -1), ValueError, "intermediate must be >= 1, got -1"),
+    (lambda: blockfp8.Fp8RMSNorm(-1), ValueError, "dim must be >= 1, got -1"),
+    (lambda: blockfp8.Fp8RMSNorm(64, device="foo"), ValueError, "device 'foo' is not a device"),
+    (lambda: blockfp8.quantize_activation(torch.zeros(5, 0)), ValueError, r"K >= 1 .* shape \(5, 0\)"),
+    (lambda: blockfp8.dequantize_weight(*blockfp8.quantize_weight(torch.ones(128, 128)), dtype="float32"),
+     TypeError, "dtype must be a torch.dtype"),
+    (lambda: blockfp8.dequantize_activation(*blockfp8.quantize_activation(torch.ones(2, 128)), dtype=torch.int8),
+     TypeError, "dtype must be bfloat16, float16 or float32, got int8"),
+    (lambda: blockfp8.load_fp8_model(None, "folder"), TypeError, "model must be an nn.Module, got NoneType"),
+    (lambda: blockfp8.load_fp8_model(torch.nn.Linear(2, 2), None), TypeError, "checkpoint_dir must be a folder"),
+])
+def test_modules_and_helpers_refuse_bad_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_fuse_producers_refuses_a_non_module():
+    pytest.importorskip("transformers")
+    with pytest.raises(TypeError, match="model must be a transformers model"):
+        blockfp8.hf.fuse_producers(None)
+
+
+def test_save_fp8_checkpoint_refuses_an_empty_state_dict(tmp_path):
+    with pytest.raises(ValueError, match="holds no tensor"):
+        blockfp8.save_fp8_checkpoint({}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

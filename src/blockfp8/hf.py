@@ -155,6 +155,8 @@ def fuse_producers(model: nn.Module, stack_qkv: bool = True) -> list[str]:
     names; ``ValueError`` when no layer qualifies (the model is then unchanged)."""
     from .modules import Fp8GatedMLP, Fp8RMSNorm
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a transformers model (an nn.Module), got {type(model).__name__}")
     built, seen = [], 0
     for name, layer in model.named_modules():
         if type(layer).__name__ not in FUSABLE_LAYERS:

@@ -15,6 +15,7 @@ from .fused import rms_norm_quant, silu_mul_quant
 from .nn import Fp8BlockLinear
 from .ops import LinearPlan, gemm_plan_of, linear, runs_eagerly
 from .quant import QuantizedActivation, quantize_weight
+from .validate import check_device, check_size
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -90,7 +91,8 @@ class Fp8RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6, *, layout: str | None = None, ue8m0: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        check_size(dim, "dim")
+        self.weight = nn.Parameter(torch.ones(dim, device=check_device(device), dtype=dtype))
         self.eps = eps
         self.layout = layout
         self.ue8m0 = ue8m0
@@ -174,6 +176,8 @@ class Fp8GatedMLP(nn.Module):
                  ue8m0: bool = False, device: torch.device | str | None = None,
                  bias_dtype: torch.dtype = torch.bfloat16, backend: str | None = None) -> None:
         super().__init__()
+        check_size(hidden, "hidden")
+        check_size(intermediate, "intermediate")
         self.gate_up_proj = Fp8BlockLinear(hidden, 2 * intermediate, bias, device, bias_dtype, backend)
         self.down_proj = Fp8BlockLinear(intermediate, hidden, bias, device, bias_dtype, backend)
         self.layout = layout

@@ -15,7 +15,14 @@ from typing import NamedTuple
 import torch
 
 from .format import AMAX_FLOOR, DEFAULT_BLOCK, DEFAULT_GROUP, FP8_DTYPE, FP8_MAX, cdiv
-from .validate import check_activation, check_block_size, check_group_size, check_weight, require_dtype
+from .validate import (
+    check_activation,
+    check_block_size,
+    check_group_size,
+    check_out_dtype,
+    check_weight,
+    require_dtype,
+)
 
 
 def round_scale_ue8m0(scale: torch.Tensor) -> torch.Tensor:
@@ -85,6 +92,8 @@ def quantize_activation(
     require_dtype(x, "x")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (the K axis)")
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have K >= 1 (its last dimension), got shape {tuple(x.shape)}")
     g = check_group_size(group_size)
     *lead, k = x.shape
     kb = cdiv(k, g)
@@ -111,6 +120,7 @@ def dequantize_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """fp8 weight times its block scales, in ``dtype`` (fp32 by default)."""
+    check_out_dtype(dtype, "dtype")
     bs = check_block_size(block_size)
     check_weight(w_fp8, weight_scale_inv, bs)
     return (w_fp8.float() * expand_block_scales(weight_scale_inv, tuple(w_fp8.shape), bs)).to(dtype)
@@ -123,6 +133,7 @@ def dequantize_activation(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """fp8 activation times its per-group scales, in ``dtype`` (fp32 by default)."""
+    check_out_dtype(dtype, "dtype")
     g = check_group_size(group_size)
     check_activation(x_fp8, x_scale, g)
     k = x_fp8.shape[-1]

@@ -149,6 +149,10 @@ def load_fp8_model(
     checkpoint holds: the model's own code must create those. A transformers model's
     config then says block FP8 (``hf_config``).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(checkpoint_dir, (str, Path)):
+        raise TypeError(f"checkpoint_dir must be a folder path, got {type(checkpoint_dir).__name__}")
     root = Path(checkpoint_dir)
     qc = read_quantization_config(root)
     infos = read_tensor_infos(root)

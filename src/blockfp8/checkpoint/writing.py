@@ -306,6 +306,8 @@ def save_fp8_checkpoint(
     else:
         raise TypeError(f"model_or_state_dict must be an nn.Module or a mapping of tensors, "
                         f"got {type(model_or_state_dict).__name__}")
+    if not state:
+        raise ValueError("model_or_state_dict holds no tensor: there is nothing to write")
     for name, t in state.items():
         if not isinstance(name, str):
             raise TypeError(f"state dict keys must be tensor names (str), got {type(name).__name__} {name!r}")
