@@ -15,7 +15,9 @@ program must not depend on a measurement); the dispatcher then uses its static c
 
 from __future__ import annotations
 
+import math
 import os
+import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -46,16 +48,19 @@ class Trial:
     rel_error: float | None = None
     us: float | None = None
     reason: str = ""
+    samples: list[float] | None = None  # per-round microseconds when raced (``timer.race``): they pair
 
 
 def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}".splitlines()[0][:200]
 
 
-def tune_cell(configs: list, check: Callable[[object], float], measure: Callable[[object], float],
-              on_bad: Callable[[Trial], None] = lambda t: None, tol: float = TOLERANCE) -> list[Trial]:
-    """Check every candidate (``check(c)`` -> relative error), then time the correct ones (``measure(c)`` ->
-    microseconds). Wrong or failing candidates are never timed; ``on_bad`` hears about each."""
+def tune_cell(configs: list, check: Callable[[object], float], measure: Callable[[object], float] | None = None,
+              on_bad: Callable[[Trial], None] = lambda t: None, tol: float = TOLERANCE,
+              race: Callable[[list], list[list[float] | Exception]] | None = None) -> list[Trial]:
+    """Check every candidate (``check(c)`` -> relative error), then time the correct ones: one by one
+    (``measure(c)`` -> microseconds) or all together (``race(configs)`` -> each one's paired per-round samples or
+    its exception, ``timer.race``). Wrong or failing candidates are never timed; ``on_bad`` hears about each."""
     trials = []
     for c in configs:
         try:
@@ -64,15 +69,59 @@ def tune_cell(configs: list, check: Callable[[object], float], measure: Callable
             trial = Trial(c, Status.CRASHED, reason=_first_line(e))
         else:
             trial = Trial(c, Status.OK if err <= tol else Status.WRONG, rel_error=err)
-            if trial.status == Status.OK:
+            if trial.status == Status.OK and race is None:
                 try:
                     trial.us = measure(c)
                 except Exception as e:  # noqa: BLE001
                     trial.status, trial.reason = Status.CRASHED, _first_line(e)
+        trials.append(trial)
+    if race is not None:
+        ok = [t for t in trials if t.status == Status.OK]
+        for trial, result in zip(ok, race([t.config for t in ok]) if ok else [], strict=True):
+            if isinstance(result, Exception):
+                trial.status, trial.reason = Status.CRASHED, _first_line(result)
+            else:
+                trial.samples, trial.us = result, statistics.median(result)
+    for trial in trials:
         if trial.status != Status.OK:
             on_bad(trial)
-        trials.append(trial)
     return trials
+
+
+# A candidate replaces the one that runs now only when it is faster by more than this fraction of its time, and
+# (raced) wins enough rounds that chance is unlikely (one-sided sign test below SIGNIFICANCE): two tune runs
+# then agree, instead of flipping between candidates a few tenths of a microsecond apart.
+STICKY_MARGIN = 0.01
+SIGNIFICANCE = 0.01
+
+
+def faster(fast: Trial, slow: Trial, margin: float = STICKY_MARGIN, alpha: float = SIGNIFICANCE) -> bool:
+    """Whether ``fast`` beats ``slow`` for sure: by more than ``margin`` of slow's time and, when both were raced
+    (paired samples), in enough rounds that a sign test puts chance below ``alpha``. Timed one by one, the
+    medians and the margin decide."""
+    if fast.us is None or slow.us is None:
+        return False
+    if not (fast.samples and slow.samples):
+        return fast.us < slow.us * (1 - margin)
+    n = min(len(fast.samples), len(slow.samples))
+    diffs = [b - a for a, b in zip(fast.samples[:n], slow.samples[:n], strict=True)]
+    if statistics.median(diffs) <= margin * statistics.median(slow.samples[:n]):
+        return False
+    wins = sum(d > 0 for d in diffs)
+    # P(at least `wins` of n fair coin flips): the chance of winning so often with no real difference.
+    return sum(math.comb(n, i) for i in range(wins, n + 1)) / 2**n < alpha
+
+
+def choose_trial(trials: list[Trial], incumbent: object | None) -> Trial | None:
+    """The trial to keep: the fastest correct one, unless the ``incumbent`` (what runs now) is correct too and the
+    fastest is not ``faster`` than it for sure."""
+    fastest = ranked(trials)
+    if not fastest:
+        return None
+    now = next((t for t in fastest if t.config == incumbent), None)
+    if now is not None and now is not fastest[0] and not faster(fastest[0], now):
+        return now
+    return fastest[0]
 
 
 def ranked(trials: list[Trial]) -> list[Trial]:

@@ -19,6 +19,7 @@ timer stands in (``method="wall"``) so the commands run end to end; its numbers 
 from __future__ import annotations
 
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -135,6 +136,91 @@ def time_fn(
     if _device_of(sets).type != "cuda":
         return _time_wall(fn, sets, reps, warmup)
     return _time_cuda(fn, sets, l2_cold, reps, warmup, hot)
+
+
+def race(fns: Sequence[Callable[..., object]], *, rotate: Sequence[tuple] | Callable[[int], tuple],
+         copies: int | None = None, rounds: int = 20, warmup: int = 1, seed: int = 0) -> list[list[float] | Exception]:
+    """Per-call microseconds of each of ``fns`` on the same argument sets, measured interleaved: each fn gets one
+    CUDA graph over every set (L2-cold, as ``time_fn``), then ``rounds`` rounds replay every graph once, in an
+    order shuffled per round (``seed``). Drift of clocks, temperature or a neighbour's load lands on every fn
+    alike, and sample r of every fn comes from round r, so two fns' samples pair (``autotune.faster``): what
+    tells 0.2 us apart at decode, where timing candidates one after the other did not.
+
+    Returns, per fn, its ``rounds`` samples, or the exception that stopped it (its first call or its capture
+    failing twice; a fn whose capture fails is launched eagerly between events instead). Off CUDA, wall clock.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    sets = _arg_sets(rotate, copies)
+    cuda = _device_of(sets).type == "cuda"
+    runners: list[Callable[[], None] | Exception] = []
+    graphs: list[torch.cuda.CUDAGraph] = []
+    # One memory pool for every graph: only the timing of a replay matters, never its output, so the graphs may
+    # reuse each other's memory, and many candidates at a large M fit.
+    pool = torch.cuda.graph_pool_handle() if cuda else None
+    stream = torch.cuda.Stream() if cuda else None
+    for fn in fns:
+        def body(fn: Callable = fn) -> None:
+            for args in sets:
+                fn(*args)  # the output is dropped at once, so its memory is reused by the next call
+
+        try:
+            runners.append(_race_runner(body, cuda, warmup, stream, pool, graphs))
+        except Exception as e:  # noqa: BLE001 - a candidate that fails is a result, not a crash of the race
+            runners.append(e)
+    try:
+        return _race_rounds(runners, rounds, len(sets), cuda, seed)
+    finally:
+        for graph in graphs:
+            graph.reset()
+
+
+def _race_runner(body: Callable[[], None], cuda: bool, warmup: int, stream: torch.cuda.Stream | None,
+                 pool: object, graphs: list) -> Callable[[], None]:
+    """What one round launches for ``body``: a replay of its graph (kept in ``graphs``), or ``body`` itself off
+    CUDA or when capture fails."""
+    if not cuda:
+        for _ in range(1 + warmup):
+            body()
+        return body
+    with torch.cuda.stream(stream):
+        for _ in range(1 + warmup):
+            body()
+    torch.cuda.synchronize()
+    try:
+        graph, _ = capture_graph(body, stream, pool=pool)
+    except Exception:  # noqa: BLE001 - timed from eager launches instead, like time_fn's "events"
+        torch.cuda.synchronize()
+        return body
+    graphs.append(graph)
+    graph.replay()  # the first replay uploads the graph; not timed
+    return graph.replay
+
+
+def _race_rounds(runners: list, rounds: int, calls: int, cuda: bool, seed: int) -> list[list[float] | Exception]:
+    live = [i for i, r in enumerate(runners) if not isinstance(r, Exception)]
+    samples: dict[int, list[float]] = {i: [] for i in live}
+    order = list(live)
+    rng = random.Random(seed)
+    pending = []
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for i in order:
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                runners[i]()
+                end.record()
+                pending.append((i, start, end))
+            else:
+                t0 = time.perf_counter()
+                runners[i]()
+                samples[i].append((time.perf_counter() - t0) * 1e6 / calls)
+    if cuda:
+        torch.cuda.synchronize()
+        for i, start, end in pending:
+            samples[i].append(start.elapsed_time(end) * 1e3 / calls)
+    return [samples[i] if i in samples else runners[i] for i in range(len(runners))]
 
 
 def _time_wall(fn: Callable, sets: list[tuple], reps: int, warmup: int) -> Timing:

@@ -59,7 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default 4)")
     p.add_argument("--gluon-configs", type=int_at_least(0), default=3,
                    help="Gluon launch configs per cell (0: all; default 3)")
-    p.add_argument("--reps", type=positive_int, default=5, help="timed graph replays per candidate (default 5)")
+    p.add_argument("--reps", type=positive_int, default=20,
+                   help="timed rounds per cell, each replaying every candidate's graph once in a shuffled order "
+                        "(default 20)")
     p.add_argument("--force", action="store_true", help="measure again the cells the cache already holds")
     p.add_argument("--warm-procs", type=int_at_least(0), default=min(16, os.cpu_count() or 1),
                    help="processes that compile every candidate before timing (0: compile while timing; "
@@ -110,7 +112,7 @@ def _tune_table(results: list[CellResult]) -> Table:
     for r in results:
         counts = "/".join(str(sum(tr.status == s for tr in r.trials))
                           for s in (Status.OK, Status.WRONG, Status.CRASHED))
-        best, default = r.best, r.default_trial
+        best, default = r.chosen, r.default_trial
         base_us = default.us if default and default.status == Status.OK else None
         gain = f"{base_us / best.us:.2f}x" if best and base_us else "-"
         t.add_row(r.name, str(r.n), str(r.k), str(r.m), counts, _short(r.default), f"{base_us:.1f}" if base_us else "-",

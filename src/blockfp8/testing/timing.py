@@ -12,10 +12,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..device import as_device
-from ..timer import Timing, capture_graph, cold_copies, l2_cache_bytes, time_fn
+from ..timer import Timing, capture_graph, cold_copies, l2_cache_bytes, race, time_fn
 
 __all__ = ["Ceilings", "Timing", "capture_graph", "cold_copies", "copy_time", "host_time_us", "l2_cache_bytes",
-           "measure_ceilings", "synchronize", "time_fn", "time_steps"]
+           "measure_ceilings", "race", "synchronize", "time_fn", "time_steps"]
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,13 @@ Triton kernel with a few launch configs (the one that runs now, the heuristic, t
 spread of ``candidate_configs`` up to ``max_configs``), and the Gluon kernel likewise (``gluon_configs``). The
 dispatcher's choice before tuning is among them, so every cell reports what tuning gained over it. Each
 candidate is checked against the cell's one reference result first (``autotune.tune_cell``: a wrong or crashing
-candidate is reported and never timed, so it can never be ranked), then timed L2-cold with the one CUDA-graph
-timer over weight copies that just exceed L2, a few replays each. The cell's rows: the backends ranked by their
-fastest correct candidate (the dispatcher's ranking) and the fastest config of each own kernel.
+candidate is reported and never timed, so it can never be ranked), then the correct ones are raced
+(``timer.race``): one CUDA graph each over weight copies that just exceed L2 (L2-cold), replayed once per round
+in a shuffled order, ``reps`` rounds, so drift lands on all of them alike and their samples pair round by round.
+The cell's rows: the backends ranked by their fastest correct candidate (the dispatcher's ranking) and the
+fastest config of each own kernel -- except that what runs now (the dispatcher's choice before tuning) is kept
+unless a candidate beats it for sure (``autotune.choose_trial``: by more than 1% and in enough rounds that a
+sign test rules out chance), so that two tune runs agree.
 
 Budget: before timing, every candidate of every cell can be compiled in parallel processes (``warm``): Triton,
 Gluon and DeepGEMM compile a kernel on its first use and keep it on disk, so the timing pass then loads kernels
@@ -28,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .. import dispatch, tuning_cache
-from ..autotune import Trial, ranked, tune_cell
+from ..autotune import Trial, choose_trial, ranked, tune_cell
 from ..backends import Problem, backend_names, get_backend
 from ..backends.triton.configs import candidate_configs, get_config, heuristic_config, likely_configs
 from ..device import DeviceId, device_id
@@ -36,7 +40,7 @@ from ..reference import rel_error
 from ..status import Status
 from .operands import Operands, make_operands, make_weight_copies
 from .shapes import Shape
-from .timing import time_fn
+from .timing import race
 
 __all__ = ["Candidate", "CellResult", "TuneRun", "Trial", "cell_candidates", "cell_rows", "select_candidates",
            "select_gluon", "tune", "tune_cell", "warm"]
@@ -152,12 +156,14 @@ def measure_cell(weights: list[tuple[torch.Tensor, torch.Tensor]], m: int, candi
     def check(c: Candidate) -> float:
         return rel_error(run_candidate(c, ops.x_fp8, scales(c), *ops.weights[0]), ref)
 
-    def measure(c: Candidate) -> float:
+    def call(c: Candidate) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         xs = scales(c)
-        return time_fn(lambda w, s: run_candidate(c, ops.x_fp8, xs, w, s), rotate=ops.weights, reps=reps,
-                       hot=False).median_us
+        return lambda w, s: run_candidate(c, ops.x_fp8, xs, w, s)
 
-    return tune_cell(candidates, check, measure, on_bad)
+    # Raced, not timed one after the other: decode candidates a few tenths of a microsecond apart are told
+    # apart by paired rounds, and a close call keeps what runs now (autotune.choose_trial).
+    return tune_cell(candidates, check, on_bad=on_bad,
+                     race=lambda cs: race([call(c) for c in cs], rotate=ops.weights, rounds=reps))
 
 
 @dataclass
@@ -173,18 +179,32 @@ class CellResult:
 
     @property
     def best(self) -> Trial | None:
+        """The fastest correct trial."""
         fastest = ranked(self.trials)
         return fastest[0] if fastest else None
+
+    @property
+    def chosen(self) -> Trial | None:
+        """What the cell's rows keep: the fastest, unless the dispatcher's choice before tuning is not slower
+        for sure (``autotune.choose_trial``)."""
+        return choose_trial(self.trials, self.default)
 
     @property
     def default_trial(self) -> Trial | None:
         return next((t for t in self.trials if t.config == self.default), None)
 
     def ranking(self) -> list[str]:
-        """Backends by their fastest correct candidate, fastest first."""
-        return list(dict.fromkeys(t.config.backend for t in ranked(self.trials)))
+        """Backends by their fastest correct candidate, fastest first, the chosen trial's backend leading."""
+        keep = self.chosen
+        order = ([keep] if keep else []) + ranked(self.trials)
+        return list(dict.fromkeys(t.config.backend for t in order))
 
     def best_config(self, backend: str) -> object | None:
+        """The launch config to keep for ``backend``: the chosen trial's where it is that backend's, else its
+        fastest."""
+        keep = self.chosen
+        if keep is not None and keep.config.backend == backend:
+            return keep.config.config
         return next((t.config.config for t in ranked(self.trials) if t.config.backend == backend), None)
 
 
@@ -203,7 +223,9 @@ def cell_rows(r: CellResult) -> tuple[dict, dict]:
               "us": {t.config.label: t.us for t in ranked(r.trials)},
               "bad": {t.config.label: t.reason or f"rel error {t.rel_error:.3g}" for t in r.trials
                       if t.status != Status.OK},
-              "best": r.best.config.label if r.best else None,
+              "best": r.chosen.config.label if r.chosen else None,
+              "fastest": r.best.config.label if r.best else None,
+              "rounds": max((len(t.samples) for t in r.trials if t.samples), default=0),
               "default": r.default.label if r.default else None,
               "default_us": default.us if default else None}
     return tables, record
@@ -229,7 +251,7 @@ def _cached_cells(dev: DeviceId) -> set[str]:
 
 
 def tune(shapes: list[Shape], ms: list[int], device: torch.device, *, backends: list[str] | None = None,
-         max_configs: int = 4, gluon_configs: int = 3, reps: int = 5, force: bool = False, warm_procs: int = 0,
+         max_configs: int = 4, gluon_configs: int = 3, reps: int = 20, force: bool = False, warm_procs: int = 0,
          dev: DeviceId | None = None, on_plan: Callable[[int], None] = lambda total: None,
          on_cell: Callable[[str], None] = lambda s: None, on_bad: Callable[[Trial], None] = lambda t: None,
          measure: Callable[..., list[Trial]] = measure_cell) -> TuneRun:

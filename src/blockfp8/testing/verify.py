@@ -148,7 +148,7 @@ def cell_rows(cells: dict) -> list[dict]:
     return rows
 
 
-def verify(shapes: list[Shape], ms: list[int], device: torch.device, *, reps: int = 20, tune_reps: int = 5,
+def verify(shapes: list[Shape], ms: list[int], device: torch.device, *, reps: int = 20, tune_reps: int = 20,
            max_configs: int = 4, gluon_configs: int = 3, warm_procs: int = 0,
            on_plan: Callable[[int], None] = lambda total: None,
            on_cell: Callable[[str], None] = lambda s: None) -> tuple[dict, TuneRun]:
