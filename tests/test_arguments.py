@@ -88,3 +88,10 @@ def test_save_fp8_checkpoint_refuses_an_empty_state_dict(tmp_path):
     with pytest.raises(ValueError, match="holds no tensor"):
         blockfp8.save_fp8_checkpoint({}, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_rel_error_refuses_what_it_would_compare_silently_wrong():
+    with pytest.raises(ValueError, match=r"one shape, got \(2, 3\) and \(3,\)"):
+        blockfp8.rel_error(torch.ones(2, 3), torch.ones(3))
+    with pytest.raises(TypeError, match="out must be a torch.Tensor, got list"):
+        blockfp8.rel_error([1.0], torch.ones(1))

@@ -9,6 +9,7 @@ import torch
 
 from .format import DEFAULT_BLOCK, DEFAULT_GROUP
 from .quant import dequantize_activation, dequantize_weight
+from .validate import require_tensor
 
 # Relative Frobenius error a backend may have against the reference for bf16 output: bf16 rounding of the
 # output alone gives ~1.5e-3, a misapplied scale group gives far more.
@@ -36,6 +37,11 @@ def reference_gemm(
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error ||out - ref|| / ||ref|| in fp64 (inf if out holds NaN/Inf where ref does not)."""
+    require_tensor(out, "out")
+    require_tensor(ref, "ref")
+    if out.shape != ref.shape:
+        # Broadcasting would compare a different result silently.
+        raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
     o, r = out.double(), ref.double()
     if not torch.isfinite(o).all() and torch.isfinite(r).all():
         return float("inf")

@@ -143,7 +143,7 @@ def test_ctrl_c_during_convert_cleans_up_and_exits_130(float_dir, tmp_path, monk
 @pytest.mark.skipif(not NO_CUDA, reason="checks the message on a machine without CUDA")
 def test_explain_on_cuda_without_cuda(capsys):
     rc, _, err = run(capsys, "explain", 1, 5, 5, "--device", "cuda")
-    assert rc == 2 and "--device cuda: no CUDA device" in one_line(err, "explain")
+    assert rc == 2 and "--device 'cuda': no CUDA device" in one_line(err, "explain")
 
 
 @pytest.mark.parametrize("mnk,name", [((-1, 5, 5), "m"), ((0, 0, 0), "m"), ((4, 0, 5), "n"), ((4, 5, -3), "k")])
@@ -200,8 +200,8 @@ def test_debug_shows_the_traceback_of_a_user_error(capsys, where):
     argv = ["--debug", *argv] if where == "before" else [*argv, "--debug"]
     rc, _, err = run(capsys, *argv)
     assert rc == 2 and "Traceback (most recent call last)" in err
-    assert err.splitlines()[-1] == ("blockfp8 explain: error: --device 'gpu' is not a device; expected cpu or "
-                                    "cuda[:INDEX]")
+    assert err.splitlines()[-1] == ("blockfp8 explain: error: --device 'gpu' is not a device; expected e.g. "
+                                    "'cpu', 'cuda' or 'cuda:1'")
 
 
 # ----------------------------------------------------------------------------------- values that reach deep code

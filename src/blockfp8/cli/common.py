@@ -16,6 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from ..validate import check_device
+
 
 class UsageError(ValueError):
     """A bad command line (what argparse reports): printed as one line, like every other user error."""
@@ -70,20 +72,12 @@ positive_int = int_at_least(1)
 
 def resolve_device(spec: str | None, option: str = "--device") -> torch.device:
     """The device a ``--device`` option names (None: CUDA when available, else the CPU); a ``ValueError``
-    naming the option for anything else than cpu or an existing CUDA device."""
+    naming the option for anything else than cpu or an existing CUDA device (``validate.check_device``)."""
     if spec is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError:  # torch's own message lists every device type it knows
-        raise ValueError(f"{option} {spec!r} is not a device; expected cpu or cuda[:INDEX]") from None
+    device = check_device(spec, option)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"{option} {spec!r}: expected cpu or cuda[:INDEX]")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"{option} {spec}: no CUDA device is available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"{option} {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
