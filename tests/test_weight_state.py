@@ -131,3 +131,17 @@ def test_inference_tensors_keep_their_plan():
         y2 = blockfp8.linear(x, wq, ws, backend="triton")
     assert plans == len(ops.PLANS.plans_of(wq)) == 1
     assert torch.equal(y1, y2)
+
+
+def test_scales_replaced_by_an_inference_tensor_get_a_new_plan():
+    wq, ws = random_fp8_weight(N, K)
+    layer = Fp8BlockLinear.from_fp8(wq, ws, backend="triton")
+    x = random_activation(5, K)
+    with torch.no_grad():
+        layer(x)
+        with torch.inference_mode():
+            doubled = ws * 2
+        layer.weight_scale_inv.data = doubled  # no version counter from here on
+        y = layer(x)
+    assert ops.weight_state(layer.weight, layer.weight_scale_inv, None)[0] is False
+    assert _err(y, x, wq, doubled.clone()) <= 5e-3

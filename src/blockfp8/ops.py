@@ -203,18 +203,26 @@ def _watched(table: dict, weight: torch.Tensor) -> weakref.ref:
     return weakref.ref(weight, drop)
 
 
-def weight_state(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None) -> tuple:
+def weight_state(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                 versioned: bool | None = None) -> tuple | None:
     """What a plan or a shortcut was made for besides the tensors' identity: each one's storage and, where torch
     tracks it, its version (every in-place write bumps it; inference tensors keep none). A tensor given new
     storage (``param.data = ...``, another shape) or written in place (new values, which may be NaN) gets a new
-    plan, whose build checks the weight side again."""
-    if weight.is_inference() or weight_scale_inv.is_inference():
-        state = (weight.data_ptr(), weight_scale_inv.data_ptr())
-    else:
-        state = (weight.data_ptr(), weight_scale_inv.data_ptr(), weight._version, weight_scale_inv._version)
-    if bias is None:
-        return state
-    return (*state, bias.data_ptr(), None if bias.is_inference() else bias._version)
+    plan, whose build checks the weight side again.
+
+    The first item says whether versions are in it; ``versioned`` (that item of a kept state: a hot-path
+    comparison) skips asking the tensors again (None: ask them). None when ``versioned`` no longer holds (a tensor
+    turned into an inference tensor), which matches no kept state."""
+    if versioned is None:
+        versioned = not (weight.is_inference() or weight_scale_inv.is_inference()
+                         or (bias is not None and bias.is_inference()))
+    if not versioned:
+        return (False, weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr())
+    try:
+        return (True, weight.data_ptr(), weight_scale_inv.data_ptr(), weight._version, weight_scale_inv._version,
+                None if bias is None else (bias.data_ptr(), bias._version))
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
 
 
 # weight id -> (weak reference, weight_state) of the weights whose values were last checked in that state.
@@ -263,7 +271,7 @@ class PlanRegistry:
         if entry is not None and entry[0]() is weight:
             hit = entry[1].get((id(weight_scale_inv), id(bias), key))
             if (hit is not None and hit[0]() is weight_scale_inv and (bias is None or hit[1]() is bias)
-                    and hit[3] == weight_state(weight, weight_scale_inv, bias)):
+                    and hit[3] == weight_state(weight, weight_scale_inv, bias, hit[3][0])):
                 return hit[2]
         return None
 
@@ -589,7 +597,7 @@ class Shortcut:
                 or current_raw_stream(self.device) != self.stream):
             return None
         # The set reads the storage it was captured with, and the plan was built (and checked) for these values.
-        if weight_state(weight, weight_scale_inv, bias) != self.state:
+        if weight_state(weight, weight_scale_inv, bias, self.state[0]) != self.state:
             return None
         return self.graphs
 
