@@ -307,3 +307,10 @@ def test_bad_values_are_one_line(capsys, argv, named):
 def test_gpu_only_modes_named_on_the_cpu_are_refused(capsys, command):
     rc, _, err = run(capsys, command, "--modes", "eager,compiled")
     assert rc == 2 and "--modes compiled needs a CUDA device" in one_line(err, command)
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="CPU only: cuBLAS runs on a GPU")
+def test_explain_forced_onto_a_backend_that_cannot_run_prints_the_verdicts_and_exits_2(capsys):
+    rc, out, err = run(capsys, "explain", 1, 128, 128, "--backend", "cublas")
+    assert "cublas     refused: no CUDA device" in out  # the verdicts still print
+    assert rc == 2 and "backend 'cublas' was requested but cannot run" in one_line(err, "explain")

@@ -74,7 +74,7 @@ def test_backend_reasons_print_as_written(unavailable, capsys, argv):
         unavailable(reasons)
         rc = main(argv)
         out = capsys.readouterr().out
-        assert rc in (0, 1), out  # explain exits 1 when forced onto nothing; here it never is
+        assert rc in (0, 1), out  # check and bench exit 1 when a cell is wrong
         for name, why in reasons.items():
             assert why in out, f"{argv[0]}: {name}'s reason {why!r} is not printed as written"
 

@@ -27,4 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if found is not None:
         rows = sum(len(by_m) for by_m in found.tables["dispatch"].values())
         print(f"  tuning cache of this device: {found.path} ({rows} rows; `blockfp8 tune` adds more)")
-    return 0 if ex.choice else 1
+    if not ex.choice:
+        # A backend forced onto a shape it cannot run: the user's request, refused (exit 2), after the verdicts.
+        raise ValueError(ex.error)
+    return 0
