@@ -3,6 +3,7 @@ to run inside CUDA-graph capture or torch.compile tracing -- fake devices and fa
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401 - imported before the fixtures patch torch.compiler.is_compiling (see below)
 from torch import nn
 
 from blockfp8 import autotune, convert_model, dispatch, tables, tuning_cache
@@ -55,6 +56,8 @@ def online(monkeypatch, tmp_path):
                 Trial("triton", Status.WRONG, 0.3), Trial("gluon", Status.CRASHED, reason="boom")]
 
     monkeypatch.setattr(autotune, "measure_backends", fake_measure)
+    # Dynamo records torch.compiler.is_compiling when it is first imported: imported under this patch, it would
+    # keep the lambda and refuse the real function in every later torch.compile of the process.
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
