@@ -29,7 +29,7 @@ def graphs(monkeypatch):
 
     monkeypatch.setattr(EagerGraphs, "_capture", capture)
     monkeypatch.setattr(graph_args, "keeps_graphs", lambda: False)  # the rebinding's own tests turn it on
-    g = EagerGraphs(torch.device("cpu"), (1, 8), torch.bfloat16, stream=0, ptrs=(1, 2, 0))
+    g = EagerGraphs(torch.device("cpu"), (1, 8), torch.bfloat16, stream=0)
     g.made = made
     return g
 

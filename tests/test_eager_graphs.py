@@ -226,7 +226,7 @@ def test_a_graph_that_reads_the_activation_twice_fails_the_proof_and_stays_right
         return out.copy_(q.float() * s.repeat_interleave(128, -1) + x.float())
 
     graphs = EagerGraphs(torch.device("cuda", torch.cuda.current_device()), (2, 256), torch.float32,
-                         torch.cuda.current_stream().cuda_stream, ptrs=(0, 0, 0))
+                         torch.cuda.current_stream().cuda_stream)
     xs = [torch.randn(2, 256, device="cuda", dtype=torch.bfloat16) for _ in range(EagerGraphs.HOT + 4)]
     replays = 0
     for x in xs:

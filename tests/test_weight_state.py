@@ -24,13 +24,20 @@ def _err(y: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -
     return rel_error(y, reference_gemm(xq, xs, wq, ws, out_dtype=torch.float32))
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
-def test_scales_given_new_storage_of_the_wrong_shape_raise(backend):
+def _called_layer(backend: str = "triton") -> tuple[Fp8BlockLinear, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(layer, x, its fp8 weight, its scales) after one call of the layer on x: its plan is built."""
     wq, ws = random_fp8_weight(N, K)
     layer = Fp8BlockLinear.from_fp8(wq, ws, backend=backend)
     x = random_activation(5, K)
     with torch.no_grad():
         layer(x)
+    return layer, x, wq, ws
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_scales_given_new_storage_of_the_wrong_shape_raise(backend):
+    layer, x, _, _ = _called_layer(backend)
+    with torch.no_grad():
         layer.weight_scale_inv.data = torch.ones(1, 1)
         with pytest.raises(ValueError, match="weight_scale_inv"):
             layer(x)
@@ -46,11 +53,8 @@ def test_gemm_with_scales_given_new_storage_of_the_wrong_shape_raises():
 
 
 def test_weight_and_scales_swapped_together_compute_with_the_new_ones():
-    wq, ws = random_fp8_weight(N, K)
-    layer = Fp8BlockLinear.from_fp8(wq, ws, backend="triton")
-    x = random_activation(5, K)
+    layer, x, _, _ = _called_layer()
     with torch.no_grad():
-        layer(x)
         wq2, ws2 = random_fp8_weight(400, K, seed=3)
         layer.weight.data, layer.weight_scale_inv.data = wq2, ws2
         y = layer(x)
@@ -60,11 +64,8 @@ def test_weight_and_scales_swapped_together_compute_with_the_new_ones():
 
 @pytest.mark.parametrize("where", ["scales", "weight"])
 def test_a_nan_written_in_place_after_the_first_call_raises(where):
-    wq, ws = random_fp8_weight(N, K)
-    layer = Fp8BlockLinear.from_fp8(wq, ws, backend="triton")
-    x = random_activation(5, K)
+    layer, x, _, _ = _called_layer()
     with torch.no_grad():
-        layer(x)
         if where == "scales":
             layer.weight_scale_inv[1, 0] = float("nan")
             match = "weight_scale_inv holds 1 invalid value"
@@ -76,11 +77,8 @@ def test_a_nan_written_in_place_after_the_first_call_raises(where):
 
 
 def test_new_values_written_in_place_are_used():
-    wq, ws = random_fp8_weight(N, K)
-    layer = Fp8BlockLinear.from_fp8(wq, ws, backend="triton")
-    x = random_activation(5, K)
+    layer, x, wq, _ = _called_layer()
     with torch.no_grad():
-        layer(x)
         doubled = layer.weight_scale_inv * 2
         layer.weight_scale_inv.mul_(2)
         y = layer(x)
@@ -134,11 +132,8 @@ def test_inference_tensors_keep_their_plan():
 
 
 def test_scales_replaced_by_an_inference_tensor_get_a_new_plan():
-    wq, ws = random_fp8_weight(N, K)
-    layer = Fp8BlockLinear.from_fp8(wq, ws, backend="triton")
-    x = random_activation(5, K)
+    layer, x, wq, ws = _called_layer()
     with torch.no_grad():
-        layer(x)
         with torch.inference_mode():
             doubled = ws * 2
         layer.weight_scale_inv.data = doubled  # no version counter from here on

@@ -71,9 +71,7 @@ class EagerGraphs:
     enabled = os.environ.get("BLOCKFP8_EAGER_GRAPHS", "1") != "0"
     _pools: dict[tuple[int, int], tuple[object, weakref.WeakSet]] = {}
 
-    def __init__(self, device: torch.device, out_shape: tuple[int, ...], out_dtype: torch.dtype, stream: int,
-                 ptrs: tuple[int, ...]) -> None:
-        self.ptrs = ptrs
+    def __init__(self, device: torch.device, out_shape: tuple[int, ...], out_dtype: torch.dtype, stream: int) -> None:
         # Normal tensors even when the first call runs under inference_mode: the input buffer is copied into
         # outside it later, which an inference tensor refuses.
         with torch.inference_mode(False):

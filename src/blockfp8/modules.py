@@ -49,9 +49,10 @@ def _replay_chain(x: torch.Tensor, last: tuple[LinearPlan, torch.Tensor, torch.T
                   key: tuple, last_input: Callable[[torch.Tensor], QuantizedActivation]) -> torch.Tensor | None:
     """The chain's output from its set on the last GEMM's plan (``last``, from ``_graphed_plan``), or None (launch
     directly): the set's kernels are ``last_input(x)`` (the producers and GEMMs before the last GEMM) and that GEMM.
-    ``key`` holds everything the chain bakes in besides the last GEMM's tensors, which the set checks itself."""
+    ``key`` holds everything the chain bakes in besides the last GEMM's tensors, whose storage the plan was found
+    for (``ops.weight_state``)."""
     plan, weight, scales, bias = last
-    graphs = plan.graph_set(x, key, weight, scales, bias)
+    graphs = plan.graph_set(x, key)
     if graphs is None:
         return None
 

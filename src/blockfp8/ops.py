@@ -163,8 +163,7 @@ class LinearPlan:
             return out
         return self.launch(x2, xs, weight, weight_scale_inv, bias).reshape(*x_fp8.shape[:-1], self.n)
 
-    def graph_set(self, x: torch.Tensor, layout: tuple, weight: torch.Tensor, weight_scale_inv: torch.Tensor,
-                  bias: torch.Tensor | None) -> EagerGraphs | None:
+    def graph_set(self, x: torch.Tensor, layout: tuple) -> EagerGraphs | None:
         """The CUDA graphs of the calling thread and stream for inputs of ``layout`` (``x`` the first input), or
         None when the call must launch directly (``eager_graphs.EagerGraphs``)."""
         if not EagerGraphs.enabled or _capturing():
@@ -173,13 +172,13 @@ class LinearPlan:
             return None  # a replay runs on the current device's stream: only the weight's device is graphed
         stream = current_raw_stream(self.device_index)
         key = (stream, threading.get_ident(), layout)
-        ptrs = (weight.data_ptr(), weight_scale_inv.data_ptr(), 0 if bias is None else bias.data_ptr())
+        # A graph reads the weight tensors' memory it was captured with. This plan is found only while they keep
+        # the storage it was built for (``weight_state``): a tensor given new storage gets a new plan and new sets.
         graphs = self.graphs.get(key)
-        # A graph reads the tensors' memory it was captured with: rebuilt if one was given new storage.
-        if graphs is None or graphs.ptrs != ptrs:
-            if graphs is None and len(self.graphs) >= _GRAPH_SETS:
+        if graphs is None:
+            if len(self.graphs) >= _GRAPH_SETS:
                 self.graphs.clear()  # many threads or layouts over time: start over rather than grow
-            graphs = self.graphs[key] = EagerGraphs(x.device, (*x.shape[:-1], self.n), self.out_dtype, stream, ptrs)
+            graphs = self.graphs[key] = EagerGraphs(x.device, (*x.shape[:-1], self.n), self.out_dtype, stream)
         return graphs
 
 
@@ -234,7 +233,7 @@ def check_values_once(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias
     plan is built for a state of these tensors not checked before: a read of the weight (and a device sync) once
     per weight and state, never per call. Inside a CUDA graph capture nothing can be read; the eager calls
     before one (or after it) check."""
-    if weight.is_meta or (weight.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if weight.is_meta or (weight.is_cuda and _capturing()):
         return
     state = weight_state(weight, weight_scale_inv, bias)
     entry = _VALUES_CHECKED.get(id(weight))
@@ -534,7 +533,7 @@ def _linear_checked(x: torch.Tensor, weight: torch.Tensor, weight_scale_inv: tor
             check_linear_input(x, weight, weight_scale_inv, bias)
         return _linear_op(x, weight, weight_scale_inv, bias, backend or "")
     plan = _linear_plan(x, weight, weight_scale_inv, bias, backend, m, check_weights, tune=True)
-    graphs = plan.graph_set(x, (x.shape, x.stride()), weight, weight_scale_inv, bias) if plan.graphed else None
+    graphs = plan.graph_set(x, (x.shape, x.stride())) if plan.graphed else None
     if _needs_grad(x, bias):
         y = _linear_fn(x, weight, weight_scale_inv, bias, plan, graphs)
         replayed = graphs is not None and y.untyped_storage()._cdata == graphs.storage
@@ -699,7 +698,7 @@ def _gemm_checked(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tenso
     plan = _gemm_plan(x_fp8, x_scale, w_fp8, weight_scale_inv, bias, out_dtype, backend, m, tune=True, check=True)
     if plan.graphed:
         layout = (x_fp8.shape, x_fp8.stride(), x_scale.shape, x_scale.stride())
-        graphs = plan.graph_set(x_fp8, layout, w_fp8, weight_scale_inv, bias)
+        graphs = plan.graph_set(x_fp8, layout)
         y = None if graphs is None else graphs((x_fp8, x_scale), plan.run_gemm, (w_fp8, weight_scale_inv, bias))
         if y is not None:
             if remember is not None:
