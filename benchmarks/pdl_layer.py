@@ -29,7 +29,8 @@ MB = 1 << 20
 # name, PDL, prefetch budget, activation quantizer in the graph
 VARIANTS = [("gemm alone", False, 0, False), ("quant+gemm", False, 0, True), ("pdl, no prefetch", True, 0, True),
             ("pdl, prefetch 8 MB", True, 8 * MB, True), ("pdl, prefetch 16 MB", True, 16 * MB, True),
-            ("pdl, prefetch 32 MB", True, 32 * MB, True), ("gemm alone, pdl 16 MB", True, 16 * MB, False)]
+            ("pdl, prefetch 32 MB", True, 32 * MB, True), ("gemm alone, pdl 16 MB", True, 16 * MB, False),
+            ("gemm alone, pdl", True, 0, False)]
 
 
 class _DeepGemm:
@@ -85,7 +86,9 @@ def build(weights, m: int, pdl: bool, budget: int, quant: bool, deepgemm: bool =
         step()
     graph.replay()
     torch.cuda.synchronize()
-    return graph, outs, plans[0]
+    # The graph reads the activations' memory: they live as long as the graph (freed, the next variant's
+    # tensors would take that memory and the replays would read them).
+    return graph, outs, plans[0], (xs, pre)
 
 
 def time_graph(graph, reps: int, copies: int) -> float:
@@ -120,7 +123,7 @@ def main() -> None:
         launch.PDL, triton_gemm.PREFETCH_BYTES = saved
         want = {family: [o.clone() for o in built[base][1]] for family, base in
                 (("triton", "quant+gemm"), ("deepgemm", "deepgemm")) if base in built}
-        for name, (graph, outs, plans) in built.items():
+        for name, (graph, outs, plans, _) in built.items():
             graph.replay()
             torch.cuda.synchronize()
             family = "deepgemm" if name.startswith("deepgemm") else "triton"
@@ -129,7 +132,7 @@ def main() -> None:
             prefetch = [p._tma_constexprs["PREFETCH"] for p in plans]
             print(f"M={m:<3d} {name:22s} {us[0]:8.2f} {us[1]:8.2f} us/layer  equal={equal}  prefetch groups "
                   f"{prefetch}  pdl={plans[0].pdl}", flush=True)
-        for name, (graph, _, _) in built.items():
+        for name, (graph, *_) in built.items():
             print(f"  again M={m:<3d} {name:22s} {time_graph(graph, args.reps, args.copies):8.2f}", flush=True)
 
 

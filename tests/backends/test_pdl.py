@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from blockfp8.backends.triton import gemm as triton_gemm
 from blockfp8.backends.triton import launch
 from blockfp8.backends.triton.act_quant import quantize_activation_fused
 from blockfp8.backends.triton.configs import TritonConfig
@@ -77,6 +78,18 @@ def _needs_pdl(monkeypatch) -> None:
     monkeypatch.setattr(launch, "PDL", True)
 
 
+@pytest.fixture(params=[0, 16 * MB], ids=["no-prefetch", "prefetch"])
+def prefetch_budget(request, monkeypatch) -> int:
+    """The shipped budget (0: no prefetch) and one that prefetches, which the option still allows."""
+    monkeypatch.setattr(triton_gemm, "PREFETCH_BYTES", request.param)
+    return request.param
+
+
+def test_the_shipped_launch_prefetches_nothing():
+    # Measured slower on an H200 with any budget (docs/performance.md).
+    assert triton_gemm.PREFETCH_BYTES == 0
+
+
 def _pair(plan: TritonGemmPlan, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """The quantizer (zeroing the GEMM's counters) and the GEMM, as ``linear`` launches them."""
     work = plan.workspace(x.device)
@@ -91,7 +104,7 @@ CONFIGS = [TritonConfig(16, 64, split_k=4, group_m=1, swap_ab=True), TritonConfi
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", CONFIGS, ids=["split4", "split1", "default"])
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 2112, 7168), (5, 200, 1000), (64, 7168, 2048)])
-def test_pdl_launch_gives_the_bytes_of_a_plain_launch(monkeypatch, config, m, n, k):
+def test_pdl_launch_gives_the_bytes_of_a_plain_launch(monkeypatch, prefetch_budget, config, m, n, k):
     _needs_pdl(monkeypatch)
     from blockfp8.testing.timing import capture_graph
 
@@ -103,7 +116,7 @@ def test_pdl_launch_gives_the_bytes_of_a_plain_launch(monkeypatch, config, m, n,
         plans[pdl] = TritonGemmPlan(w, s, None, torch.bfloat16, m, config)
     assert plans[True].pdl and not plans[False].pdl
     # Rows of 1000 bytes are not 16-byte aligned: that plan waits without prefetching.
-    assert (plans[True]._tma_constexprs["PREFETCH"] > 0) == (k % 16 == 0)
+    assert (plans[True]._tma_constexprs["PREFETCH"] > 0) == (prefetch_budget > 0 and k % 16 == 0)
     monkeypatch.setattr(launch, "PDL", False)
     want = _pair(plans[False], x, w, s)
     monkeypatch.setattr(launch, "PDL", True)
@@ -121,6 +134,7 @@ def test_pdl_launch_gives_the_bytes_of_a_plain_launch(monkeypatch, config, m, n,
 def test_a_weight_written_just_before_the_gemm_is_read_after_the_wait(monkeypatch):
     """The kernel right before the GEMM rewrites the weight in place (here: the weight's bytes copied over from a
     second weight): the GEMM, launched while that copy may still run, must see the new weight in full."""
+    monkeypatch.setattr(triton_gemm, "PREFETCH_BYTES", 16 * MB)  # the prefetch must never stand in for the wait
     _needs_pdl(monkeypatch)
     m, n, k = 1, 4096, 4096
     w_old, s = random_fp8_weight(n, k, device="cuda", seed=1)

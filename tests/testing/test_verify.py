@@ -102,7 +102,7 @@ def test_tune_on_the_gpu_then_a_new_process_reads_the_cache(tmp_path, monkeypatc
         assert all(t.rel_error <= TOLERANCE for t in r.trials if t.status == "ok")
         # The dispatcher now runs each cell's winner, with the winning launch config.
         p = Problem.of(r.m, r.n, r.k, device)
-        assert dispatch.choose(p) == r.ranking()[0] == r.best.config.backend
+        assert dispatch.choose(p) == r.ranking()[0] == r.chosen.config.backend
         assert dispatch.explain_problem(p).source.startswith("cache row")
         if r.best_config("triton") is not None:
             from blockfp8.backends.triton.configs import get_config

@@ -22,10 +22,11 @@ Tiles are read through TMA tensor descriptors where the operands allow it (sm_90
 measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewhere, pointer loads with masks.
 
 With ``BLOCKFP8_PDL=1`` on sm_90+, every launch is a programmatic dependent launch (``launch.PDL``): its programs
-start while the kernel before them -- the activation's producer, or the previous GEMM -- is still running, bring
-their first weight tiles into L2 (the weight never comes from that kernel in a model, and a prefetch consumes no
-value in any case), and wait for that kernel to finish before they read anything else. The decode GEMM's ramp-up
-and the first part of its weight read then overlap the producer instead of following it.
+start while the kernel before them -- the activation's producer, or the previous GEMM -- is still running, and
+wait for that kernel to finish before they read anything: the decode GEMM's launch and ramp-up overlap the
+producer instead of following it. Before the wait they may also bring their first weight tiles into L2
+(``PREFETCH_BYTES``; the weight never comes from that kernel in a model, and a prefetch consumes no value in any
+case); measured on an H200 that prefetch cost more than it saved, so its budget is 0 (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -255,10 +256,11 @@ def _descriptor_of(template: TensorDescriptor, t: torch.Tensor, shape: tuple, st
 
 
 _GEMM = FastLaunch(_fp8_block_gemm_kernel)
-# The most weight bytes one launch brings into L2 before its wait (programmatic dependent launch, sm_90+): about
-# what HBM delivers while a decode producer runs, and well under the 50 MB L2 of an H100, so that the prefetched
-# lines are still there when the loop reads them.
-PREFETCH_BYTES = 16 << 20
+# The most weight bytes one launch brings into L2 before its wait (programmatic dependent launch, sm_90+). 0: one
+# llama-preset layer's four decode GEMMs on an H200 took 76.0 us with PDL and no prefetch, 79.7 / 81.2 / 88.7 us
+# with 8 / 16 / 32 MB, 78.3 us without PDL (M = 1, benchmarks/results/h200_pdl): the prefetches seem to queue
+# ahead of the loop's own loads instead of hiding under the producer.
+PREFETCH_BYTES = 0
 
 
 def prefetch_groups(n: int, k: int, block_n: int, split: int, budget: int | None = None) -> int:

@@ -58,10 +58,10 @@ FAST_LAUNCH = _fast_launch_enabled()
 
 ENV_PDL = "BLOCKFP8_PDL"
 # Programmatic dependent launch (sm_90+): a GEMM launched with it starts while the kernel before it (the producer
-# of its activation) still runs, warms L2 with its first weight tiles, and waits (griddepcontrol.wait) before it
-# reads or writes anything else; producers let it launch as soon as all their programs have started.
-# Opt-in (BLOCKFP8_PDL=1) until its gain is measured on a GPU. Never under the interpreter, which has no grid
-# dependency control.
+# of its activation) still runs and waits (griddepcontrol.wait) before it reads or writes anything; producers let
+# it launch as soon as all their programs have started. Opt-in (BLOCKFP8_PDL=1): 2-4% faster per decode layer on an
+# H200 (docs/performance.md), not yet the default until its byte-equality tests run on a GPU as shipped. Never
+# under the interpreter, which has no grid dependency control.
 PDL = not INTERPRET and os.environ.get(ENV_PDL) == "1"
 
 
