@@ -109,8 +109,8 @@ def test_functional_calls_refuse_invalid_weight_values(bad, entry):
 
 def test_values_are_read_once_per_state_not_per_call(monkeypatch):
     reads = []
-    real = ops.check_scale_values
-    monkeypatch.setattr(ops, "check_scale_values", lambda s, *a: (reads.append(1), real(s, *a)))
+    real = ops.check_weight_values
+    monkeypatch.setattr(ops, "check_weight_values", lambda *a: (reads.append(1), real(*a)))
     wq, ws = random_fp8_weight(N, K)
     for m in (1, 2, 3, 2, 1):  # three plans (one per M), one weight state
         blockfp8.linear(random_activation(m, K), wq, ws, backend="reference")

@@ -44,7 +44,7 @@ from .checkpoint import weight_map
 from .format import BLOCK, FP8_DTYPE, cdiv
 from .nn import Fp8BlockLinear, KeepFp8Buffers
 from .ops import linear
-from .validate import check_finite_values, check_fp8_weight_values, check_scale_values, require_dtype
+from .validate import check_weight_values, require_dtype
 
 # Local N (column shards) and K (row shards) are rounded up to this multiple: cuBLAS blockwise needs N % 16
 # and K % 16 (measured on H100), the strictest limits among the backends. The extra rows/columns are zeros
@@ -511,8 +511,7 @@ def load_shard(checkpoint_dir: str | Path, name: str, rank: int, world_size: int
     def where(tname: str) -> str:
         return f"{tname} in {files[tname]} (rank {rank}'s {style} shard, local indices)"
 
-    check_scale_values(module.weight_scale_inv, where(sname))
-    check_fp8_weight_values(module.weight, where(wname))
-    if module.bias is not None:
-        check_finite_values(module.bias, where(bname))
+    # (a bias-less shard has no bias file to name)
+    check_weight_values(module.weight, module.weight_scale_inv, module.bias, where(wname), where(sname),
+                        where(bname) if module.bias is not None else bname)
     return module.to(device) if device is not None else module

@@ -48,13 +48,7 @@ from .dispatch import ENV_VAR, Operands, check_backend_name, choose, generation
 from .eager_graphs import EagerGraphs
 from .format import DEFAULT_GROUP, FLOAT_DTYPES, FP8_DTYPE, cdiv, is_decode
 from .quant import QuantizedActivation, dequantize_weight, quantize_activation
-from .validate import (
-    check_finite_values,
-    check_fp8_weight_values,
-    check_gemm_input,
-    check_linear_input,
-    check_scale_values,
-)
+from .validate import check_gemm_input, check_linear_input, check_weight_values
 
 
 def _rows(shape: torch.Size) -> int:
@@ -239,10 +233,7 @@ def check_values_once(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias
     entry = _VALUES_CHECKED.get(id(weight))
     if entry is not None and entry[0]() is weight and entry[1] == state:
         return
-    check_scale_values(weight_scale_inv)
-    check_fp8_weight_values(weight)
-    if bias is not None:
-        check_finite_values(bias, "bias")
+    check_weight_values(weight, weight_scale_inv, bias)
     ref = entry[0] if entry is not None and entry[0]() is weight else _watched(_VALUES_CHECKED, weight)
     _VALUES_CHECKED[id(weight)] = (ref, state)
 

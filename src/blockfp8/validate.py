@@ -315,11 +315,18 @@ def check_fp8_linear(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias:
     check_contiguous(weight, name)
     check_contiguous(weight_scale_inv, scale_name)
     check_bias(bias, n, weight.device, bias_name)
+    check_weight_values(weight, weight_scale_inv, bias, name, scale_name, bias_name)
+    return n, k
+
+
+def check_weight_values(weight: torch.Tensor, weight_scale_inv: torch.Tensor, bias: torch.Tensor | None,
+                        name: str = "weight", scale_name: str = "weight_scale_inv", bias_name: str = "bias") -> None:
+    """The values of a layer's weight side (reads them all): scales in (0, 2^56] (``check_scale_values``), no NaN
+    fp8 bytes (``check_fp8_weight_values``) and a finite bias, checked in that order."""
     check_scale_values(weight_scale_inv, scale_name)
     check_fp8_weight_values(weight, name)
     if bias is not None:
         check_finite_values(bias, bias_name)
-    return n, k
 
 
 _STATE_DTYPES = {"weight": (FP8_DTYPE,), "weight_scale_inv": (torch.float32,), "bias": FLOAT_DTYPES}
