@@ -146,8 +146,8 @@ def race(fns: Sequence[Callable[..., object]], *, rotate: Sequence[tuple] | Call
     alike, and sample r of every fn comes from round r, so two fns' samples pair (``autotune.faster``): what
     tells 0.2 us apart at decode, where timing candidates one after the other did not.
 
-    Returns, per fn, its ``rounds`` samples, or the exception that stopped it (its first call or its capture
-    failing twice; a fn whose capture fails is launched eagerly between events instead). Off CUDA, wall clock.
+    Returns, per fn, its ``rounds`` samples, or the exception that stopped it (raised by one of its calls before
+    capture; a fn whose capture fails is launched eagerly between events instead). Off CUDA, wall clock.
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
