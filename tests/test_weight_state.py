@@ -13,9 +13,11 @@ import blockfp8
 from blockfp8 import Fp8BlockLinear, ops
 from blockfp8.quant import quantize_activation
 from blockfp8.reference import reference_gemm, rel_error
+from blockfp8.testing import default_device
 from blockfp8.testing.operands import random_activation, random_fp8_weight
 
 N, K = 200, 300  # tails in both: 2 x 3 scale blocks
+DEVICE = default_device()  # the Triton backend runs on CUDA, or on the CPU only under the interpreter
 
 
 def _err(y: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> float:
@@ -26,9 +28,9 @@ def _err(y: torch.Tensor, x: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -
 
 def _called_layer(backend: str = "triton") -> tuple[Fp8BlockLinear, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(layer, x, its fp8 weight, its scales) after one call of the layer on x: its plan is built."""
-    wq, ws = random_fp8_weight(N, K)
+    wq, ws = random_fp8_weight(N, K, device=DEVICE)
     layer = Fp8BlockLinear.from_fp8(wq, ws, backend=backend)
-    x = random_activation(5, K)
+    x = random_activation(5, K, device=DEVICE)
     with torch.no_grad():
         layer(x)
     return layer, x, wq, ws
@@ -38,16 +40,16 @@ def _called_layer(backend: str = "triton") -> tuple[Fp8BlockLinear, torch.Tensor
 def test_scales_given_new_storage_of_the_wrong_shape_raise(backend):
     layer, x, _, _ = _called_layer(backend)
     with torch.no_grad():
-        layer.weight_scale_inv.data = torch.ones(1, 1)
+        layer.weight_scale_inv.data = torch.ones(1, 1, device=DEVICE)
         with pytest.raises(ValueError, match="weight_scale_inv"):
             layer(x)
 
 
 def test_gemm_with_scales_given_new_storage_of_the_wrong_shape_raises():
-    wq, ws = random_fp8_weight(N, K)
-    xq, xs = quantize_activation(random_activation(5, K))
+    wq, ws = random_fp8_weight(N, K, device=DEVICE)
+    xq, xs = quantize_activation(random_activation(5, K, device=DEVICE))
     blockfp8.gemm(xq, xs, wq, ws, backend="triton")
-    ws.data = torch.ones(1, 1)
+    ws.data = torch.ones(1, 1, device=DEVICE)
     with pytest.raises(ValueError, match="weight_scale_inv"):
         blockfp8.gemm(xq, xs, wq, ws, backend="triton")
 
@@ -55,7 +57,7 @@ def test_gemm_with_scales_given_new_storage_of_the_wrong_shape_raises():
 def test_weight_and_scales_swapped_together_compute_with_the_new_ones():
     layer, x, _, _ = _called_layer()
     with torch.no_grad():
-        wq2, ws2 = random_fp8_weight(400, K, seed=3)
+        wq2, ws2 = random_fp8_weight(400, K, seed=3, device=DEVICE)
         layer.weight.data, layer.weight_scale_inv.data = wq2, ws2
         y = layer(x)
     assert y.shape == (5, 400)
@@ -89,8 +91,8 @@ def test_new_values_written_in_place_are_used():
 @pytest.mark.parametrize("bad", ["nan_scale", "inf_scale", "zero_scale", "negative_scale", "nan_byte", "nan_bias"])
 @pytest.mark.parametrize("entry", ["linear", "gemm"])
 def test_functional_calls_refuse_invalid_weight_values(bad, entry):
-    wq, ws = random_fp8_weight(N, K)
-    bias = torch.zeros(N, dtype=torch.bfloat16)
+    wq, ws = random_fp8_weight(N, K, device=DEVICE)
+    bias = torch.zeros(N, dtype=torch.bfloat16, device=DEVICE)
     if bad == "nan_byte":
         wq.view(torch.uint8)[0, 0] = 0xFF
     elif bad == "nan_bias":
@@ -98,7 +100,7 @@ def test_functional_calls_refuse_invalid_weight_values(bad, entry):
     else:
         ws[1, 2] = {"nan_scale": float("nan"), "inf_scale": float("inf"), "zero_scale": 0.0,
                     "negative_scale": -1.0}[bad]
-    x = random_activation(3, K)
+    x = random_activation(3, K, device=DEVICE)
     with pytest.raises(ValueError, match="bias holds 1 NaN" if bad == "nan_bias" else "weight"):
         if entry == "linear":
             blockfp8.linear(x, wq, ws, bias, backend="triton")
@@ -111,19 +113,19 @@ def test_values_are_read_once_per_state_not_per_call(monkeypatch):
     reads = []
     real = ops.check_weight_values
     monkeypatch.setattr(ops, "check_weight_values", lambda *a: (reads.append(1), real(*a)))
-    wq, ws = random_fp8_weight(N, K)
+    wq, ws = random_fp8_weight(N, K, device=DEVICE)
     for m in (1, 2, 3, 2, 1):  # three plans (one per M), one weight state
-        blockfp8.linear(random_activation(m, K), wq, ws, backend="reference")
+        blockfp8.linear(random_activation(m, K, device=DEVICE), wq, ws, backend="reference")
     assert len(reads) == 1
     ws.mul_(1.0)  # an in-place write: a new state, read again at the next plan build
-    blockfp8.linear(random_activation(1, K), wq, ws, backend="reference")
+    blockfp8.linear(random_activation(1, K, device=DEVICE), wq, ws, backend="reference")
     assert len(reads) == 2
 
 
 def test_inference_tensors_keep_their_plan():
     with torch.inference_mode():
-        wq, ws = random_fp8_weight(N, K)
-        x = random_activation(2, K)
+        wq, ws = random_fp8_weight(N, K, device=DEVICE)
+        x = random_activation(2, K, device=DEVICE)
         y1 = blockfp8.linear(x, wq, ws, backend="triton")
         plans = len(ops.PLANS.plans_of(wq))
         y2 = blockfp8.linear(x, wq, ws, backend="triton")

@@ -1,6 +1,7 @@
 """When backends/triton/launch.py relaunches a compiled kernel directly and when it takes Triton's own launch
 path: the fast relaunch only on Triton releases it was verified on (or when forced), never under the
-interpreter; otherwise every launch goes through ``kernel[grid](...)``. CPU: Triton and the kernel are stubs."""
+interpreter; otherwise every launch goes through ``kernel[grid](...)``. Programmatic dependent launch: on unless
+BLOCKFP8_PDL=0, never under the interpreter. CPU: Triton and the kernel are stubs."""
 
 from __future__ import annotations
 
@@ -28,6 +29,23 @@ def test_fast_relaunch_only_where_verified(monkeypatch, version, setting, interp
         monkeypatch.setenv(launch.ENV_FAST_LAUNCH, setting)
     assert launch._fast_launch_enabled() is want
     assert launch.VERIFIED_TRITON == ((3, 6), (3, 9))
+
+
+@pytest.mark.parametrize("setting,interpret,want", [
+    (None, False, True),  # on by default
+    ("1", False, True),
+    ("0", False, False),  # turned off
+    (None, True, False),  # never in the interpreter
+    ("1", True, False),
+])
+def test_pdl_is_on_by_default_off_when_asked_and_never_interpreted(monkeypatch, setting, interpret, want):
+    monkeypatch.setattr(launch, "INTERPRET", interpret)
+    if setting is None:
+        monkeypatch.delenv(launch.ENV_PDL, raising=False)
+    else:
+        monkeypatch.setenv(launch.ENV_PDL, setting)
+    assert launch._pdl_enabled() is want
+    assert launch.ENV_PDL == "BLOCKFP8_PDL"
 
 
 class _Kernel:

@@ -21,7 +21,7 @@ Tiles are read through TMA tensor descriptors where the operands allow it (sm_90
 ``TritonConfig.tma``): the copy engine's zero fill past M, N and K replaces the masks, and its deep pipeline
 measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewhere, pointer loads with masks.
 
-With ``BLOCKFP8_PDL=1`` on sm_90+, every launch is a programmatic dependent launch (``launch.PDL``): its programs
+On sm_90+, unless ``BLOCKFP8_PDL=0``, every launch is a programmatic dependent launch (``launch.PDL``): its programs
 start while the kernel before them -- the activation's producer, or the previous GEMM -- is still running, and
 wait for that kernel to finish before they read anything: the decode GEMM's launch and ramp-up overlap the
 producer instead of following it. Before the wait they may also bring their first weight tiles into L2
