@@ -1,7 +1,8 @@
 """When backends/triton/launch.py relaunches a compiled kernel directly and when it takes Triton's own launch
 path: the fast relaunch only on Triton releases it was verified on (or when forced), never under the
-interpreter; otherwise every launch goes through ``kernel[grid](...)``. Programmatic dependent launch: on unless
-BLOCKFP8_PDL=0, never under the interpreter. CPU: Triton and the kernel are stubs."""
+interpreter; otherwise every launch goes through ``kernel[grid](...)``. Programmatic dependent launch: on by
+default on the Triton releases it was verified on, BLOCKFP8_PDL=1 / 0 forces it on / off, never under the
+interpreter. CPU: Triton and the kernel are stubs."""
 
 from __future__ import annotations
 
@@ -31,21 +32,25 @@ def test_fast_relaunch_only_where_verified(monkeypatch, version, setting, interp
     assert launch.VERIFIED_TRITON == ((3, 6), (3, 9))
 
 
-@pytest.mark.parametrize("setting,interpret,want", [
-    (None, False, True),  # on by default
-    ("1", False, True),
-    ("0", False, False),  # turned off
-    (None, True, False),  # never in the interpreter
-    ("1", True, False),
+@pytest.mark.parametrize("version,setting,interpret,want", [
+    ("3.6.0", None, False, True),  # on by default on the verified release
+    ("3.6.2", None, False, True),
+    ("3.9.0", None, False, False),  # not verified: off unless asked
+    ("3.9.0", "1", False, True),  # asked
+    ("3.6.0", "0", False, False),  # turned off
+    ("3.6.0", None, True, False),  # never in the interpreter
+    ("3.6.0", "1", True, False),
 ])
-def test_pdl_is_on_by_default_off_when_asked_and_never_interpreted(monkeypatch, setting, interpret, want):
+def test_pdl_is_on_by_default_where_verified_off_when_asked_and_never_interpreted(monkeypatch, version, setting,
+                                                                                  interpret, want):
+    monkeypatch.setattr(launch.triton, "__version__", version)
     monkeypatch.setattr(launch, "INTERPRET", interpret)
     if setting is None:
         monkeypatch.delenv(launch.ENV_PDL, raising=False)
     else:
         monkeypatch.setenv(launch.ENV_PDL, setting)
     assert launch._pdl_enabled() is want
-    assert launch.ENV_PDL == "BLOCKFP8_PDL"
+    assert launch.ENV_PDL == "BLOCKFP8_PDL" and launch.PDL_VERIFIED_TRITON == ((3, 6),)
 
 
 class _Kernel:

@@ -7,9 +7,10 @@ K % 16 != 0 (the fp8 row stride) and N=130 (the bf16 output row stride, so N % 8
 N % 8 == 0 and K % 16 == 0 -- looser than the N % 64 / K % 128 rule engines use, and it never returned a
 wrong result. Activation scales in the TMA-aligned column-major layout skip its per-call transpose kernel.
 
-Unless ``BLOCKFP8_PDL=0`` (``triton.launch.PDL``), DeepGEMM's kernels are launched with programmatic dependent launch
-too (``deep_gemm.set_pdl``, a process-wide DeepGEMM setting, turned on at the first call): its SM90 GEMMs set up
-their barriers while the quantizer before them still runs and wait for it before reading anything.
+With PDL on (``triton.launch.PDL``: by default on the verified Triton releases, or ``BLOCKFP8_PDL=1``), DeepGEMM's
+kernels are launched with programmatic dependent launch too (``deep_gemm.set_pdl``, a process-wide DeepGEMM
+setting, turned on at the first call): its SM90 GEMMs set up their barriers while the quantizer before them still
+runs and wait for it before reading anything.
 """
 
 from __future__ import annotations

@@ -21,12 +21,13 @@ Tiles are read through TMA tensor descriptors where the operands allow it (sm_90
 ``TritonConfig.tma``): the copy engine's zero fill past M, N and K replaces the masks, and its deep pipeline
 measured up to 1.5x faster than per-thread loads (docs/performance.md). Elsewhere, pointer loads with masks.
 
-On sm_90+, unless ``BLOCKFP8_PDL=0``, every launch is a programmatic dependent launch (``launch.PDL``): its programs
-start while the kernel before them -- the activation's producer, or the previous GEMM -- is still running, and
-wait for that kernel to finish before they read anything: the decode GEMM's launch and ramp-up overlap the
-producer instead of following it. Before the wait they may also bring their first weight tiles into L2
-(``PREFETCH_BYTES``; the weight never comes from that kernel in a model, and a prefetch consumes no value in any
-case); measured on an H200 that prefetch cost more than it saved, so its budget is 0 (docs/performance.md).
+On sm_90+ with PDL on (``launch.PDL``: by default on the Triton releases it was verified on), every launch is a
+programmatic dependent launch: its programs start while the kernel before them -- the activation's producer, or the
+previous GEMM -- is still running, and wait for that kernel to finish before they read anything: the decode GEMM's
+launch and ramp-up overlap the producer instead of following it. Before the wait they may also bring their first
+weight tiles into L2 (``PREFETCH_BYTES``; the weight never comes from that kernel in a model, and a prefetch
+consumes no value in any case); measured on an H200 that prefetch cost more than it saved, so its budget is 0
+(docs/performance.md).
 """
 
 from __future__ import annotations

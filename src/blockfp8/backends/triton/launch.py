@@ -50,8 +50,13 @@ def _fast_launch_enabled() -> bool:
         return False
     if setting == "1":
         return True
+    return _triton_release() in VERIFIED_TRITON
+
+
+def _triton_release() -> tuple[int, int]:
+    """Triton's (major, minor) release."""
     major, minor = (int(v) for v in triton.__version__.split(".")[:2])
-    return (major, minor) in VERIFIED_TRITON
+    return major, minor
 
 
 FAST_LAUNCH = _fast_launch_enabled()
@@ -59,13 +64,24 @@ FAST_LAUNCH = _fast_launch_enabled()
 ENV_PDL = "BLOCKFP8_PDL"
 
 
+# Triton releases on which the whole GPU suite passed with programmatic dependent launch (3.6: an H100,
+# benchmarks/results/h100_pdl). Its launch attribute and grid-dependency instructions come from Triton itself.
+PDL_VERIFIED_TRITON = ((3, 6),)
+
+
 def _pdl_enabled() -> bool:
     """Programmatic dependent launch (sm_90+): a GEMM launched with it starts while the kernel before it (the
     producer of its activation) still runs and waits (griddepcontrol.wait) before it reads or writes anything;
-    producers let it launch as soon as all their programs have started. On by default (BLOCKFP8_PDL=0 turns it
-    off): 2-3% faster per llama decode layer at M=1 and 16 on an H100 and an H200, bytes equal to plain launches
-    (docs/performance.md). Never under the interpreter, which has no grid dependency control."""
-    return not INTERPRET and os.environ.get(ENV_PDL) != "0"
+    producers let it launch as soon as all their programs have started. 3% faster per llama decode layer at M=1
+    and 16 on an H100, 2-3% on an H200, bytes equal to plain launches (docs/performance.md). On by default on the
+    Triton releases it was verified on, elsewhere only with BLOCKFP8_PDL=1; BLOCKFP8_PDL=0 turns it off. Never
+    under the interpreter, which has no grid dependency control."""
+    setting = os.environ.get(ENV_PDL)
+    if INTERPRET or setting == "0":
+        return False
+    if setting == "1":
+        return True
+    return _triton_release() in PDL_VERIFIED_TRITON
 
 
 PDL = _pdl_enabled()
