@@ -1,5 +1,6 @@
 """The README runs as written: every ```python block in a fresh process on this machine, and every shell block
-names only ``blockfp8`` commands and extras that exist.
+names only ``blockfp8`` commands and extras that exist; its settings table names exactly the ``BLOCKFP8_*``
+environment variables the package and its tests read.
 
 A block the machine cannot run is skipped only when the line before its fence says why, as
 ``<!-- not run: needs 2 GPUs -->``.
@@ -101,3 +102,20 @@ def test_extras_the_readme_installs_exist():
     named = {extra for group in re.findall(r"(?:\.|blockfp8)\[([\w,-]+)\]", README.read_text())
              for extra in group.split(",")}
     assert named and not named - declared, f"unknown extras {sorted(named - declared)}; declared: {declared}"
+
+
+VARIABLE = re.compile(r"\bBLOCKFP8_[A-Z][A-Z_]*[A-Z]\b")
+
+
+def settings_variables(text: str) -> set[str]:
+    """The variables of the README's settings table (the rows of its "Settings" section)."""
+    section = text.split("## Settings", 1)[1].split("\n## ", 1)[0]
+    return {v for row in section.splitlines() if row.startswith("| `BLOCKFP8_") for v in VARIABLE.findall(row)}
+
+
+def test_settings_table_names_every_variable_the_code_reads_and_no_other():
+    sources = [*(ROOT / "src" / "blockfp8").rglob("*.py"), *(ROOT / "tests").rglob("test_*.py")]
+    read = {v for path in sources if path.name != "test_readme.py" for v in VARIABLE.findall(path.read_text())}
+    table = settings_variables(README.read_text())
+    assert len(table) >= 8, table  # the parser found the table
+    assert read == table, f"not in the README's settings: {sorted(read - table)}; stale: {sorted(table - read)}"
