@@ -11,6 +11,15 @@ import pytest
 from blockfp8.backends.triton import launch
 
 
+def _triton_and_setting(monkeypatch, version: str, env: str, setting: str | None, interpret: bool) -> None:
+    monkeypatch.setattr(launch.triton, "__version__", version)
+    monkeypatch.setattr(launch, "INTERPRET", interpret)
+    if setting is None:
+        monkeypatch.delenv(env, raising=False)
+    else:
+        monkeypatch.setenv(env, setting)
+
+
 @pytest.mark.parametrize("version,setting,interpret,want", [
     ("3.6.0", None, False, True),  # the verified release
     ("3.6.1", None, False, True),
@@ -22,12 +31,7 @@ from blockfp8.backends.triton import launch
     ("3.6.0", "1", True, False),  # never in the interpreter
 ])
 def test_fast_relaunch_only_where_verified(monkeypatch, version, setting, interpret, want):
-    monkeypatch.setattr(launch.triton, "__version__", version)
-    monkeypatch.setattr(launch, "INTERPRET", interpret)
-    if setting is None:
-        monkeypatch.delenv(launch.ENV_FAST_LAUNCH, raising=False)
-    else:
-        monkeypatch.setenv(launch.ENV_FAST_LAUNCH, setting)
+    _triton_and_setting(monkeypatch, version, launch.ENV_FAST_LAUNCH, setting, interpret)
     assert launch._fast_launch_enabled() is want
     assert launch.VERIFIED_TRITON == ((3, 6), (3, 9))
 
@@ -43,12 +47,7 @@ def test_fast_relaunch_only_where_verified(monkeypatch, version, setting, interp
 ])
 def test_pdl_is_on_by_default_where_verified_off_when_asked_and_never_interpreted(monkeypatch, version, setting,
                                                                                   interpret, want):
-    monkeypatch.setattr(launch.triton, "__version__", version)
-    monkeypatch.setattr(launch, "INTERPRET", interpret)
-    if setting is None:
-        monkeypatch.delenv(launch.ENV_PDL, raising=False)
-    else:
-        monkeypatch.setenv(launch.ENV_PDL, setting)
+    _triton_and_setting(monkeypatch, version, launch.ENV_PDL, setting, interpret)
     assert launch._pdl_enabled() is want
     assert launch.ENV_PDL == "BLOCKFP8_PDL" and launch.PDL_VERIFIED_TRITON == ((3, 6),)
 

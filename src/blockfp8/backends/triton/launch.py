@@ -44,26 +44,25 @@ def launch_guard() -> contextlib.AbstractContextManager:
     return _INTERPRETER_LOCK if INTERPRET else contextlib.nullcontext()
 
 
-def _fast_launch_enabled() -> bool:
-    setting = os.environ.get(ENV_FAST_LAUNCH)
+def _verified_switch(env: str, verified: tuple[tuple[int, int], ...]) -> bool:
+    """A launch switch: ``env=0`` off, ``env=1`` on, unset on only on the Triton releases in ``verified``; always
+    off under the interpreter."""
+    setting = os.environ.get(env)
     if INTERPRET or setting == "0":
         return False
     if setting == "1":
         return True
-    return _triton_release() in VERIFIED_TRITON
-
-
-def _triton_release() -> tuple[int, int]:
-    """Triton's (major, minor) release."""
     major, minor = (int(v) for v in triton.__version__.split(".")[:2])
-    return major, minor
+    return (major, minor) in verified
+
+
+def _fast_launch_enabled() -> bool:
+    return _verified_switch(ENV_FAST_LAUNCH, VERIFIED_TRITON)
 
 
 FAST_LAUNCH = _fast_launch_enabled()
 
 ENV_PDL = "BLOCKFP8_PDL"
-
-
 # Triton releases on which the whole GPU suite passed with programmatic dependent launch (3.6: an H100,
 # benchmarks/results/h100_pdl). Its launch attribute and grid-dependency instructions come from Triton itself.
 PDL_VERIFIED_TRITON = ((3, 6),)
@@ -76,12 +75,7 @@ def _pdl_enabled() -> bool:
     and 16 on an H100, 2-3% on an H200, bytes equal to plain launches (docs/performance.md). On by default on the
     Triton releases it was verified on, elsewhere only with BLOCKFP8_PDL=1; BLOCKFP8_PDL=0 turns it off. Never
     under the interpreter, which has no grid dependency control."""
-    setting = os.environ.get(ENV_PDL)
-    if INTERPRET or setting == "0":
-        return False
-    if setting == "1":
-        return True
-    return _triton_release() in PDL_VERIFIED_TRITON
+    return _verified_switch(ENV_PDL, PDL_VERIFIED_TRITON)
 
 
 PDL = _pdl_enabled()
