@@ -55,8 +55,8 @@ def test_every_measurement_records_whether_pdl_was_on(monkeypatch):
 
 @pytest.mark.parametrize("pdl", [False, True])
 def test_deepgemm_launches_with_pdl_only_when_pdl_is_on(monkeypatch, pdl):
-    """``launch.PDL`` (on unless BLOCKFP8_PDL=0) turns DeepGEMM's own PDL on (once, at its first call); with it off
-    DeepGEMM is left alone."""
+    """``launch.PDL`` (on by default on the verified Triton releases; BLOCKFP8_PDL=1 / 0 forces it) turns DeepGEMM's
+    own PDL on (once, at its first call); with it off DeepGEMM is left alone."""
     import sys
     import types
 
