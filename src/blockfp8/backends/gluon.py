@@ -26,6 +26,7 @@ from .. import tables
 from ..device import DeviceId, device_id
 from ..format import is_decode
 from .base import HOPPER_ONLY, YES, Backend, Limits, Support, unit_stride_rows
+from .triton.launch import triton_release
 
 try:  # Gluon ships with triton >= 3.5; an older triton leaves this backend unavailable.
     from triton.experimental import gluon
@@ -48,11 +49,6 @@ except ImportError as e:  # pragma: no cover - depends on the installed triton
 # in to try another one (then run `blockfp8 check --backends gluon` on that GPU first).
 VERIFIED_TRITON = ((3, 6),)
 ENV_UNVERIFIED = "BLOCKFP8_GLUON_ANY_TRITON"
-
-
-def _triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
 
 
 @dataclass(frozen=True)
@@ -278,7 +274,7 @@ class GluonBackend(Backend):
             return Support(False, _IMPORT_ERROR)
         if not torch.cuda.is_available():
             return Support(False, "no CUDA device (Gluon kernels have no CPU interpreter)")
-        if _triton_version() not in VERIFIED_TRITON and os.environ.get(ENV_UNVERIFIED) != "1":
+        if triton_release() not in VERIFIED_TRITON and os.environ.get(ENV_UNVERIFIED) != "1":
             verified = ", ".join(f"{a}.{b}" for a, b in VERIFIED_TRITON)
             return Support(False, f"verified with triton {verified} only, found {triton.__version__} "
                                   f"(set {ENV_UNVERIFIED}=1 to try it, then run blockfp8 check --backends gluon)")

@@ -12,7 +12,7 @@ from rich.text import Text
 from ..backends import get_backend
 from ..testing import Status
 from ..testing.conformance import DISPATCHED, Cell, CheckResult, check_matrix, counts, load, markdown
-from ..testing.shapes import load_shapes, parse_ints
+from ..testing.shapes import load_shapes, parse_m_values
 from .common import CellProgress, announce, plain, refuse_unused, stdout_console, write_text
 
 GPU_SHAPES, GPU_M = "edge,deepseek-v3", "1,2,7,16,77,128,1000"
@@ -82,9 +82,7 @@ def _load_saved(path: str) -> CheckResult:
 def _run_matrix(args: argparse.Namespace) -> CheckResult:
     big = args.full or torch.cuda.is_available()
     shapes = load_shapes((GPU_SHAPES if big else CPU_SHAPES) if args.shapes is None else args.shapes)
-    ms = parse_ints((GPU_M if big else CPU_M) if args.m is None else args.m, "--m")
-    if min(ms) < 1:
-        raise ValueError(f"--m values must be >= 1 (a GEMM of no rows has nothing to check), got {args.m!r}")
+    ms = parse_m_values((GPU_M if big else CPU_M) if args.m is None else args.m)
     names = None if args.backends is None else [b.strip() for b in args.backends.split(",") if b.strip()]
     if names == []:
         raise ValueError("--backends names no backend")

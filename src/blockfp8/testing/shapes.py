@@ -85,7 +85,7 @@ def load_shapes(spec: str) -> list[Shape]:
 
 def parse_m_values(spec: str | None) -> list[int]:
     """``--m`` as a list of positive token counts (default: the ``m_sweep`` of ``data/shapes.json``)."""
-    ms = parse_ints(spec, "--m") if spec else default_m_values()
+    ms = parse_ints(spec, "--m") if spec is not None else default_m_values()
     if min(ms) < 1:
         raise ValueError(f"--m values must be >= 1, got {spec!r}")
     return ms

@@ -44,6 +44,12 @@ def launch_guard() -> contextlib.AbstractContextManager:
     return _INTERPRETER_LOCK if INTERPRET else contextlib.nullcontext()
 
 
+def triton_release() -> tuple[int, int]:
+    """The installed Triton's (major, minor): the unit the verified-release lists name."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def _verified_switch(env: str, verified: tuple[tuple[int, int], ...]) -> bool:
     """A launch switch: ``env=0`` off, ``env=1`` on, unset on only on the Triton releases in ``verified``; always
     off under the interpreter."""
@@ -52,8 +58,7 @@ def _verified_switch(env: str, verified: tuple[tuple[int, int], ...]) -> bool:
         return False
     if setting == "1":
         return True
-    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
-    return (major, minor) in verified
+    return triton_release() in verified
 
 
 def _fast_launch_enabled() -> bool:
