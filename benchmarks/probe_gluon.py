@@ -1,6 +1,7 @@
-"""Config probe for the Gluon (wgmma) GEMM on the GPU: L2-cold CUDA-graph time of each GluonConfig variant
-next to blockfp8's Triton kernel and DeepGEMM, after a reference check of every variant. One JSON line per
-(cell, method); used to choose the Gluon defaults (docs/performance.md, docs/benchmarks.md).
+"""Config probe for the Gluon (wgmma) GEMMs on the GPU: L2-cold CUDA-graph time of each GluonConfig variant (the
+one-tile kernel's "g..." and the persistent kernel's "p...") next to blockfp8's Triton kernel and DeepGEMM, after a
+reference check of every variant. One JSON line per (cell, method); used to choose the Gluon defaults
+(docs/performance.md, docs/benchmarks.md).
 
 Operands from ``blockfp8.testing.operands`` (weight copies for L2-cold timing), timing from
 ``blockfp8.testing.timing``, the check against ``blockfp8.reference``."""
@@ -26,6 +27,12 @@ VARIANTS = {
     "g128x128_gm4": GluonConfig(group_m=4),
     "g128x64_s6_u2": GluonConfig(block_n=64, stages=6),
     "g64x128_w4_s4": GluonConfig(block_m=64, num_warps=4),
+    # The persistent, warp-specialized kernel (one program per SM, a loader warp, a math warp group per 64 rows).
+    "p128x128_s4_u2": GluonConfig(persistent=True),
+    "p128x128_s6_u2": GluonConfig(stages=6, persistent=True),
+    "p128x64_s6_u2": GluonConfig(block_n=64, stages=6, persistent=True),
+    "p64x128_s6_u2": GluonConfig(block_m=64, num_warps=4, stages=6, persistent=True),
+    "p128x128_s4_u2_gm16": GluonConfig(group_m=16, persistent=True),
 }
 
 

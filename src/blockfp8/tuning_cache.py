@@ -138,7 +138,7 @@ CONFIG_FIELDS = {
                "swap_ab": _BOOL, "num_warps": (1, 2, 4, 8, 16), "num_stages": range(1, 9), "tma": _BOOL,
                "pair_k": _BOOL},
     "gluon": {"block_m": (64, 128), "block_n": _TILES, "num_warps": (4, 8), "stages": range(1, 9),
-              "group_m": range(1, 65), "unroll": range(1, 9)},
+              "group_m": range(1, 65), "unroll": range(1, 9), "persistent": _BOOL},
 }
 REQUIRED_FIELDS = {"triton": ("block_m", "block_n"), "gluon": ()}
 

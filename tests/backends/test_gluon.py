@@ -80,3 +80,48 @@ def test_offset_view_is_copied_not_misread():
     got = get_backend("gluon").run(view, xs, wq, ws, None, torch.bfloat16)
     want = reference_gemm(xq, xs, wq, ws, None, torch.bfloat16)
     assert rel_error(got, want) <= tolerance_for(want)
+
+
+# The persistent, warp-specialized kernel: one 64-row math warp group (decode tiles) and two (128-row tiles).
+PERSISTENT = {"persistent-128x128": dict(persistent=True), "persistent-64x128": dict(block_m=64, num_warps=4,
+                                                                                      persistent=True)}
+
+
+@pytest.mark.parametrize("config", list(PERSISTENT), ids=list(PERSISTENT))
+@pytest.mark.parametrize("m,n,k", _sweep()[::3])
+def test_persistent_sweep(m, n, k, config):
+    from blockfp8.backends.gluon import GluonConfig
+
+    _check(m, n, k, config=GluonConfig(**PERSISTENT[config]))
+
+
+@pytest.mark.parametrize("config", list(PERSISTENT), ids=list(PERSISTENT))
+@pytest.mark.parametrize("m,n,k", [(1100, 4168, 1040), (4096, 2112, 7168), (64, 24576, 1536)])
+def test_persistent_walks_more_tiles_than_sms(m, n, k, config):
+    """More tiles than SMs, so each program accumulates several tiles in turn; 9 K groups (padded to 10) in a
+    ring of 4 slots, so every tile starts on another slot and phase than the one before."""
+    from blockfp8.backends.gluon import GluonConfig
+
+    _check(m, n, k, col_scales=True, config=GluonConfig(**PERSISTENT[config]))
+
+
+@pytest.mark.parametrize("block_n,stages,unroll", [(64, 6, 4), (128, 3, 2), (128, 6, 2)])
+def test_persistent_configs(block_n, stages, unroll):
+    from blockfp8.backends.gluon import GluonConfig
+
+    _check(300, 2112, 1040, bias=True, config=GluonConfig(block_n=block_n, stages=stages, unroll=unroll,
+                                                          persistent=True))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_persistent_gives_the_one_tile_kernels_bits(block_m, out_dtype):
+    """Both kernels promote the same fp32 tiles in the same group order: the same bits, bias included."""
+    from blockfp8.backends.gluon import GluonConfig, gluon_gemm
+
+    xq, xs, wq, ws = _operands(1000, 4168, 1040, col_scales=True)
+    b = torch.randn(4168, device="cuda", dtype=torch.bfloat16)
+    one = GluonConfig(block_m=block_m, num_warps=block_m // 16)
+    got = gluon_gemm(xq, xs, wq, ws, b, out_dtype, GluonConfig(block_m=block_m, num_warps=block_m // 16,
+                                                                persistent=True))
+    assert torch.equal(got, gluon_gemm(xq, xs, wq, ws, b, out_dtype, one))

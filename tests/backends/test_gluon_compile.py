@@ -84,8 +84,10 @@ def _compile_internals():
     return triton.compile, GPUTarget("cuda", 90, 32), GluonASTSource
 
 
-def _ptxas_report(block_m: int, num_warps: int, tmp_dir: str, m: int = 4096, n: int = 7168, k: int = 7168) -> str:
-    """Compile the kernel for sm_90a with the default config at this tile height; ptxas's -v report."""
+def _ptxas_report(block_m: int, num_warps: int, persistent: bool, tmp_dir: str, m: int = 4096, n: int = 7168,
+                 k: int = 7168) -> str:
+    """Compile a kernel (the one-tile one, or the persistent one) for sm_90a with the default config at this tile
+    height, with the launch options ``gluon_gemm`` gives it; ptxas's -v report."""
     import torch
 
     from blockfp8.backends import gluon as g
@@ -98,17 +100,23 @@ def _ptxas_report(block_m: int, num_warps: int, tmp_dir: str, m: int = 4096, n: 
         print(f"triton's compile internals moved: {e}")
         sys.exit(SKIP_EXIT)
 
-    cfg = g.GluonConfig(block_m=block_m, num_warps=num_warps)
+    cfg = g.GluonConfig(block_m=block_m, num_warps=num_warps, persistent=persistent)
     x = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     w = torch.empty(n, k, dtype=torch.float8_e4m3fn)
-    a_desc = g.TensorDescriptor.from_tensor(x, [cfg.block_m, 128], g._tile_layout(cfg.block_m))
+    a_rows = 64 if persistent else cfg.block_m  # the persistent kernel loads 64 rows per math warp group
+    a_desc = g.TensorDescriptor.from_tensor(x, [a_rows, 128], g._tile_layout(a_rows))
     w_desc = g.TensorDescriptor.from_tensor(w, [cfg.block_n, 128], g._tile_layout(cfg.block_n))
     out = torch.empty(m, n, dtype=torch.bfloat16)
     args = dict(a_desc=a_desc, w_desc=w_desc, c_ptr=out, as_ptr=torch.empty(m, k // 128),
                 ws_ptr=torch.empty(n // 128, k // 128), bias_ptr=out, M=m, N=n, K=k, stride_asm=1, stride_ask=m,
                 stride_wsn=k // 128, stride_wsk=1, stride_cm=n, HAS_BIAS=False, GROUP_M=cfg.group_m,
                 STAGES=cfg.stages, UNROLL=cfg.unroll, num_warps=cfg.num_warps)
+    options = {"num_warps": cfg.num_warps}
     fn = g._fp8_block_gemm_wgmma_kernel
+    if persistent:
+        fn = g._fp8_block_gemm_persistent_kernel
+        args.update(MATH_WGS=block_m // 64, num_warps=4)
+        options = {"num_warps": 4, "maxnreg": g._PERSISTENT_MAXNREG[block_m // 64]}
     signature, constexprs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
@@ -117,7 +125,7 @@ def _ptxas_report(block_m: int, num_warps: int, tmp_dir: str, m: int = 4096, n: 
         else:
             signature[p.name] = mangle_type(args[p.name])
     try:
-        compiled = compile_(source(fn, signature, constexprs), target=target, options={"num_warps": cfg.num_warps})
+        compiled = compile_(source(fn, signature, constexprs), target=target, options=options)
         ptxas = get_ptxas(90).path
     except (TypeError, AttributeError) as e:  # internal signatures differ in this triton
         print(f"triton's compile internals changed: {e}")
@@ -206,9 +214,11 @@ def _evaluate_ttgir(ttgir: str, buffers: dict[str, np.ndarray]) -> None:
     raise AssertionError("no tt.return in the compiled promote kernel")
 
 
-@pytest.mark.parametrize("block_m,num_warps", [(128, 8), (64, 4)], ids=["128x128", "64x128"])
-def test_compiles_without_spills_or_serialized_wgmma(block_m, num_warps, tmp_path):
-    report = _run_child(json.dumps([block_m, num_warps, str(tmp_path)]))
+@pytest.mark.parametrize("block_m,num_warps,persistent", [(128, 8, False), (64, 4, False), (128, 8, True),
+                                                          (64, 4, True)],
+                         ids=["128x128", "64x128", "persistent-128x128", "persistent-64x128"])
+def test_compiles_without_spills_or_serialized_wgmma(block_m, num_warps, persistent, tmp_path):
+    report = _run_child(json.dumps([block_m, num_warps, persistent, str(tmp_path)]))
     assert "C7514" not in report and "serialized" not in report, report
     assert "C7517" not in report, report  # a wait ptxas had to inject itself
     assert " 0 bytes spill stores" in report, report

@@ -87,7 +87,7 @@ def test_cell_rows_layout():
     assert tables["triton"] == {"2112,7168": {"16": fast.to_json()}} and "gluon" not in tables
     assert record["source"] == "tune" and record["best"] == Candidate("triton", fast).label
     assert record["default"] == default.label and record["default_us"] == 12.0
-    gluon = "gluon[block_m=128 block_n=128 num_warps=8 stages=4 group_m=8 unroll=2]"
+    gluon = "gluon[block_m=128 block_n=128 num_warps=8 stages=4 group_m=8 unroll=2 persistent=False]"
     assert record["bad"] == {"cublas": "rel error 0.5", gluon: "boom"}
     nothing = CellResult("x", 64, 256, 1, [_trial("triton", None, "wrong")])
     assert cell_rows(nothing)[0] == {}
