@@ -205,6 +205,7 @@ BAD_ROWS = {
     "a bool for a size": ("triton", "2112,7168", "1", {**_TRITON, "block_m": True}),
     "a size for a flag": ("triton", "2112,7168", "1", {**_TRITON, "tma": 1}),
     "gluon tile the kernel lacks": ("gluon", "2112,7168", "1", {"block_m": 32}),
+    "gluon ring of one slot": ("gluon", "2112,7168", "1", {"stages": 1}),  # would hang the GPU, not fail
 }
 
 

@@ -137,7 +137,8 @@ CONFIG_FIELDS = {
     "triton": {"block_m": _TILES, "block_n": _TILES, "split_k": range(1, 65), "group_m": range(1, 65),
                "swap_ab": _BOOL, "num_warps": (1, 2, 4, 8, 16), "num_stages": range(1, 9), "tma": _BOOL,
                "pair_k": _BOOL},
-    "gluon": {"block_m": (64, 128), "block_n": _TILES, "num_warps": (4, 8), "stages": range(1, 9),
+    # Gluon stages >= 2: a K loop trip holds two groups' slots at once, so a ring of one slot waits on itself.
+    "gluon": {"block_m": (64, 128), "block_n": _TILES, "num_warps": (4, 8), "stages": range(2, 9),
               "group_m": range(1, 65), "unroll": range(1, 9), "persistent": _BOOL},
 }
 REQUIRED_FIELDS = {"triton": ("block_m", "block_n"), "gluon": ()}

@@ -168,3 +168,11 @@ def test_warm_processes_fit_the_free_memory():
     assert warm_process_count(jobs[:3], 16, 1000 * gb) == 3  # nor more than cells
     assert warm_process_count(jobs, 16, 1 * gb) == 1  # at least one: a cell that does not fit fails in it alone
     assert warm_process_count(jobs, 0, 80 * gb) == 0 and warm_process_count([], 16, 80 * gb) == 0
+
+
+def test_a_gluon_ring_of_one_slot_is_refused_before_any_launch():
+    """Each K loop trip issues a group's wgmma before it releases the previous group's slot: with one slot the
+    kernel would wait on itself and hang the GPU. The config refuses it when made."""
+    with pytest.raises(ValueError, match="stages must be >= 2"):
+        GluonConfig(stages=1)
+    GluonConfig(stages=2, persistent=True)  # the smallest ring that runs

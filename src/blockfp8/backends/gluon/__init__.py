@@ -44,6 +44,12 @@ class GluonConfig:
     # pick_config nor likely_configs offers it; a caller or a tuned row names it.
     persistent: bool = False
 
+    def __post_init__(self) -> None:
+        # Both kernels issue a group's wgmma before releasing the previous group's slot: with one slot the loop
+        # would wait for a load that waits for it, and the GPU would hang rather than fail.
+        if self.stages < 2:
+            raise ValueError(f"GluonConfig.stages must be >= 2 (the K loop holds two groups' slots), got {self.stages}")
+
 
 def pick_config(m: int, n: int, k: int) -> GluonConfig:
     """Tile by M: a 64-row tile (one warpgroup) while M is small, else 128 x 128 (two warpgroups)."""
