@@ -1,5 +1,6 @@
 """The wgmma kernel of the ``gluon`` backend (one output tile per program) and the Gluon pieces its persistent
-sibling (``persistent.py``) shares: the TMA group load, the promotion, the grouped tile order, the scale loads.
+sibling (``persistent.py``) shares: the K loop with its promotion, the grouped tile order, the scale pointers and
+the epilogue.
 
 y[M, N] = sum over 128-wide K groups g of (A[:, g] @ W[:, g].T) * a_scale[:, g] * w_scale[n // 128, g]
 

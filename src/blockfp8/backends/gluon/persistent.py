@@ -36,10 +36,10 @@ if not _IMPORT_ERROR:
     MATH_REGS = gl.constexpr(232)
 
     @gluon.jit
-    def _loader(a_desc, w_desc, a_bufs0, a_bufs1, w_bufs, ready, empty, M, N, K, GROUP_M: gl.constexpr,
-                UNROLL: gl.constexpr, MATH_WGS: gl.constexpr):
+    def _loader(loader_args, GROUP_M: gl.constexpr, UNROLL: gl.constexpr, MATH_WGS: gl.constexpr):
         """Load every K group of this program's tiles into the ring, each once its slot has been released: the
         weight tile and one 64-row activation tile per math warp group, all completing ``ready``."""
+        a_desc, w_desc, a_bufs0, a_bufs1, w_bufs, ready, empty, M, N, K = loader_args
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -65,12 +65,13 @@ if not _IMPORT_ERROR:
                 g += 1
 
     @gluon.jit
-    def _math(a_desc, w_desc, a_bufs, w_bufs, ready, empty, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
-              stride_asm, stride_ask, stride_wsn, stride_wsk, stride_cm,
-              HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, UNROLL: gl.constexpr, MATH_WGS: gl.constexpr,
-              HALF: gl.constexpr):
+    def _math(shared, a_bufs, HAS_BIAS: gl.constexpr, GROUP_M: gl.constexpr, UNROLL: gl.constexpr,
+              MATH_WGS: gl.constexpr, HALF: gl.constexpr):
         """One math warp group: rows [64 * HALF, 64 * HALF + 64) of each of this program's tiles, accumulated
-        and stored, each slot released (one arrive of this warp group) as its wgmma finishes."""
+        and stored, each slot released (one arrive of this warp group) as its wgmma finishes. ``shared``: what
+        every math warp group reads alike; ``a_bufs``: this group's own activation ring."""
+        (a_desc, w_desc, w_bufs, ready, empty, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
+         stride_asm, stride_ask, stride_wsn, stride_wsk, stride_cm) = shared
         BLOCK_H: gl.constexpr = a_desc.block_type.shape[0]
         BLOCK_K: gl.constexpr = a_desc.block_type.shape[1]
         BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -117,25 +118,17 @@ if not _IMPORT_ERROR:
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)  # the loader's expect-tx: every tile of the group landed
             mbarrier.init(empty.index(i), count=MATH_WGS)  # one arrive per math warp group
+        # Tuples carry runtime values only: a constexpr inside one reaches the partition as a plain value.
+        shared = (a_desc, w_desc, w_bufs, ready, empty, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                  stride_asm, stride_ask, stride_wsn, stride_wsk, stride_cm)
+        loader_args = (a_desc, w_desc, a_bufs0, a_bufs1, w_bufs, ready, empty, M, N, K)
         if MATH_WGS == 2:
-            gl.warp_specialize([
-                (_math, (a_desc, w_desc, a_bufs0, w_bufs, ready, empty, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
-                         stride_asm, stride_ask, stride_wsn, stride_wsk, stride_cm, HAS_BIAS, GROUP_M, UNROLL,
-                         MATH_WGS, 0)),
-                (_math, (a_desc, w_desc, a_bufs1, w_bufs, ready, empty, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
-                         stride_asm, stride_ask, stride_wsn, stride_wsk, stride_cm, HAS_BIAS, GROUP_M, UNROLL,
-                         MATH_WGS, 1)),
-                (_loader, (a_desc, w_desc, a_bufs0, a_bufs1, w_bufs, ready, empty, M, N, K, GROUP_M, UNROLL,
-                           MATH_WGS)),
-            ], [4, 1], [MATH_REGS, LOADER_REGS])
+            gl.warp_specialize([(_math, (shared, a_bufs0, HAS_BIAS, GROUP_M, UNROLL, MATH_WGS, 0)),
+                                (_math, (shared, a_bufs1, HAS_BIAS, GROUP_M, UNROLL, MATH_WGS, 1)),
+                                (_loader, (loader_args, GROUP_M, UNROLL, MATH_WGS))], [4, 1], [MATH_REGS, LOADER_REGS])
         else:
-            gl.warp_specialize([
-                (_math, (a_desc, w_desc, a_bufs0, w_bufs, ready, empty, c_ptr, as_ptr, ws_ptr, bias_ptr, M, N, K,
-                         stride_asm, stride_ask, stride_wsn, stride_wsk, stride_cm, HAS_BIAS, GROUP_M, UNROLL,
-                         MATH_WGS, 0)),
-                (_loader, (a_desc, w_desc, a_bufs0, a_bufs1, w_bufs, ready, empty, M, N, K, GROUP_M, UNROLL,
-                           MATH_WGS)),
-            ], [1], [LOADER_REGS])
+            gl.warp_specialize([(_math, (shared, a_bufs0, HAS_BIAS, GROUP_M, UNROLL, MATH_WGS, 0)),
+                                (_loader, (loader_args, GROUP_M, UNROLL, MATH_WGS))], [1], [LOADER_REGS])
         for i in gl.static_range(STAGES):
             mbarrier.invalidate(ready.index(i))
             mbarrier.invalidate(empty.index(i))
