@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from blockfp8 import quantize_activation
-from blockfp8.backends.triton.producers import rms_norm_quant_triton, silu_mul_quant_triton
+from blockfp8.backends.triton import producers
+from blockfp8.backends.triton.producers import rms_chunk, rms_norm_quant_triton, silu_mul_quant_triton
 from blockfp8.quant import rms_norm, silu_mul
 from blockfp8.testing import default_device
 from blockfp8.testing.operands import random_activation
@@ -82,6 +83,29 @@ def test_rms_norm_quant_at_the_deepseek_hidden_size_and_on_strided_rows():
     w = random_activation(7168, 1, seed=9, device=DEVICE).view(7168)
     q, s, _ = rms_norm_quant_triton(x, w, 1e-6, None, "col", False)
     _assert_same(q, s, *quantize_activation(rms_norm(x, w, 1e-6)))
+
+
+def test_rms_chunk_splits_rows_only_while_they_are_fewer_than_the_sms():
+    # K = 7168 (56 groups, a 64-group tile) on 132 SMs: about one program per SM, whole rows from M = 100 up.
+    assert [rms_chunk(m, 56, 132) for m in (1, 2, 16, 64, 66, 100, 512)] == [1, 1, 8, 32, 32, 64, 64]
+    assert rms_chunk(1, 1, 132) == 1 and rms_chunk(7, 5, 0) == 8
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 4, 8])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_quant_is_the_same_bits_however_rows_are_split(monkeypatch, chunk, residual):
+    # K = 520: 5 groups in an 8-group tile, so chunk 8 is one program per row and chunk 4's second program holds
+    # the partial group; every program of a split row must compute the same rstd and store only its own groups.
+    m, k = 5, 520
+    x = _special_rows(m, k, torch.bfloat16)
+    res = random_activation(m, k, seed=3, device=DEVICE, dtype=torch.bfloat16) if residual else None
+    w = random_activation(k, 1, seed=5, device=DEVICE, dtype=torch.bfloat16).view(k)
+    monkeypatch.setattr(producers, "rms_chunk", lambda m, kb, sms: chunk)
+    q, s, h = rms_norm_quant_triton(x, w, 1e-6, res, "col", False)
+    y_ref, h_ref = rms_norm(x, w, 1e-6, res) if residual else (rms_norm(x, w, 1e-6), None)
+    _assert_same(q, s, *quantize_activation(y_ref))
+    if residual:
+        assert torch.equal(h.view(torch.uint8), h_ref.view(torch.uint8))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

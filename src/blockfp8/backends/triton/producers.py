@@ -8,8 +8,10 @@ code) and stored as fp8 bytes (``act_quant.e4m3_bits``). Kernels are compiled wi
 (``enable_fp_fusion=False``): a fused multiply-add rounds once where torch's separate ops round twice. The
 interpreter's casts to bf16 truncate, so values are rounded to the dtype in fp32 first (``gemm._round_bf16``).
 
-One launch per producer, reading the activation once: the RMSNorm kernel runs one program per row (the whole
-row must be seen before anything is scaled); the SiLU-mul kernel runs a few 128-groups per program.
+One launch per producer. The RMSNorm kernel needs a whole row before it scales anything: each program reads its
+row, and with fewer rows than SMs each row is split over several programs, each quantizing a chunk of its groups
+(``rms_chunk``). They all compute the same rstd, bit for bit, because the sum of squares is exact. The SiLU-mul
+kernel runs a few 128-groups per program.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ...device import cuda_identity
 from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
 from ...quant import EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_LOG2E, EXP_POLY, sum_bits
 from .act_quant import _max_keep_nan, e4m3_bits, quantize_groups
@@ -80,11 +83,26 @@ def _mean_square(x, K, SUM_BITS: tl.constexpr):
 
 
 @triton.jit
+def _norm_input(x_ptr, r_ptr, h_ptr, row, cols, mask, K, stride_xm, stride_rm, HAS_RESIDUAL: tl.constexpr,
+                STORE_H: tl.constexpr):
+    """The values the norm reads at ``cols`` of ``row`` in fp32: x, or x + residual rounded to x's dtype (that
+    rounded sum is the new residual, stored to h where STORE_H)."""
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
+        x = _round_to(x + r, dtype)
+        if STORE_H:
+            tl.store(h_ptr + row * K + cols, x.to(dtype), mask=mask)
+    return x
+
+
+@triton.jit
 def _rms_norm_quant_kernel(
     x_ptr, w_ptr, r_ptr, h_ptr, q_ptr, s_ptr, K, eps,
     stride_xm, stride_rm, stride_qm, stride_sm, stride_sk,
-    GROUPS: tl.constexpr, GROUP: tl.constexpr, SUM_BITS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
+    GROUPS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUM_BITS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
         # The consuming GEMM may launch now: it prefetches its weights and waits for this launch (launch.PDL).
@@ -94,13 +112,15 @@ def _rms_norm_quant_kernel(
     cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
     mask = cols < K
     dtype = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        # The new residual is rounded to the dtype and stored, and that rounded value is what gets normalized.
-        r = tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32)
-        x = _round_to(x + r, dtype)
-        tl.store(h_ptr + row * K + cols, x.to(dtype), mask=mask)
+    # Every program reads its whole row for the norm (the sum of squares is exact, so each program's rstd is the
+    # same bits), then normalizes and quantizes only its CHUNK groups: a few rows still spread over many SMs.
+    x = _norm_input(x_ptr, r_ptr, h_ptr, row, cols, mask, K, stride_xm, stride_rm, HAS_RESIDUAL, CHUNK == GROUPS)
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(_mean_square(x, K, SUM_BITS) + eps))
+    if CHUNK != GROUPS:
+        offs_g = tl.program_id(1) * CHUNK + tl.arange(0, CHUNK)
+        cols = offs_g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        mask = cols < K
+        x = _norm_input(x_ptr, r_ptr, h_ptr, row, cols, mask, K, stride_xm, stride_rm, HAS_RESIDUAL, True)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(mask, _round_to(x * rstd * w, dtype), 0.0)
     q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX)
@@ -141,8 +161,20 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def _rms_warps(groups: int) -> int:
-    # One program holds the whole row: spread its groups over more warps as K grows (8192 values at K=7168).
+    # Each program holds a whole row: spread its groups over more warps as K grows (8192 values at K=7168).
     return 4 if groups <= 8 else 8 if groups <= 32 else 16
+
+
+# The interpreter has no SMs: it splits rows as an H100 (132 SMs) would, so that the CPU tests run the same grids.
+_INTERPRETER_SMS = 132
+
+
+def rms_chunk(m: int, kb: int, sms: int) -> int:
+    """Groups each program of the RMSNorm producer quantizes (a power of two; ``next_power_of_2(kb)``: the whole
+    row). One program per row leaves most SMs idle at decode (one SM did all of an M=1 row's work); fewer rows
+    than SMs split each row so that there are about as many programs as SMs."""
+    groups = triton.next_power_of_2(kb)
+    return min(groups, triton.next_power_of_2(cdiv(m * kb, max(sms, 1))))
 
 
 def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -173,14 +205,15 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
         # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
         pdl = pdl_ok(x.device)
+        chunk = rms_chunk(m, kb, cuda_identity(x.device.index).sms if x.is_cuda else _INTERPRETER_SMS)
         key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
-               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl)
+               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl, chunk)
         _RMS_NORM_QUANT(
-            key, (m,),
+            key, (m, cdiv(kb, chunk)),
             (x, weight, r, h if h is not None else weight, q.view(torch.uint8), s, k, float(eps), xs0, rs0, q.stride(0),
              ss0, ss1),
-            dict(GROUPS=groups, GROUP=BLOCK, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None, UE8M0=ue8m0,
-                 AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
+            dict(GROUPS=groups, GROUP=BLOCK, CHUNK=chunk, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None,
+                 UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
             num_warps=_rms_warps(groups), enable_fp_fusion=False,
         )
     return q, s, h
