@@ -2,7 +2,16 @@ import pytest
 import torch
 
 from blockfp8 import dequantize_activation, dequantize_weight, quantize_activation, quantize_weight
-from blockfp8.format import AMAX_FLOOR, BLOCK, DEFAULT_BLOCK, DEFAULT_GROUP, FP8_DTYPE, FP8_MAX, weight_scale_shape
+from blockfp8.format import (
+    AMAX_FLOOR,
+    BLOCK,
+    DEFAULT_BLOCK,
+    DEFAULT_GROUP,
+    FP8_DTYPE,
+    FP8_MAX,
+    next_pow2,
+    weight_scale_shape,
+)
 from blockfp8.quant import round_scale_ue8m0, scales_from_amax
 
 # ------------------------------------------------------------------ the format, pinned to values written here
@@ -162,3 +171,7 @@ def test_bad_inputs_to_quantizers():
         dequantize_weight(q, s[:, :2])
     with pytest.raises(TypeError, match="weight_scale_inv must have dtype float32"):
         dequantize_weight(q, s.half())
+
+
+def test_next_pow2():
+    assert [next_pow2(x) for x in (0, 1, 2, 3, 4, 5, 56, 64, 65)] == [1, 1, 2, 4, 4, 8, 64, 64, 128]

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from blockfp8 import quantize_activation
+from blockfp8.backends.triton import act_quant
 from blockfp8.backends.triton.act_quant import quantize_activation_fused
 from blockfp8.format import empty_scales
 from blockfp8.testing import default_device
@@ -69,3 +70,14 @@ def test_rows_pad_with_zeros_and_finite_scales(layout, m, rows):
 def test_rows_below_m_is_refused():
     with pytest.raises(ValueError, match="rows"):
         quantize_activation_fused(_input(5, 128, torch.bfloat16), rows=4)
+
+
+@pytest.mark.parametrize("per_prog", [1, 2, 4, 8])
+def test_every_split_of_a_row_is_the_same_bits(monkeypatch, per_prog):
+    # K = 1000: 8 groups, the last one partial; 1-8 groups per program all give the torch quantizer's bytes.
+    x = _input(3, 1000, torch.bfloat16)
+    monkeypatch.setattr(act_quant, "groups_on", lambda m, kb, device, most: per_prog)
+    q, s = quantize_activation_fused(x, layout="col")
+    q_ref, s_ref = quantize_activation(x)
+    assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+    torch.testing.assert_close(s, s_ref, rtol=0, atol=0)

@@ -10,13 +10,15 @@ without its own transpose kernel (measured on H100: a row-major scale costs Deep
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
 
-from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
+from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales, next_pow2
 from ...validate import check_group_size, require_dtype
-from .launch import FastLaunch, pdl_ok
+from .launch import FastLaunch, pdl_ok, sm_count
 
 
 @triton.jit
@@ -73,6 +75,21 @@ def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.con
     q = tl.math.div_rn(x, scale[:, None])
     q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
     return q, scale
+
+
+def groups_per_program(m: int, kb: int, sms: int, most: int) -> int:
+    """How many of a row's ``kb`` groups each program of a quantizing kernel takes: a power of two, at most
+    ``most`` (a power of two) and ``next_pow2(kb)``; about one program per SM while rows are few. A program's work
+    is a long dependent chain (amax, IEEE division, rounding): at M=1, K=7168 eight groups per program left 7 SMs
+    running 712 SASS instructions each (sm_90a), one group per program 56 SMs running 232. Many rows fill the SMs
+    anyway, and then fewer, larger programs issue fewer instructions in all."""
+    return min(most, next_pow2(kb), next_pow2(cdiv(m * kb, max(sms, 1))))
+
+
+@lru_cache(maxsize=4096)
+def groups_on(m: int, kb: int, device: torch.device, most: int) -> int:
+    """``groups_per_program`` on ``device``, cached: the eager launch path calls it on every call."""
+    return groups_per_program(m, kb, sm_count(device), most)
 
 
 @triton.jit
@@ -138,12 +155,12 @@ def quantize_activation_fused(
     s = empty_scales(out_rows, kb, layout, x.device)
     zeroing = zero is not None and zero_count > 0
     if m > 0 and k > 0:
-        per_prog = min(8, 1 << (kb - 1).bit_length())  # the next power of two of kb, at most 8
+        per_prog = groups_on(out_rows, kb, x.device, 8)
         ss0, ss1 = s.stride()
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
         pdl = pdl_ok(x.device)
         key = (m, out_rows, k, x2.dtype, xs0, x2.data_ptr() % 16 == 0, ss0, ss1, g, ue8m0,
-               zero_count if zeroing else 0, pdl)
+               zero_count if zeroing else 0, pdl, per_prog)
         _ACT_QUANT(key, (out_rows, cdiv(kb, per_prog)),
                    (x2, q, s, zero if zeroing else q, m, k, zero_count, xs0, k, ss0, ss1),
                    dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,

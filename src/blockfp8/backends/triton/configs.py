@@ -18,7 +18,7 @@ import torch
 
 from ... import tables
 from ...device import DeviceId, device_id
-from ...format import cdiv, is_decode
+from ...format import cdiv, is_decode, next_pow2
 
 
 @dataclass(frozen=True)
@@ -44,17 +44,13 @@ class TritonConfig:
         return TritonConfig(**d)
 
 
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
-
-
 def heuristic_config(m: int, n: int, k: int, num_sms: int = 132) -> TritonConfig:
     """Untuned default, fitted to the H100 tuning run (docs/performance.md): TMA tile loads everywhere
     (the kernel falls back to pointer loads where the operands do not allow them); swap-AB split-K for
     decode, 64x128 tiles for prefill, 128x128 for large prefill GEMMs."""
     groups = cdiv(k, 128)
     if is_decode(m):
-        bm = max(16, _next_pow2(m))
+        bm = max(16, next_pow2(m))
         bn = 64
         tiles = cdiv(n, bn) * cdiv(m, bm)
         # About one program per SM, each still owning at least 2 K groups: with TMA's deep pipeline one
@@ -81,7 +77,7 @@ def candidate_configs(m: int, n: int, k: int, num_sms: int = 132) -> list[Triton
     groups = cdiv(k, 128)
     out: list[TritonConfig] = []
     if is_decode(m):
-        bm = max(16, _next_pow2(m))
+        bm = max(16, next_pow2(m))
         # Per-thread-load configs: a few (the tuned table's entries are re-timed by tune anyway).
         for tma, shapes in ((True, ((4, 4), (4, 6), (8, 4), (4, 8))), (False, ((4, 3),))):
             for bn in (64, 128):

@@ -67,6 +67,12 @@ def _fast_launch_enabled() -> bool:
 
 FAST_LAUNCH = _fast_launch_enabled()
 
+def sm_count(device: torch.device) -> int:
+    """The SMs of a CUDA device; elsewhere (the interpreter) an H100's 132, the count the configs assume for an
+    unknown device, so that the CPU tests launch the grids an H100 would."""
+    return cuda_identity(device.index).sms if device.type == "cuda" else 132
+
+
 ENV_PDL = "BLOCKFP8_PDL"
 # Triton releases on which the whole GPU suite passed with programmatic dependent launch (3.6: an H100,
 # benchmarks/results/h100_pdl). Its launch attribute and grid-dependency instructions come from Triton itself.

@@ -10,8 +10,8 @@ interpreter's casts to bf16 truncate, so values are rounded to the dtype in fp32
 
 One launch per producer. The RMSNorm kernel needs a whole row before it scales anything: each program reads its
 row, and with fewer rows than SMs each row is split over several programs, each quantizing a chunk of its groups
-(``rms_chunk``). They all compute the same rstd, bit for bit, because the sum of squares is exact. The SiLU-mul
-kernel runs a few 128-groups per program.
+(``act_quant.groups_per_program``); they all compute the same rstd, bit for bit, because the sum of squares is
+exact. The SiLU-mul kernel runs a few 128-groups per program.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ...device import cuda_identity
-from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales
+from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales, next_pow2
 from ...quant import EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_LOG2E, EXP_POLY, sum_bits
-from .act_quant import _max_keep_nan, e4m3_bits, quantize_groups
+from .act_quant import _max_keep_nan, e4m3_bits, groups_on, quantize_groups
 from .gemm import _round_bf16
 from .launch import FastLaunch, pdl_ok
 
@@ -165,18 +164,6 @@ def _rms_warps(groups: int) -> int:
     return 4 if groups <= 8 else 8 if groups <= 32 else 16
 
 
-# The interpreter has no SMs: it splits rows as an H100 (132 SMs) would, so that the CPU tests run the same grids.
-_INTERPRETER_SMS = 132
-
-
-def rms_chunk(m: int, kb: int, sms: int) -> int:
-    """Groups each program of the RMSNorm producer quantizes (a power of two; ``next_power_of_2(kb)``: the whole
-    row). One program per row leaves most SMs idle at decode (one SM did all of an M=1 row's work); fewer rows
-    than SMs split each row so that there are about as many programs as SMs."""
-    groups = triton.next_power_of_2(kb)
-    return min(groups, triton.next_power_of_2(cdiv(m * kb, max(sms, 1))))
-
-
 def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                           layout: str = "row", ue8m0: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -195,7 +182,7 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         residual = _unit_stride(residual)
         h = torch.empty(m, k, dtype=x.dtype, device=x.device)
     if m > 0:
-        groups = triton.next_power_of_2(kb)
+        groups = next_pow2(kb)
         weight = weight.contiguous()
         # Without a residual the kernel reads neither r nor h; they get the weight's address, not x's, so that x is
         # the only argument holding the activation's address (an eager graph rebinds it by value: eager_graphs.py).
@@ -205,7 +192,8 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
         # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
         pdl = pdl_ok(x.device)
-        chunk = rms_chunk(m, kb, cuda_identity(x.device.index).sms if x.is_cuda else _INTERPRETER_SMS)
+        # Whole rows once they fill the SMs; split rows before (one SM did all of an M=1 row's work).
+        chunk = groups_on(m, kb, x.device, groups)
         key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
                x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl, chunk)
         _RMS_NORM_QUANT(
@@ -231,8 +219,7 @@ def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: boo
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=gate_up.device)
     s = empty_scales(m, kb, layout, gate_up.device)
     if m > 0 and k > 0:
-        # Few rows (decode): 2 groups per program spread one row over many SMs; more rows fill them anyway.
-        per_prog = min(2 if m <= 64 else 8, triton.next_power_of_2(kb))
+        per_prog = groups_on(m, kb, gate_up.device, 8)
         gs0 = gate_up.stride(0)
         ss0, ss1 = s.stride()
         pdl = pdl_ok(gate_up.device)
