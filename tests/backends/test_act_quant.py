@@ -76,7 +76,7 @@ def test_rows_below_m_is_refused():
 def test_every_split_of_a_row_is_the_same_bits(monkeypatch, per_prog):
     # K = 1000: 8 groups, the last one partial; 1-8 groups per program all give the torch quantizer's bytes.
     x = _input(3, 1000, torch.bfloat16)
-    monkeypatch.setattr(act_quant, "groups_on", lambda m, kb, device, most: per_prog)
+    monkeypatch.setattr(act_quant, "groups_on", lambda m, kb, device, most, warps: per_prog)
     q, s = quantize_activation_fused(x, layout="col")
     q_ref, s_ref = quantize_activation(x)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))

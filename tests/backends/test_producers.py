@@ -6,7 +6,7 @@ import torch
 
 from blockfp8 import quantize_activation
 from blockfp8.backends.triton import producers
-from blockfp8.backends.triton.act_quant import groups_per_program
+from blockfp8.backends.triton.act_quant import groups_on, groups_per_program
 from blockfp8.backends.triton.producers import rms_norm_quant_triton, silu_mul_quant_triton
 from blockfp8.quant import rms_norm, silu_mul
 from blockfp8.testing import default_device
@@ -87,12 +87,15 @@ def test_rms_norm_quant_at_the_deepseek_hidden_size_and_on_strided_rows():
 
 
 def test_groups_per_program_spreads_few_rows_over_the_sms():
-    # K = 7168 (56 groups) on 132 SMs. The RMSNorm producer (most = 64, the whole row's tile) splits rows until
-    # M = 100; the quantizer and the SiLU-mul (most = 8) take 8 groups from M = 16 up.
+    # K = 7168 (56 groups) on 132 SMs. The RMSNorm producer's 16-warp programs (most = 64, the whole row's tile)
+    # aim at one per SM and split rows until M = 100; the quantizer's and the SiLU-mul's 4-warp programs (most = 8)
+    # aim at four per SM and take 8 groups from M = 64 up.
     assert [groups_per_program(m, 56, 132, 64) for m in (1, 2, 16, 64, 66, 100, 512)] == [1, 1, 8, 32, 32, 64, 64]
-    assert [groups_per_program(m, 56, 132, 8) for m in (1, 3, 4, 16, 4096)] == [1, 2, 2, 8, 8]
+    assert [groups_per_program(m, 56, 528, 8) for m in (1, 9, 10, 16, 64, 4096)] == [1, 1, 2, 2, 8, 8]
     assert groups_per_program(1, 1, 132, 8) == 1 and groups_per_program(7, 5, 0, 8) == 8
     assert groups_per_program(4096, 5, 132, 64) == 8  # never past the row's own tile
+    cpu = torch.device("cpu")  # sized as on an H100's 132 SMs
+    assert [groups_on(16, 56, cpu, 64, 16), groups_on(16, 56, cpu, 8, 4), groups_on(64, 16, cpu, 8, 4)] == [8, 2, 2]
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 4, 8])
@@ -104,7 +107,7 @@ def test_rms_norm_quant_is_the_same_bits_however_rows_are_split(monkeypatch, chu
     x = _special_rows(m, k, torch.bfloat16)
     res = random_activation(m, k, seed=3, device=DEVICE, dtype=torch.bfloat16) if residual else None
     w = random_activation(k, 1, seed=5, device=DEVICE, dtype=torch.bfloat16).view(k)
-    monkeypatch.setattr(producers, "groups_on", lambda m, kb, device, most: chunk)
+    monkeypatch.setattr(producers, "groups_on", lambda m, kb, device, most, warps: chunk)
     q, s, h = rms_norm_quant_triton(x, w, 1e-6, res, "col", False)
     y_ref, h_ref = rms_norm(x, w, 1e-6, res) if residual else (rms_norm(x, w, 1e-6), None)
     _assert_same(q, s, *quantize_activation(y_ref))

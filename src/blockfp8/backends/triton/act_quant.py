@@ -77,19 +77,25 @@ def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.con
     return q, scale
 
 
-def groups_per_program(m: int, kb: int, sms: int, most: int) -> int:
+# Warps a quantizing launch aims to keep on each SM: four per scheduler, so that while one waits on its chain of
+# dependent instructions another issues.
+WARPS_PER_SM = 16
+
+
+def groups_per_program(m: int, kb: int, programs: int, most: int) -> int:
     """How many of a row's ``kb`` groups each program of a quantizing kernel takes: a power of two, at most
-    ``most`` (a power of two) and ``next_pow2(kb)``; about one program per SM while rows are few. A program's work
-    is a long dependent chain (amax, IEEE division, rounding): at M=1, K=7168 eight groups per program left 7 SMs
-    running 712 SASS instructions each (sm_90a), one group per program 56 SMs running 232. Many rows fill the SMs
-    anyway, and then fewer, larger programs issue fewer instructions in all."""
-    return min(most, next_pow2(kb), next_pow2(cdiv(m * kb, max(sms, 1))))
+    ``most`` (a power of two) and ``next_pow2(kb)``, small enough that the launch has about ``programs`` programs
+    while rows are few. A program's work is a long dependent chain (amax, IEEE division, rounding): at M=1,
+    K=7168 eight groups per program left 7 SMs running 712 SASS instructions each (sm_90a), one group 56 SMs
+    running 232. Many rows fill the SMs anyway, and then fewer, larger programs issue fewer instructions in all."""
+    return min(most, next_pow2(kb), next_pow2(cdiv(m * kb, max(programs, 1))))
 
 
 @lru_cache(maxsize=4096)
-def groups_on(m: int, kb: int, device: torch.device, most: int) -> int:
-    """``groups_per_program`` on ``device``, cached: the eager launch path calls it on every call."""
-    return groups_per_program(m, kb, sm_count(device), most)
+def groups_on(m: int, kb: int, device: torch.device, most: int, num_warps: int) -> int:
+    """``groups_per_program`` for a launch of ``num_warps``-warp programs on ``device`` (about WARPS_PER_SM
+    warps on each SM), cached: eager launches call it on every call."""
+    return groups_per_program(m, kb, sm_count(device) * max(1, WARPS_PER_SM // num_warps), most)
 
 
 @triton.jit
@@ -155,7 +161,7 @@ def quantize_activation_fused(
     s = empty_scales(out_rows, kb, layout, x.device)
     zeroing = zero is not None and zero_count > 0
     if m > 0 and k > 0:
-        per_prog = groups_on(out_rows, kb, x.device, 8)
+        per_prog = groups_on(out_rows, kb, x.device, 8, 4)
         ss0, ss1 = s.stride()
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
         pdl = pdl_ok(x.device)

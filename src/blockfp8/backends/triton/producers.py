@@ -193,7 +193,8 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
         pdl = pdl_ok(x.device)
         # Whole rows once they fill the SMs; split rows before (one SM did all of an M=1 row's work).
-        chunk = groups_on(m, kb, x.device, groups)
+        warps = _rms_warps(groups)
+        chunk = groups_on(m, kb, x.device, groups, warps)
         key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
                x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl, chunk)
         _RMS_NORM_QUANT(
@@ -202,7 +203,7 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
              ss0, ss1),
             dict(GROUPS=groups, GROUP=BLOCK, CHUNK=chunk, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None,
                  UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
-            num_warps=_rms_warps(groups), enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
         )
     return q, s, h
 
@@ -219,7 +220,7 @@ def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: boo
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=gate_up.device)
     s = empty_scales(m, kb, layout, gate_up.device)
     if m > 0 and k > 0:
-        per_prog = groups_on(m, kb, gate_up.device, 8)
+        per_prog = groups_on(m, kb, gate_up.device, 8, 4)
         gs0 = gate_up.stride(0)
         ss0, ss1 = s.stride()
         pdl = pdl_ok(gate_up.device)
