@@ -32,6 +32,9 @@ VARIANTS = {
     "p128x128_s6_u2": GluonConfig(stages=6, persistent=True),
     "p128x64_s6_u2": GluonConfig(block_n=64, stages=6, persistent=True),
     "p64x128_s6_u2": GluonConfig(block_m=64, num_warps=4, stages=6, persistent=True),
+    # Decode tiles: 64 or 32 columns give 2-4x the tiles of 64 x 128, so more SMs read the weight at M <= 64.
+    "p64x64_s6_u2": GluonConfig(block_m=64, block_n=64, num_warps=4, stages=6, persistent=True),
+    "p64x32_s8_u2": GluonConfig(block_m=64, block_n=32, num_warps=4, stages=8, persistent=True),
     "p128x128_s4_u2_gm16": GluonConfig(group_m=16, persistent=True),
 }
 

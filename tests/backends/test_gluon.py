@@ -105,12 +105,16 @@ def test_persistent_walks_more_tiles_than_sms(m, n, k, config):
     _check(m, n, k, col_scales=True, config=GluonConfig(**PERSISTENT[config]))
 
 
-@pytest.mark.parametrize("block_n,stages,unroll", [(64, 6, 4), (128, 3, 2), (128, 6, 2)])
-def test_persistent_configs(block_n, stages, unroll):
+@pytest.mark.parametrize("block_m,block_n,stages,unroll",
+                         [(128, 64, 6, 4), (128, 128, 3, 2), (128, 128, 6, 2), (64, 64, 6, 2), (64, 32, 8, 2)])
+def test_persistent_configs(block_m, block_n, stages, unroll):
+    # The 64-row tiles with 64 or 32 columns are the decode candidates: more tiles, so more SMs, at M <= 64.
     from blockfp8.backends.gluon import GluonConfig
 
-    _check(300, 2112, 1040, bias=True, config=GluonConfig(block_n=block_n, stages=stages, unroll=unroll,
-                                                          persistent=True))
+    _check(300, 2112, 1040, bias=True, config=GluonConfig(block_m=block_m, block_n=block_n, num_warps=block_m // 16,
+                                                          stages=stages, unroll=unroll, persistent=True))
+    _check(64, 4096, 1536, config=GluonConfig(block_m=block_m, block_n=block_n, num_warps=block_m // 16,
+                                              stages=stages, unroll=unroll, persistent=True))
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])

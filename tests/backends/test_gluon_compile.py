@@ -84,10 +84,10 @@ def _compile_internals():
     return triton.compile, GPUTarget("cuda", 90, 32), GluonASTSource
 
 
-def _ptxas_report(block_m: int, num_warps: int, persistent: bool, tmp_dir: str, m: int = 4096, n: int = 7168,
-                 k: int = 7168) -> str:
+def _ptxas_report(block_m: int, num_warps: int, persistent: bool, tmp_dir: str, block_n: int = 128, stages: int = 4,
+                 m: int = 4096, n: int = 7168, k: int = 7168) -> str:
     """Compile a kernel (the one-tile one, or the persistent one) for sm_90a with the default config at this tile
-    height, with the launch options ``gluon_gemm`` gives it; ptxas's -v report."""
+    height (and ``block_n``, ``stages``), with the launch options ``gluon_gemm`` gives it; ptxas's -v report."""
     import torch
 
     from blockfp8.backends import gluon as g
@@ -100,7 +100,7 @@ def _ptxas_report(block_m: int, num_warps: int, persistent: bool, tmp_dir: str, 
         print(f"triton's compile internals moved: {e}")
         sys.exit(SKIP_EXIT)
 
-    cfg = g.GluonConfig(block_m=block_m, num_warps=num_warps, persistent=persistent)
+    cfg = g.GluonConfig(block_m=block_m, block_n=block_n, num_warps=num_warps, stages=stages, persistent=persistent)
     x = torch.empty(m, k, dtype=torch.float8_e4m3fn)
     w = torch.empty(n, k, dtype=torch.float8_e4m3fn)
     a_rows = 64 if persistent else cfg.block_m  # the persistent kernel loads 64 rows per math warp group
@@ -214,11 +214,12 @@ def _evaluate_ttgir(ttgir: str, buffers: dict[str, np.ndarray]) -> None:
     raise AssertionError("no tt.return in the compiled promote kernel")
 
 
-@pytest.mark.parametrize("block_m,num_warps,persistent", [(128, 8, False), (64, 4, False), (128, 8, True),
-                                                          (64, 4, True)],
-                         ids=["128x128", "64x128", "persistent-128x128", "persistent-64x128"])
-def test_compiles_without_spills_or_serialized_wgmma(block_m, num_warps, persistent, tmp_path):
-    report = _run_child(json.dumps([block_m, num_warps, persistent, str(tmp_path)]))
+@pytest.mark.parametrize("block_m,num_warps,persistent,block_n,stages",
+                         [(128, 8, False, 128, 4), (64, 4, False, 128, 4), (128, 8, True, 128, 4),
+                          (64, 4, True, 128, 4), (64, 4, True, 32, 8)],
+                         ids=["128x128", "64x128", "persistent-128x128", "persistent-64x128", "persistent-64x32"])
+def test_compiles_without_spills_or_serialized_wgmma(block_m, num_warps, persistent, block_n, stages, tmp_path):
+    report = _run_child(json.dumps([block_m, num_warps, persistent, str(tmp_path), block_n, stages]))
     assert "C7514" not in report and "serialized" not in report, report
     assert "C7517" not in report, report  # a wait ptxas had to inject itself
     assert " 0 bytes spill stores" in report, report
