@@ -99,11 +99,9 @@ def test_launches_take_triton_s_path_unless_fast(monkeypatch, fast):
         assert kernel._compiled == {}
 
 
-@pytest.mark.skipif(not launch.INTERPRET, reason="runs the kernels in the interpreter on the CPU")
-def test_every_fast_launched_kernel_can_relaunch(monkeypatch):
-    """A kernel relaunches directly only when its caller passes the constexprs in declaration order after every
-    runtime argument (FastLaunch then keeps it): checked for each kernel blockfp8 launches through FastLaunch, since
-    on a GPU a wrong order does not fail, it only stays on Triton's slow path."""
+def _each_kernel_launch(monkeypatch, look) -> dict:
+    """{kernel name: look(kernel, args, constexprs, options)} for one launch of each kernel blockfp8 launches
+    through FastLaunch (run in the interpreter)."""
     import torch
 
     from blockfp8.backends.triton import act_quant, producers
@@ -114,7 +112,7 @@ def test_every_fast_launched_kernel_can_relaunch(monkeypatch):
     original = launch.FastLaunch.__call__
 
     def record(self, key, grid, args, constexprs, **options):
-        seen[self.fn.__name__] = list(constexprs) == self.fn.arg_names[len(args):]
+        seen[self.fn.__name__] = look(self.fn, args, constexprs, options)
         return original(self, key, grid, args, constexprs, **options)
 
     monkeypatch.setattr(launch.FastLaunch, "__call__", record)
@@ -124,5 +122,25 @@ def test_every_fast_launched_kernel_can_relaunch(monkeypatch):
     xq, xs = act_quant.quantize_activation_fused(x)
     wq, ws = random_fp8_weight(128, 256)
     TritonGemmPlan(wq, ws, None, torch.bfloat16, 2)(xq, xs, wq, ws, None)
+    return seen
+
+
+@pytest.mark.skipif(not launch.INTERPRET, reason="runs the kernels in the interpreter on the CPU")
+def test_every_fast_launched_kernel_can_relaunch(monkeypatch):
+    """A kernel relaunches directly only when its caller passes the constexprs in declaration order after every
+    runtime argument (FastLaunch then keeps it): checked for each kernel blockfp8 launches through FastLaunch, since
+    on a GPU a wrong order does not fail, it only stays on Triton's slow path."""
+    seen = _each_kernel_launch(monkeypatch, lambda fn, args, constexprs, options:
+                               list(constexprs) == fn.arg_names[len(args):])
     assert seen == {"_rms_norm_quant_kernel": True, "_silu_mul_quant_kernel": True, "_act_quant_kernel": True,
+                    "_fp8_block_gemm_kernel": True}
+
+
+@pytest.mark.skipif(not launch.INTERPRET, reason="runs the kernels in the interpreter on the CPU")
+def test_every_kernel_pins_its_fma_contraction(monkeypatch):
+    """Each launch names enable_fp_fusion instead of taking Triton's default, which Triton 3.10 turns off: the
+    quantizers without contraction (bit for bit with torch's separately rounded steps), the GEMM with it (its
+    promotion's multiply-adds, as every measurement of it was taken)."""
+    seen = _each_kernel_launch(monkeypatch, lambda fn, args, constexprs, options: options.get("enable_fp_fusion"))
+    assert seen == {"_rms_norm_quant_kernel": False, "_silu_mul_quant_kernel": False, "_act_quant_kernel": False,
                     "_fp8_block_gemm_kernel": True}

@@ -257,6 +257,10 @@ def _descriptor_of(template: TensorDescriptor, t: torch.Tensor, shape: tuple, st
 
 
 _GEMM = FastLaunch(_fp8_block_gemm_kernel)
+# The promotion (acc += tile * a_scale * w_scale) compiles to fused multiply-adds, as every measurement of this
+# kernel was taken. Pinned: Triton 3.9 warns that its default (on) turns off in 3.10, which would change the
+# kernel's code and rounding with the Triton release.
+FP_FUSION = True
 # The most weight bytes one launch brings into L2 before its wait (programmatic dependent launch, sm_90+). 0: one
 # llama-preset layer's four decode GEMMs on an H200 took 76.0 us with PDL and no prefetch, 79.7 / 81.2 / 88.7 us
 # with 8 / 16 / 32 MB, 78.3 us without PDL (M = 1, benchmarks/results/h200_pdl): the prefetches seem to queue
@@ -363,7 +367,7 @@ class TritonGemmPlan(GemmPlan):
                 work if work is not None else out, a_desc, w_desc, m, n, self.k, xs0, ss0, ss1, w_fp8.stride(0),
                 ws0, ws1, out.stride(0))
         _GEMM(key, self.grid, args, self._tma_constexprs if use_tma else self._plain_constexprs,
-              num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=self.pdl)
+              num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=self.pdl, enable_fp_fusion=FP_FUSION)
         return out
 
 
