@@ -23,28 +23,27 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.backends.nvidia.compiler import get_ptxas
-from triton.compiler import ASTSource
-from triton.runtime.jit import mangle_type
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from blockfp8.backends.triton import act_quant, producers
 from blockfp8.format import AMAX_FLOOR, BLOCK, FP8_MAX, cdiv, next_pow2
 from blockfp8.quant import sum_bits
 
+TARGET = GPUTarget("cuda", 90, 32)
 _SASS_LINE = re.compile(r"\s+/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)")
 
 
 def sass_counts(fn, args: dict, **options) -> dict:
-    """Compile ``fn`` (a @triton.jit kernel) for sm_90a with ``args`` (runtime values and constexprs by name):
-    {"registers", "instructions", "top" (the five most frequent opcodes), "sass" (the listing)}."""
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = args[p.name]
-        else:
-            signature[p.name] = mangle_type(args[p.name])
-    compiled = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", 90, 32),
-                              options=options)
+    """Compile ``fn`` (a @triton.jit kernel) for sm_90a as a launch with ``args`` (runtime values and constexprs
+    by name) and ``options`` would, with the JIT's specialization of the arguments (16-byte aligned pointers,
+    integers divisible by 16 or equal to 1), but without a GPU: {"registers", "instructions", "top" (the five most
+    frequent opcodes), "sass" (the listing)}."""
+    backend = make_backend(TARGET)
+    bound, specialization, parsed = create_function_from_signature(fn.signature, fn.params, backend)(**args,
+                                                                                                     **options)
+    parsed, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, parsed)
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=parsed.__dict__)
     ptxas = get_ptxas(90).path
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")

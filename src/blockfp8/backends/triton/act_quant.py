@@ -86,8 +86,9 @@ def groups_per_program(m: int, kb: int, programs: int, most: int) -> int:
     """How many of a row's ``kb`` groups each program of a quantizing kernel takes: a power of two, at most
     ``most`` (a power of two) and ``next_pow2(kb)``, small enough that the launch has about ``programs`` programs
     while rows are few. A program's work is a long dependent chain (amax, IEEE division, rounding): at M=1,
-    K=7168 eight groups per program left 7 SMs running 712 SASS instructions each (sm_90a), one group 56 SMs
-    running 232. Many rows fill the SMs anyway, and then fewer, larger programs issue fewer instructions in all."""
+    K=7168 eight groups per program left 7 SMs running 440 SASS instructions each (sm_90a, Triton 3.6,
+    benchmarks/sass_count.py), one group 56 SMs running 232. Many rows fill the SMs anyway, and then fewer, larger
+    programs issue fewer instructions in all."""
     return min(most, next_pow2(kb), next_pow2(cdiv(m * kb, max(programs, 1))))
 
 
