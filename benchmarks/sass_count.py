@@ -58,7 +58,7 @@ def sass_counts(fn, args: dict, **options) -> dict:
     return {"registers": registers, "instructions": sum(ops.values()), "top": ops.most_common(5), "sass": sass}
 
 
-def rms_args(k: int, chunk: int, residual: bool) -> tuple[dict, dict]:
+def rms_args(k: int, chunk: int, residual: bool, hw_cast: bool) -> tuple[dict, dict]:
     """(arguments, options) of the RMSNorm producer's kernel for one row of K, ``chunk`` groups per program."""
     groups = next_pow2(cdiv(k, BLOCK))
     x, w = torch.empty(1, k, dtype=torch.bfloat16), torch.empty(k, dtype=torch.bfloat16)
@@ -66,31 +66,32 @@ def rms_args(k: int, chunk: int, residual: bool) -> tuple[dict, dict]:
                 q_ptr=torch.empty(1, k, dtype=torch.uint8), s_ptr=torch.empty(1, cdiv(k, BLOCK)), K=k, eps=1e-6,
                 stride_xm=k, stride_rm=k if residual else 0, stride_qm=k, stride_sm=1, stride_sk=1,
                 GROUPS=groups, GROUP=BLOCK, CHUNK=min(chunk, groups), SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual,
-                UE8M0=False, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=True)
+                UE8M0=False, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=True, HW_CAST=hw_cast)
     return args, dict(num_warps=producers._rms_warps(groups), enable_fp_fusion=False)
 
 
-def quant_args(k: int, per_prog: int) -> tuple[dict, dict]:
+def quant_args(k: int, per_prog: int, hw_cast: bool) -> tuple[dict, dict]:
     """(arguments, options) of the activation quantizer's kernel, ``per_prog`` groups per program."""
     args = dict(x_ptr=torch.empty(1, k, dtype=torch.bfloat16), q_ptr=torch.empty(1, k, dtype=torch.float8_e4m3fn),
                 s_ptr=torch.empty(1, cdiv(k, BLOCK)), z_ptr=torch.empty(1, dtype=torch.int32), M=1, K=k, z_count=0,
                 stride_xm=k, stride_qm=k, stride_sm=1, stride_sk=1, GROUP=BLOCK, GROUPS_PER_PROG=per_prog,
-                UE8M0=False, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, ZERO=False, PDL=True)
-    return args, dict(num_warps=4)
+                UE8M0=False, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, ZERO=False, PDL=True, HW_CAST=hw_cast)
+    return args, dict(num_warps=4, enable_fp_fusion=False)
 
 
-def silu_args(k: int, per_prog: int) -> tuple[dict, dict]:
+def silu_args(k: int, per_prog: int, hw_cast: bool) -> tuple[dict, dict]:
     """(arguments, options) of the SiLU-mul producer's kernel for gate_up of width 2K, ``per_prog`` groups."""
     args = dict(x_ptr=torch.empty(1, 2 * k, dtype=torch.bfloat16), q_ptr=torch.empty(1, k, dtype=torch.uint8),
                 s_ptr=torch.empty(1, cdiv(k, BLOCK)), K=k, stride_xm=2 * k, stride_qm=k, stride_sm=1, stride_sk=1,
-                GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=False, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=True)
+                GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=False, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=True,
+                HW_CAST=hw_cast)
     return args, dict(num_warps=4, enable_fp_fusion=False)
 
 
 KERNELS = {
-    "rms": lambda k, g, residual: (producers._rms_norm_quant_kernel, *rms_args(k, g, residual)),
-    "quant": lambda k, g, residual: (act_quant._act_quant_kernel, *quant_args(k, g)),
-    "silu": lambda k, g, residual: (producers._silu_mul_quant_kernel, *silu_args(k, g)),
+    "rms": lambda k, g, residual, hw: (producers._rms_norm_quant_kernel, *rms_args(k, g, residual, hw)),
+    "quant": lambda k, g, residual, hw: (act_quant._act_quant_kernel, *quant_args(k, g, hw)),
+    "silu": lambda k, g, residual, hw: (producers._silu_mul_quant_kernel, *silu_args(k, g, hw)),
 }
 # (kernel, K, groups per program, residual): the cells docs/fused.md quotes.
 DEFAULT_CELLS = [("rms", 7168, 64, False), ("rms", 7168, 1, False), ("rms", 7168, 8, False), ("rms", 7168, 1, True),
@@ -104,15 +105,18 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=7168, help="K (the SiLU-mul's output width)")
     ap.add_argument("--groups", default="1,2,8", help="comma-separated 128-groups per program")
     ap.add_argument("--residual", action="store_true", help="the RMSNorm with its residual add")
+    ap.add_argument("--hw-cast", action="store_true",
+                    help="round to e4m3 with the hardware conversion (BLOCKFP8_HW_FP8_CAST) instead of in bits")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the kernels are compiled here, not interpreted")
     cells = ([(args.kernel, args.k, int(g), args.residual) for g in args.groups.split(",")] if args.kernel
              else DEFAULT_CELLS)
-    print(f"triton {triton.__version__}, sm_90a; static SASS counts of one program")
+    cast = "the hardware's fp8 conversion" if args.hw_cast else "fp8 rounding in bits"
+    print(f"triton {triton.__version__}, sm_90a, {cast}; static SASS counts of one program")
     print(f"{'kernel':<8}{'K':>6}{'groups':>8}{'registers':>11}{'instructions':>14}  most frequent")
     for kernel, k, groups, residual in cells:
-        fn, kernel_args, options = KERNELS[kernel](k, groups, residual)
+        fn, kernel_args, options = KERNELS[kernel](k, groups, residual, args.hw_cast)
         c = sass_counts(fn, kernel_args, **options)
         name = kernel + ("+res" if residual else "")
         top = " ".join(f"{op}:{n}" for op, n in c["top"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from blockfp8 import quantize_activation
-from blockfp8.backends.triton import act_quant
+from blockfp8.backends.triton import act_quant, launch
 from blockfp8.backends.triton.act_quant import quantize_activation_fused
 from blockfp8.format import empty_scales
 from blockfp8.testing import default_device
@@ -81,3 +81,35 @@ def test_every_split_of_a_row_is_the_same_bits(monkeypatch, per_prog):
     q_ref, s_ref = quantize_activation(x)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
     torch.testing.assert_close(s, s_ref, rtol=0, atol=0)
+
+
+# One 128-group whose amax is 448 (so its scale is exactly 1 and x / scale = x): ties between neighbouring e4m3 values,
+# normal and subnormal, each with the byte round-to-nearest-even gives. Subnormal e4m3 is m * 2^-9 (byte m).
+TIES = [(448.0, 0x7E), (1.0625, 0x38), (1.1875, 0x3A), (-1.0625, 0xB8), (3 * 2.0**-10, 0x02), (5 * 2.0**-10, 0x02),
+        (2.0**-10, 0x00), (-(2.0**-10), 0x80), (7 * 2.0**-10, 0x04), (0.0, 0x00)]
+HW_CAST = [False, pytest.param(True, marks=pytest.mark.skipif(DEVICE != "cuda", reason="a GPU's conversion"))]
+
+
+@pytest.mark.parametrize("hw_cast", HW_CAST)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_ties_round_to_even_in_bits_and_in_the_hardware_conversion(monkeypatch, hw_cast, dtype):
+    monkeypatch.setattr(launch, "HW_FP8_CAST", hw_cast)
+    x = torch.zeros(2, 128, device=DEVICE)
+    x[:, : len(TIES)] = torch.tensor([v for v, _ in TIES])
+    q, s = quantize_activation_fused(x.to(dtype))
+    assert torch.equal(s, torch.ones_like(s))
+    assert q[:, : len(TIES)].view(torch.uint8).tolist() == [[b for _, b in TIES]] * 2
+    assert torch.equal(q.view(torch.uint8), quantize_activation(x.to(dtype))[0].view(torch.uint8))
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the hardware fp8 conversion runs on a GPU only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_hardware_fp8_cast_gives_the_same_bytes(monkeypatch, dtype, ue8m0):
+    monkeypatch.setattr(launch, "HW_FP8_CAST", True)
+    for m, k in [(1, 128), (3, 1000), (17, 7168), (64, 200)]:
+        x = _input(m, k, dtype)
+        q_ref, s_ref = quantize_activation(x, ue8m0=ue8m0)
+        q, s = quantize_activation_fused(x, ue8m0=ue8m0, layout="col")
+        assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)), (m, k)
+        torch.testing.assert_close(s, s_ref, rtol=0, atol=0)

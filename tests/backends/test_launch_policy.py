@@ -2,7 +2,8 @@
 path: the fast relaunch only on Triton releases it was verified on (or when forced), never under the
 interpreter; otherwise every launch goes through ``kernel[grid](...)``. Programmatic dependent launch: on by
 default on the Triton releases it was verified on, BLOCKFP8_PDL=1 / 0 forces it on / off, never under the
-interpreter. CPU: Triton and the kernel are stubs."""
+interpreter. The hardware fp8 conversion in the quantizers: off until a GPU suite verifies it, BLOCKFP8_HW_FP8_CAST=1
+turns it on, never under the interpreter. CPU: Triton and the kernel are stubs."""
 
 from __future__ import annotations
 
@@ -50,6 +51,20 @@ def test_pdl_is_on_by_default_where_verified_off_when_asked_and_never_interprete
     _triton_and_setting(monkeypatch, version, launch.ENV_PDL, setting, interpret)
     assert launch._pdl_enabled() is want
     assert launch.ENV_PDL == "BLOCKFP8_PDL" and launch.PDL_VERIFIED_TRITON == ((3, 6),)
+
+
+@pytest.mark.parametrize("version,setting,interpret,want", [
+    ("3.6.0", None, False, False),  # no GPU suite has run with it yet: off by default everywhere
+    ("3.9.0", None, False, False),
+    ("3.6.0", "1", False, True),  # asked
+    ("3.9.0", "0", False, False),
+    ("3.6.0", "1", True, False),  # never in the interpreter, whose cast truncates
+])
+def test_hardware_fp8_cast_is_off_until_verified_and_never_interpreted(monkeypatch, version, setting, interpret,
+                                                                        want):
+    _triton_and_setting(monkeypatch, version, launch.ENV_HW_FP8_CAST, setting, interpret)
+    assert launch._hw_fp8_cast_enabled() is want
+    assert launch.ENV_HW_FP8_CAST == "BLOCKFP8_HW_FP8_CAST" and launch.HW_FP8_CAST_VERIFIED_TRITON == ()
 
 
 class _Kernel:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blockfp8 import quantize_activation
-from blockfp8.backends.triton import producers
+from blockfp8.backends.triton import launch, producers
 from blockfp8.backends.triton.act_quant import groups_on, groups_per_program
 from blockfp8.backends.triton.producers import rms_norm_quant_triton, silu_mul_quant_triton
 from blockfp8.quant import rms_norm, silu_mul
@@ -149,3 +149,23 @@ def test_zero_rows_and_empty_batches():
     q, s, h = rms_norm_quant_triton(torch.zeros(0, 64, device=DEVICE), torch.ones(64, device=DEVICE), 1e-6,
                                     torch.zeros(0, 64, device=DEVICE), "row", False)
     assert q.shape == (0, 64) and s.shape == (0, 1) and h.shape == (0, 64)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the hardware fp8 conversion runs on a GPU only")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ue8m0", [False, True])
+@pytest.mark.parametrize("m,k", SHAPES + [(64, 7168)])
+def test_hardware_fp8_cast_gives_the_same_bytes(monkeypatch, dtype, ue8m0, m, k):
+    """BLOCKFP8_HW_FP8_CAST: the GPU's conversion rounds the clamped quotients itself; the same bytes as the bit
+    arithmetic, NaN, Inf, zeros and tiny rows included."""
+    monkeypatch.setattr(launch, "HW_FP8_CAST", True)
+    x = _special_rows(m, k, dtype)
+    w = random_activation(k, 1, seed=5, device=DEVICE, dtype=dtype).view(k)
+    res = random_activation(m, k, seed=3, device=DEVICE, dtype=dtype)
+    q, s, _ = rms_norm_quant_triton(x, w, 1e-6, None, "col", ue8m0)
+    _assert_same(q, s, *quantize_activation(rms_norm(x, w, 1e-6), ue8m0=ue8m0))
+    q, s, h = rms_norm_quant_triton(x, w, 1e-6, res, "col", ue8m0)
+    _assert_same(q, s, *quantize_activation(rms_norm(x, w, 1e-6, res)[0], ue8m0=ue8m0))
+    gate_up = torch.cat([x * 4, _special_rows(m, k, dtype, seed=2)], -1)
+    q, s = silu_mul_quant_triton(gate_up, "col", ue8m0)
+    _assert_same(q, s, *quantize_activation(silu_mul(gate_up), ue8m0=ue8m0))

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales, next_pow2
 from ...validate import check_group_size, require_dtype
-from .launch import FastLaunch, pdl_ok, sm_count
+from .launch import FastLaunch, hw_fp8_cast, pdl_ok, sm_count
 
 
 @triton.jit
@@ -59,10 +59,12 @@ def _max_keep_nan(a, b):
 
 
 @triton.jit
-def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr):
+def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, HW_CAST: tl.constexpr):
     """(q, scale) of a (groups, GROUP) fp32 tile, one scale per row of the tile: q holds the e4m3 values as
-    fp32 (the store's cast is exact). Entries past K must be 0.0 so they leave the amax alone. Shared by every
-    kernel that quantizes activations (this quantizer, the fused producers), so they all round alike."""
+    fp32 (the store's cast is exact), or with HW_CAST the clamped quotients, which the hardware's conversion to
+    e4m3 rounds (``fp8_bytes``, or a cast to an fp8 pointer's type). Entries past K must be 0.0 so they leave the
+    amax alone. Shared by every kernel that quantizes activations (this quantizer, the fused producers), so they
+    all round alike."""
     # NaN must survive the max and the clamp as in torch's amax/clamp: tl.max and a default tl.maximum may drop
     # it (max.f32 returns the non-NaN operand), which would turn a NaN input into a finite output.
     amax = tl.maximum(tl.reduce(tl.abs(x), 1, _max_keep_nan), AMAX_MIN, propagate_nan=tl.PropagateNan.ALL)
@@ -72,9 +74,20 @@ def quantize_groups(x, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.con
         exponent = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         # As in quant.round_scale_ue8m0: NaN must not carry into the sign bit and become -0.0.
         scale = tl.where(scale != scale, scale, (exponent << 23).to(tl.float32, bitcast=True))
-    q = tl.math.div_rn(x, scale[:, None])
-    q = _round_to_e4m3(tl.clamp(q, -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL))
+    q = tl.clamp(tl.math.div_rn(x, scale[:, None]), -QMAX, QMAX, propagate_nan=tl.PropagateNan.ALL)
+    if not HW_CAST:
+        q = _round_to_e4m3(q)
     return q, scale
+
+
+@triton.jit
+def fp8_bytes(q, HW_CAST: tl.constexpr):
+    """The float8_e4m3fn bytes (uint8) of ``quantize_groups``' q: the hardware's conversion with HW_CAST, else
+    built from the bits of the already rounded values (``e4m3_bits``)."""
+    if HW_CAST:
+        return q.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    else:
+        return e4m3_bits(q)
 
 
 # Warps a quantizing launch aims to keep on each SM: four per scheduler, so that while one waits on its chain of
@@ -103,7 +116,7 @@ def groups_on(m: int, kb: int, device: torch.device, most: int, num_warps: int) 
 def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, z_ptr, M, K, z_count, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
-    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr, PDL: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, ZERO: tl.constexpr, PDL: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     if PDL:
         # The GEMM that reads the result may launch now (it waits for this launch to finish before it reads).
@@ -123,7 +136,7 @@ def _act_quant_kernel(
     # (As a bound on the columns: the interpreter refuses a scalar mask and'ed with a tensor one.)
     in_cols = K * (row < M).to(tl.int32)
     x = tl.load(x_ptr + row * stride_xm + cols, mask=cols < in_cols, other=0.0).to(tl.float32)
-    q, scale = quantize_groups(x, UE8M0, AMAX_MIN, QMAX)
+    q, scale = quantize_groups(x, UE8M0, AMAX_MIN, QMAX, HW_CAST)
     tl.store(q_ptr + row * stride_qm + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 
@@ -165,13 +178,13 @@ def quantize_activation_fused(
         per_prog = groups_on(out_rows, kb, x.device, 8, 4)
         ss0, ss1 = s.stride()
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
-        pdl = pdl_ok(x.device)
+        pdl, hw_cast = pdl_ok(x.device), hw_fp8_cast()
         key = (m, out_rows, k, x2.dtype, xs0, x2.data_ptr() % 16 == 0, ss0, ss1, g, ue8m0,
-               zero_count if zeroing else 0, pdl, per_prog)
+               zero_count if zeroing else 0, pdl, per_prog, hw_cast)
         _ACT_QUANT(key, (out_rows, cdiv(kb, per_prog)),
                    (x2, q, s, zero if zeroing else q, m, k, zero_count, xs0, k, ss0, ss1),
                    dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
-                        ZERO=zeroing, PDL=pdl),
+                        ZERO=zeroing, PDL=pdl, HW_CAST=hw_cast),
                    num_warps=4, enable_fp_fusion=False)  # as the producers: torch rounds every step (no FMA)
     elif zeroing:
         zero[:zero_count].zero_()

@@ -4,7 +4,7 @@ group in the same pass, writing fp8 values and fp32 scales in the layout the con
 Bit-identical to ``quantize_activation`` of the unfused result (``quant.rms_norm`` / ``quant.silu_mul``): the
 norm or SiLU-mul is computed with the same IEEE-exact steps as the torch definition, rounded to the input's
 dtype as the unfused op's output would be, quantized by ``act_quant.quantize_groups`` (the fused quantizer's own
-code) and stored as fp8 bytes (``act_quant.e4m3_bits``). Kernels are compiled without FMA contraction
+code) and stored as fp8 bytes (``act_quant.fp8_bytes``). Kernels are compiled without FMA contraction
 (``enable_fp_fusion=False``): a fused multiply-add rounds once where torch's separate ops round twice. The
 interpreter's casts to bf16 truncate, so values are rounded to the dtype in fp32 first (``gemm._round_bf16``).
 
@@ -22,9 +22,9 @@ import triton.language as tl
 
 from ...format import AMAX_FLOOR, BLOCK, FP8_DTYPE, FP8_MAX, cdiv, empty_scales, next_pow2
 from ...quant import EXP_HI, EXP_LN2_HI, EXP_LN2_LO, EXP_LO, EXP_LOG2E, EXP_POLY, sum_bits
-from .act_quant import _max_keep_nan, e4m3_bits, groups_on, quantize_groups
+from .act_quant import _max_keep_nan, fp8_bytes, groups_on, quantize_groups
 from .gemm import _round_bf16
-from .launch import FastLaunch, pdl_ok
+from .launch import FastLaunch, hw_fp8_cast, pdl_ok
 
 _LOG2E = tl.constexpr(EXP_LOG2E)
 _LN2_HI = tl.constexpr(EXP_LN2_HI)
@@ -102,6 +102,7 @@ def _rms_norm_quant_kernel(
     stride_xm, stride_rm, stride_qm, stride_sm, stride_sk,
     GROUPS: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, SUM_BITS: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, UE8M0: tl.constexpr, AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
+    HW_CAST: tl.constexpr,
 ):
     if PDL:
         # The consuming GEMM may launch now: it prefetches its weights and waits for this launch (launch.PDL).
@@ -122,8 +123,8 @@ def _rms_norm_quant_kernel(
         x = _norm_input(x_ptr, r_ptr, h_ptr, row, cols, mask, K, stride_xm, stride_rm, HAS_RESIDUAL, True)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     y = tl.where(mask, _round_to(x * rstd * w, dtype), 0.0)
-    q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX)
-    tl.store(q_ptr + row * stride_qm + cols, e4m3_bits(q), mask=mask)
+    q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX, HW_CAST)
+    tl.store(q_ptr + row * stride_qm + cols, fp8_bytes(q, HW_CAST), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 
 
@@ -131,7 +132,7 @@ def _rms_norm_quant_kernel(
 def _silu_mul_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sk,
     GROUP: tl.constexpr, GROUPS_PER_PROG: tl.constexpr, UE8M0: tl.constexpr,
-    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr,
+    AMAX_MIN: tl.constexpr, QMAX: tl.constexpr, PDL: tl.constexpr, HW_CAST: tl.constexpr,
 ):
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -144,8 +145,8 @@ def _silu_mul_quant_kernel(
     up = tl.load(x_ptr + row * stride_xm + K + cols, mask=mask, other=0.0).to(tl.float32)
     silu = _round_to(tl.math.div_rn(gate, _exp(-gate) + 1.0), dtype)
     y = tl.where(mask, _round_to(silu * up, dtype), 0.0)
-    q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX)
-    tl.store(q_ptr + row * stride_qm + cols, e4m3_bits(q), mask=mask)
+    q, scale = quantize_groups(y, UE8M0, AMAX_MIN, QMAX, HW_CAST)
+    tl.store(q_ptr + row * stride_qm + cols, fp8_bytes(q, HW_CAST), mask=mask)
     tl.store(s_ptr + row * stride_sm + offs_g * stride_sk, scale, mask=offs_g * GROUP < K)
 
 
@@ -191,18 +192,18 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         ss0, ss1 = s.stride()
         # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
         # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
-        pdl = pdl_ok(x.device)
+        pdl, hw_cast = pdl_ok(x.device), hw_fp8_cast()
         # Whole rows once they fill the SMs; split rows before (one SM did all of an M=1 row's work).
         warps = _rms_warps(groups)
         chunk = groups_on(m, kb, x.device, groups, warps)
         key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
-               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl, chunk)
+               x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl, chunk, hw_cast)
         _RMS_NORM_QUANT(
             key, (m, cdiv(kb, chunk)),
             (x, weight, r, h if h is not None else weight, q.view(torch.uint8), s, k, float(eps), xs0, rs0, q.stride(0),
              ss0, ss1),
             dict(GROUPS=groups, GROUP=BLOCK, CHUNK=chunk, SUM_BITS=sum_bits(k), HAS_RESIDUAL=residual is not None,
-                 UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
+                 UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl, HW_CAST=hw_cast),
             num_warps=warps, enable_fp_fusion=False,
         )
     return q, s, h
@@ -223,12 +224,13 @@ def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: boo
         per_prog = groups_on(m, kb, gate_up.device, 8, 4)
         gs0 = gate_up.stride(0)
         ss0, ss1 = s.stride()
-        pdl = pdl_ok(gate_up.device)
-        key = (k, gate_up.dtype, per_prog, ue8m0, gs0, ss0, ss1, gate_up.data_ptr() % 16 == 0, pdl)
+        pdl, hw_cast = pdl_ok(gate_up.device), hw_fp8_cast()
+        key = (k, gate_up.dtype, per_prog, ue8m0, gs0, ss0, ss1, gate_up.data_ptr() % 16 == 0, pdl, hw_cast)
         _SILU_MUL_QUANT(
             key, (m, cdiv(kb, per_prog)),
             (gate_up, q.view(torch.uint8), s, k, gs0, q.stride(0), ss0, ss1),
-            dict(GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl),
+            dict(GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl,
+                 HW_CAST=hw_cast),
             num_warps=4, enable_fp_fusion=False,
         )
     return q, s
