@@ -95,7 +95,8 @@ def _ptxas_report(block_m: int, num_warps: int, persistent: bool, tmp_dir: str, 
     compile_, target, source = _compile_internals()
     try:
         from triton.backends.nvidia.compiler import get_ptxas
-        from triton.runtime.jit import mangle_type
+        from triton.compiler import make_backend
+        from triton.runtime.jit import create_function_from_signature
     except ImportError as e:
         print(f"triton's compile internals moved: {e}")
         sys.exit(SKIP_EXIT)
@@ -107,25 +108,26 @@ def _ptxas_report(block_m: int, num_warps: int, persistent: bool, tmp_dir: str, 
     a_desc = g.TensorDescriptor.from_tensor(x, [a_rows, 128], g._tile_layout(a_rows))
     w_desc = g.TensorDescriptor.from_tensor(w, [cfg.block_n, 128], g._tile_layout(cfg.block_n))
     out = torch.empty(m, n, dtype=torch.bfloat16)
-    args = dict(a_desc=a_desc, w_desc=w_desc, c_ptr=out, as_ptr=torch.empty(m, k // 128),
-                ws_ptr=torch.empty(n // 128, k // 128), bias_ptr=out, M=m, N=n, K=k, stride_asm=1, stride_ask=m,
-                stride_wsn=k // 128, stride_wsk=1, stride_cm=n, HAS_BIAS=False, GROUP_M=cfg.group_m,
-                STAGES=cfg.stages, UNROLL=cfg.unroll, num_warps=cfg.num_warps)
+    x_scale = torch.empty(k // 128, m).t()  # the column-major activation scales a model feeds it
+    w_scale = torch.empty(n // 128, k // 128)
+    args = dict(a_desc=a_desc, w_desc=w_desc, c_ptr=out, as_ptr=x_scale, ws_ptr=w_scale, bias_ptr=out, M=m, N=n,
+                K=k, stride_asm=x_scale.stride(0), stride_ask=x_scale.stride(1), stride_wsn=w_scale.stride(0),
+                stride_wsk=w_scale.stride(1), stride_cm=out.stride(0), HAS_BIAS=False, GROUP_M=cfg.group_m,
+                STAGES=cfg.stages, UNROLL=cfg.unroll)
     options = {"num_warps": cfg.num_warps}
     fn = g._fp8_block_gemm_wgmma_kernel
     if persistent:
         fn = g._fp8_block_gemm_persistent_kernel
-        args.update(MATH_WGS=block_m // 64, num_warps=4)
+        args.update(MATH_WGS=block_m // 64)
         options = {"num_warps": 4, "maxnreg": g._PERSISTENT_MAXNREG[block_m // 64]}
-    signature, constexprs = {}, {}
-    for i, p in enumerate(fn.params):
-        if p.is_constexpr:
-            signature[p.name] = "constexpr"
-            constexprs[(i,)] = args[p.name]
-        else:
-            signature[p.name] = mangle_type(args[p.name])
     try:
-        compiled = compile_(source(fn, signature, constexprs), target=target, options=options)
+        # As a launch compiles it: the JIT's specialization of the arguments (16-byte aligned pointers, integers
+        # divisible by 16 or equal to 1) decides vector widths and constants, so the registers too.
+        backend = make_backend(target)
+        bound, specialization, parsed = create_function_from_signature(fn.signature, fn.params, backend)(**args,
+                                                                                                         **options)
+        parsed, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, parsed)
+        compiled = compile_(source(fn, signature, constexprs, attrs), target=target, options=parsed.__dict__)
         ptxas = get_ptxas(90).path
     except (TypeError, AttributeError) as e:  # internal signatures differ in this triton
         print(f"triton's compile internals changed: {e}")
