@@ -8,6 +8,7 @@ microseconds, too much to pay per call).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cache
 
@@ -78,6 +79,18 @@ def device_id(device: torch.device | str | int | None = None) -> DeviceId:
 
 
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+# The current CUDA device's index without torch.cuda.current_device()'s Python around it (-1 without CUDA).
+current_device_index = getattr(torch._C, "_cuda_getDevice", lambda: -1)
+
+
+def on_device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device current for a kernel launch when another one is: kernels launch on the current
+    device (Triton's and DeepGEMM's launchers use its context and stream), so a tensor on another GPU (a model
+    placed on cuda:1, or split over several GPUs) needs its own made current. Nothing when it already is."""
+    index = t.device.index
+    if index is None or index == current_device_index():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
 
 
 def current_raw_stream(index: int | None = None) -> int:

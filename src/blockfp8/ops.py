@@ -43,7 +43,7 @@ from torch import nn
 
 from .backends import Backend, Problem, get_backend
 from .backends.base import GemmPlan
-from .device import current_raw_stream
+from .device import current_device_index, current_raw_stream
 from .dispatch import ENV_VAR, Operands, check_backend_name, choose, generation
 from .eager_graphs import EagerGraphs
 from .format import DEFAULT_GROUP, FLOAT_DTYPES, FP8_DTYPE, cdiv, is_decode
@@ -177,7 +177,7 @@ class LinearPlan:
 
 
 _capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", lambda: False)
-_current_device = torch._C._cuda_getDevice if hasattr(torch._C, "_cuda_getDevice") else lambda: -1
+_current_device = current_device_index
 
 # Most eager-graph sets per plan (one per stream, thread and input layout in use).
 _GRAPH_SETS = 8

@@ -7,6 +7,8 @@ turns it on, never under the interpreter. CPU: Triton and the kernel are stubs."
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from blockfp8.backends.triton import launch
@@ -92,14 +94,35 @@ class _Jit:
 
 
 class _Arg:
-    class device:  # noqa: N801 - mimics tensor.device
-        index = 0
+    """Stands in for a tensor on CUDA device ``index``."""
+
+    def __init__(self, index: int = 0):
+        self.device = type("device", (), {"index": index})()
+
+
+class _Devices:
+    """Stands in for the current CUDA device (0 to begin with) and for making another one current."""
+
+    def __init__(self, monkeypatch):
+        self.current, self.entered = 0, []
+        monkeypatch.setattr(launch, "current_device_index", lambda: self.current)
+        monkeypatch.setattr(launch, "current_raw_stream", lambda index: 100 + index)
+        monkeypatch.setattr(launch, "device_scope", self.scope)
+
+    @contextlib.contextmanager
+    def scope(self, index):
+        before, self.current = self.current, index
+        self.entered.append(index)
+        try:
+            yield
+        finally:
+            self.current = before
 
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_launches_take_triton_s_path_unless_fast(monkeypatch, fast):
     monkeypatch.setattr(launch, "FAST_LAUNCH", fast)
-    monkeypatch.setattr(launch, "current_raw_stream", lambda index: 0)
+    _Devices(monkeypatch)
     jit = _Jit()
     kernel = launch.FastLaunch(jit)
     args = (_Arg(), 7)
@@ -112,6 +135,39 @@ def test_launches_take_triton_s_path_unless_fast(monkeypatch, fast):
         assert jit.log[1][1] == (*args, 4)  # the constexpr passed positionally, after the runtime arguments
     else:
         assert kernel._compiled == {}
+
+
+class _JitOnDevice(_Jit):
+    """A @triton.jit stand-in that records the device current at each launch."""
+
+    def __init__(self, devices):
+        super().__init__()
+        self.devices = devices
+
+    def __getitem__(self, grid):
+        launch_ = super().__getitem__(grid)
+
+        def on_device(*args, **kwargs):
+            kernel = launch_(*args, **kwargs)
+            self.log[-1] = ("triton", self.devices.current)
+            kernel.run = lambda *a: self.log.append(("direct", self.devices.current, a[3]))  # a[3]: the stream
+            return kernel
+        return on_device
+
+
+def test_a_launch_on_another_gpu_makes_that_gpu_current_and_keeps_its_own_kernels(monkeypatch):
+    """Kernels launch on the current device: a call whose tensors live on cuda:1 while cuda:0 is current must
+    compile, load and launch on cuda:1 (as a model placed on cuda:1, or split over GPUs, calls it), and cuda:0's
+    compiled kernel must never be relaunched for it."""
+    monkeypatch.setattr(launch, "FAST_LAUNCH", True)
+    devices = _Devices(monkeypatch)
+    jit = _JitOnDevice(devices)
+    kernel = launch.FastLaunch(jit)
+    for index in (0, 1, 1, 0):
+        kernel("key", (1,), (_Arg(index), 7), {"C": 4})
+    assert jit.log == [("triton", 0), ("triton", 1), ("direct", 1, 101), ("direct", 0, 100)]
+    assert devices.entered == [1, 1] and devices.current == 0
+    assert sorted(kernel._compiled) == [(0, "key"), (1, "key")]
 
 
 def _each_kernel_launch(monkeypatch, look) -> dict:
@@ -159,3 +215,15 @@ def test_every_kernel_pins_its_fma_contraction(monkeypatch):
     seen = _each_kernel_launch(monkeypatch, lambda fn, args, constexprs, options: options.get("enable_fp_fusion"))
     assert seen == {"_rms_norm_quant_kernel": False, "_silu_mul_quant_kernel": False, "_act_quant_kernel": False,
                     "_fp8_block_gemm_kernel": True}
+
+
+def test_on_device_of_makes_another_gpu_current_and_leaves_the_current_one_alone(monkeypatch):
+    import torch
+
+    from blockfp8 import device
+
+    monkeypatch.setattr(device, "current_device_index", lambda: 0)
+    assert isinstance(device.on_device_of(torch.zeros(1)), contextlib.nullcontext)  # a CPU tensor
+    assert isinstance(device.on_device_of(_Arg(0)), contextlib.nullcontext)
+    scope = device.on_device_of(_Arg(1))
+    assert isinstance(scope, torch.cuda.device) and scope.idx == 1

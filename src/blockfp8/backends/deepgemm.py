@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ..device import on_device_of
 from .base import HOPPER_ONLY, YES, Backend, Limits, Support, add_bias
 from .triton import launch
 
@@ -47,7 +48,8 @@ class DeepGemmBackend(Backend):
         if launch.PDL and not _pdl_set:
             _set_pdl(deep_gemm)
         y = torch.empty(x_fp8.shape[0], w_fp8.shape[0], dtype=out_dtype, device=x_fp8.device) if out is None else out
-        deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), y, disable_ue8m0_cast=True)
+        with on_device_of(x_fp8):  # DeepGEMM launches on the current device's stream
+            deep_gemm.fp8_gemm_nt((x_fp8, x_scale), (w_fp8, weight_scale_inv), y, disable_ue8m0_cast=True)
         return add_bias(y, bias, out)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 
 from ... import tables
-from ...device import DeviceId, device_id
+from ...device import DeviceId, device_id, on_device_of
 from ...format import is_decode
 from ..base import HOPPER_ONLY, YES, Backend, Limits, Support, unit_stride_rows
 from ..triton.launch import triton_release
@@ -104,14 +104,16 @@ def gluon_gemm(x_fp8: torch.Tensor, x_scale: torch.Tensor, w_fp8: torch.Tensor, 
     if cfg.persistent:
         groups = cfg.block_m // 64  # math warp groups, each its own 64-row activation tile
         a_desc = TensorDescriptor.from_tensor(x_fp8, [64, 128], _tile_layout(64))
-        _fp8_block_gemm_persistent_kernel[(min(tiles, device_id(x_fp8.device).sms or tiles),)](
-            a_desc, w_desc, *args, HAS_BIAS=bias is not None, GROUP_M=cfg.group_m, STAGES=cfg.stages,
-            UNROLL=cfg.unroll, MATH_WGS=groups, num_warps=4, maxnreg=_PERSISTENT_MAXNREG[groups])
+        with on_device_of(x_fp8):  # Triton launches on the current device
+            _fp8_block_gemm_persistent_kernel[(min(tiles, device_id(x_fp8.device).sms or tiles),)](
+                a_desc, w_desc, *args, HAS_BIAS=bias is not None, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+                UNROLL=cfg.unroll, MATH_WGS=groups, num_warps=4, maxnreg=_PERSISTENT_MAXNREG[groups])
         return out
     a_desc = TensorDescriptor.from_tensor(x_fp8, [cfg.block_m, 128], _tile_layout(cfg.block_m))
-    _fp8_block_gemm_wgmma_kernel[(tiles,)](
-        a_desc, w_desc, *args, HAS_BIAS=bias is not None, GROUP_M=cfg.group_m, STAGES=cfg.stages,
-        UNROLL=cfg.unroll, num_warps=cfg.num_warps)
+    with on_device_of(x_fp8):
+        _fp8_block_gemm_wgmma_kernel[(tiles,)](
+            a_desc, w_desc, *args, HAS_BIAS=bias is not None, GROUP_M=cfg.group_m, STAGES=cfg.stages,
+            UNROLL=cfg.unroll, num_warps=cfg.num_warps)
     return out
 
 

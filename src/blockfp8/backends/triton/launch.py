@@ -28,7 +28,7 @@ from collections.abc import Hashable, Sequence
 import torch
 import triton
 
-from ...device import cuda_identity, current_raw_stream
+from ...device import cuda_identity, current_device_index, current_raw_stream
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 ENV_FAST_LAUNCH = "BLOCKFP8_FAST_LAUNCH"
@@ -37,6 +37,8 @@ ENV_FAST_LAUNCH = "BLOCKFP8_FAST_LAUNCH"
 VERIFIED_TRITON = ((3, 6), (3, 9))
 
 _INTERPRETER_LOCK = threading.Lock()
+# Makes a CUDA device current for a block (a name of its own so that the CPU tests can stand in for it).
+device_scope = torch.cuda.device
 
 
 def launch_guard() -> contextlib.AbstractContextManager:
@@ -133,7 +135,8 @@ def _hooks_active() -> bool:
 class FastLaunch:
     """Launches of one ``@triton.jit`` kernel, relaunching compiled kernels directly (see the module docstring).
 
-    ``args`` are the runtime arguments in declaration order and ``constexprs`` the compile-time ones (every
+    ``args`` are the runtime arguments in declaration order (the first a tensor on the launch's device) and
+    ``constexprs`` the compile-time ones (every
     constexpr of the kernel, by name); ``options`` are launch options such as num_warps. Compiled kernels are kept
     per ``key``, which must determine the compiled kernel: every value of ``constexprs`` and ``options``, the
     dtypes, and every integer argument's and pointer's specialization (== 1, divisible by 16, 16-byte aligned)
@@ -146,6 +149,14 @@ class FastLaunch:
         self._compiled: dict[Hashable, object] = {}
 
     def __call__(self, key: Hashable, grid: Sequence[int], args: tuple, constexprs: dict, **options) -> None:
+        index = args[0].device.index
+        if index is not None and index != current_device_index():
+            # A kernel launches on the current device: Triton's path compiles and loads it there, and a loaded
+            # kernel runs on its own device only. A call on another GPU makes its device current for the launch
+            # (device_scope); its compiled kernels are kept apart by device.
+            with device_scope(index):
+                return self(key, grid, args, constexprs, **options)
+        key = (index, key)
         kernel = self._compiled.get(key) if FAST_LAUNCH else None
         if kernel is None or _hooks_active():
             with launch_guard():
@@ -155,7 +166,7 @@ class FastLaunch:
                 self._compiled[key] = kernel
             return
         g = tuple(grid)
-        stream = current_raw_stream(args[0].device.index)
+        stream = current_raw_stream(index)
         # The launcher takes every parameter, constexprs included (it skips them), in declaration order.
         kernel.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, kernel.function,
                    kernel.packed_metadata, None, None, None, *args, *constexprs.values())
