@@ -69,6 +69,7 @@ def _fast_launch_enabled() -> bool:
 
 FAST_LAUNCH = _fast_launch_enabled()
 
+
 def sm_count(device: torch.device) -> int:
     """The SMs of a CUDA device; elsewhere (the interpreter) an H100's 132, the count the configs assume for an
     unknown device, so that the CPU tests launch the grids an H100 would."""
@@ -136,12 +137,12 @@ class FastLaunch:
     """Launches of one ``@triton.jit`` kernel, relaunching compiled kernels directly (see the module docstring).
 
     ``args`` are the runtime arguments in declaration order (the first a tensor on the launch's device) and
-    ``constexprs`` the compile-time ones (every
-    constexpr of the kernel, by name); ``options`` are launch options such as num_warps. Compiled kernels are kept
-    per ``key``, which must determine the compiled kernel: every value of ``constexprs`` and ``options``, the
-    dtypes, and every integer argument's and pointer's specialization (== 1, divisible by 16, 16-byte aligned)
-    that can differ between calls with that key. One FastLaunch serves every layer, so the key must tell layers
-    apart (their N, K, strides, alignment and constexprs).
+    ``constexprs`` the compile-time ones (every constexpr of the kernel, by name); ``options`` are launch options
+    such as num_warps. Compiled kernels are kept per device and ``key``, which must determine the compiled kernel:
+    every value of ``constexprs`` and ``options``, the dtypes, and every integer argument's and pointer's
+    specialization (== 1, divisible by 16, 16-byte aligned) that can differ between calls with that key. One
+    FastLaunch serves every layer, so the key must tell layers apart (their N, K, strides, alignment and
+    constexprs).
     """
 
     def __init__(self, fn) -> None:
