@@ -16,9 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ...device import device_id
 from ...format import AMAX_FLOOR, FP8_DTYPE, FP8_MAX, cdiv, empty_scales, next_pow2
 from ...validate import check_group_size, require_dtype
-from .launch import FastLaunch, hw_fp8_cast, pdl_ok, sm_count
+from .launch import FastLaunch, hw_fp8_cast, pdl_ok
 
 
 @triton.jit
@@ -108,8 +109,10 @@ def groups_per_program(m: int, kb: int, programs: int, most: int) -> int:
 @lru_cache(maxsize=4096)
 def groups_on(m: int, kb: int, device: torch.device, most: int, num_warps: int) -> int:
     """``groups_per_program`` for a launch of ``num_warps``-warp programs on ``device`` (about WARPS_PER_SM
-    warps on each SM), cached: eager launches call it on every call."""
-    return groups_per_program(m, kb, sm_count(device) * max(1, WARPS_PER_SM // num_warps), most)
+    warps on each SM), cached: eager launches call it on every call. Off CUDA (the interpreter) an H100's 132
+    SMs, the count the configs assume for an unknown device, so that the CPU tests launch the grids an H100
+    would."""
+    return groups_per_program(m, kb, (device_id(device).sms or 132) * max(1, WARPS_PER_SM // num_warps), most)
 
 
 @triton.jit
@@ -175,17 +178,18 @@ def quantize_activation_fused(
     s = empty_scales(out_rows, kb, layout, x.device)
     zeroing = zero is not None and zero_count > 0
     if m > 0 and k > 0:
-        per_prog = groups_on(out_rows, kb, x.device, 8, 4)
+        device, warps = x.device, 4
+        per_prog = groups_on(out_rows, kb, device, 8, warps)
         ss0, ss1 = s.stride()
         # M, K, the input's dtype, row stride and alignment are all that can change the kernel's specialization.
-        pdl, hw_cast = pdl_ok(x.device), hw_fp8_cast()
+        pdl, hw_cast = pdl_ok(device), hw_fp8_cast()
         key = (m, out_rows, k, x2.dtype, xs0, x2.data_ptr() % 16 == 0, ss0, ss1, g, ue8m0,
                zero_count if zeroing else 0, pdl, per_prog, hw_cast)
         _ACT_QUANT(key, (out_rows, cdiv(kb, per_prog)),
                    (x2, q, s, zero if zeroing else q, m, k, zero_count, xs0, k, ss0, ss1),
                    dict(GROUP=g, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX,
                         ZERO=zeroing, PDL=pdl, HW_CAST=hw_cast),
-                   num_warps=4, enable_fp_fusion=False)  # as the producers: torch rounds every step (no FMA)
+                   num_warps=warps, enable_fp_fusion=False)  # as the producers: torch rounds every step (no FMA)
     elif zeroing:
         zero[:zero_count].zero_()
     if layout == "row" and out_rows == m:

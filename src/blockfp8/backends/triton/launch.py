@@ -70,12 +70,6 @@ def _fast_launch_enabled() -> bool:
 FAST_LAUNCH = _fast_launch_enabled()
 
 
-def sm_count(device: torch.device) -> int:
-    """The SMs of a CUDA device; elsewhere (the interpreter) an H100's 132, the count the configs assume for an
-    unknown device, so that the CPU tests launch the grids an H100 would."""
-    return cuda_identity(device.index).sms if device.type == "cuda" else 132
-
-
 ENV_PDL = "BLOCKFP8_PDL"
 # Triton releases on which the whole GPU suite passed with programmatic dependent launch (3.6: an H100,
 # benchmarks/results/h100_pdl). Its launch attribute and grid-dependency instructions come from Triton itself.
@@ -154,7 +148,8 @@ class FastLaunch:
         if index is not None and index != current_device_index():
             # A kernel launches on the current device: Triton's path compiles and loads it there, and a loaded
             # kernel runs on its own device only. A call on another GPU makes its device current for the launch
-            # (device_scope); its compiled kernels are kept apart by device.
+            # (device_scope); its compiled kernels are kept apart by device. The check is device.on_device_of's,
+            # inline so that the usual call (already on the current device) enters no context manager.
             with device_scope(index):
                 return self(key, grid, args, constexprs, **options)
         key = (index, key)

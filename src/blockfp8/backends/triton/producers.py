@@ -192,10 +192,11 @@ def rms_norm_quant_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, res
         ss0, ss1 = s.stride()
         # What can change the compiled kernel between calls: K (and the constexprs it sets), the dtypes, the
         # strides, and whether each pointer handed in is 16-byte aligned (the outputs here always are).
-        pdl, hw_cast = pdl_ok(x.device), hw_fp8_cast()
+        device = x.device
+        pdl, hw_cast = pdl_ok(device), hw_fp8_cast()
         # Whole rows once they fill the SMs; split rows before (one SM did all of an M=1 row's work).
         warps = _rms_warps(groups)
-        chunk = groups_on(m, kb, x.device, groups, warps)
+        chunk = groups_on(m, kb, device, groups, warps)
         key = (k, x.dtype, weight.dtype, residual is not None, ue8m0, xs0, rs0, ss0, ss1,
                x.data_ptr() % 16 == 0, weight.data_ptr() % 16 == 0, r.data_ptr() % 16 == 0, pdl, chunk, hw_cast)
         _RMS_NORM_QUANT(
@@ -221,16 +222,17 @@ def silu_mul_quant_triton(gate_up: torch.Tensor, layout: str = "row", ue8m0: boo
     q = torch.empty(m, k, dtype=FP8_DTYPE, device=gate_up.device)
     s = empty_scales(m, kb, layout, gate_up.device)
     if m > 0 and k > 0:
-        per_prog = groups_on(m, kb, gate_up.device, 8, 4)
+        device, warps = gate_up.device, 4
+        per_prog = groups_on(m, kb, device, 8, warps)
         gs0 = gate_up.stride(0)
         ss0, ss1 = s.stride()
-        pdl, hw_cast = pdl_ok(gate_up.device), hw_fp8_cast()
+        pdl, hw_cast = pdl_ok(device), hw_fp8_cast()
         key = (k, gate_up.dtype, per_prog, ue8m0, gs0, ss0, ss1, gate_up.data_ptr() % 16 == 0, pdl, hw_cast)
         _SILU_MUL_QUANT(
             key, (m, cdiv(kb, per_prog)),
             (gate_up, q.view(torch.uint8), s, k, gs0, q.stride(0), ss0, ss1),
             dict(GROUP=BLOCK, GROUPS_PER_PROG=per_prog, UE8M0=ue8m0, AMAX_MIN=AMAX_FLOOR, QMAX=FP8_MAX, PDL=pdl,
                  HW_CAST=hw_cast),
-            num_warps=4, enable_fp_fusion=False,
+            num_warps=warps, enable_fp_fusion=False,
         )
     return q, s
